@@ -1,0 +1,1 @@
+//! Drover agent library.

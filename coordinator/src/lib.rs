@@ -1,0 +1,3 @@
+//! Drover coordinator library.
+
+pub mod pipeline;

@@ -1,0 +1,9 @@
+//! Pipeline files: the YAML model and its validation with line/column errors.
+
+mod error;
+mod model;
+mod parse;
+
+pub use error::PipelineError;
+pub use model::{JobSpec, Pipeline, PullPolicy, StepSpec};
+pub use parse::parse;

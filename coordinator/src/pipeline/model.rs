@@ -1,0 +1,63 @@
+//! The validated pipeline model: what `parse` returns and the engine stores.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A validated pipeline: jobs in file order, `needs` forming a DAG.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pipeline {
+    /// Jobs in the order the file lists them.
+    pub jobs: Vec<JobSpec>,
+}
+
+/// One job of a pipeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// Job name (the key in `jobs:`), unique.
+    pub name: String,
+    /// Jobs that must succeed first.
+    pub needs: Vec<String>,
+    /// Label selector: an agent runs the job only if it has every label with this value.
+    pub agents: BTreeMap<String, String>,
+    /// Environment for every step (a step's own `env` wins).
+    pub env: BTreeMap<String, String>,
+    /// Steps, run in order in one workspace.
+    pub steps: Vec<StepSpec>,
+    /// Workspace-relative paths or globs kept as artifacts after success.
+    pub artifacts: Vec<String>,
+    /// Job timeout in seconds, if any.
+    pub timeout_secs: Option<u64>,
+}
+
+/// One step: a container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepSpec {
+    /// Step name (given, or `step-N` counting from 1).
+    pub name: String,
+    /// Image reference.
+    pub image: String,
+    /// Commands, run with `sh -e`.
+    pub commands: Vec<String>,
+    /// Step environment.
+    pub env: BTreeMap<String, String>,
+    /// Working directory (relative paths are under the workspace).
+    pub workdir: Option<String>,
+    /// Step timeout in seconds, if any.
+    pub timeout_secs: Option<u64>,
+    /// Pull policy.
+    pub pull: PullPolicy,
+}
+
+/// When to pull a step image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PullPolicy {
+    /// Pull only if the image is missing.
+    #[default]
+    IfNotPresent,
+    /// Pull every time.
+    Always,
+    /// Never pull.
+    Never,
+}
