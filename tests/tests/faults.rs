@@ -123,3 +123,58 @@ async fn cancel_stops_running_containers() {
         .into_inner();
     assert_eq!(again.canceled_jobs, 0);
 }
+
+/// `kill -9` of the coordinator with a running and a queued job: on restart the state comes back
+/// from the store, the agent reconnects, the running attempt carries on (same attempt, no rerun), the
+/// queued job dispatches, and every job ends exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn coordinator_kill_keeps_running_and_queued_jobs() {
+    let mut cluster = Cluster::new()
+        .coordinator_args(&["--lease-ttl", "5s", "--heartbeat-interval", "500ms"])
+        .agent_with_capacity("a", "os=linux", 1)
+        .start()
+        .await
+        .unwrap();
+    let run_id = cluster
+        .submit(&format!(
+            "jobs:\n  running:\n    steps:\n      - name: s\n        image: {IMAGE}\n        commands: [\"echo before\", \"sleep 3\", \"echo after\"]\n  queued:\n    steps:\n      - name: s\n        image: {IMAGE}\n        commands: [\"echo queued ran\"]\n"
+        ))
+        .await
+        .unwrap();
+    let before = cluster
+        .wait_until(&run_id, Duration::from_secs(60), |r| {
+            let j = job(r, "running");
+            !j.steps.is_empty() && j.steps[0].state() == JobState::Running
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        job(&before, "queued").state(),
+        JobState::Queued,
+        "capacity 1: the second job must wait"
+    );
+    let attempt = job(&before, "running").attempt_id.clone();
+
+    cluster.kill_coordinator();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.restart_coordinator().unwrap();
+
+    let done = cluster
+        .wait_run(&run_id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(done.state(), RunState::Succeeded, "{done:#?}");
+    let running = job(&done, "running");
+    assert_eq!(running.attempt_id, attempt, "the running attempt carried on");
+    assert_eq!(running.attempts, 1);
+    assert_eq!(job(&done, "queued").attempts, 1);
+    assert_eq!(
+        cluster.log(&run_id, "running", "s").await.unwrap(),
+        b"before\nafter\n"
+    );
+    assert_eq!(
+        cluster.log(&run_id, "queued", "s").await.unwrap(),
+        b"queued ran\n"
+    );
+    cluster.assert_no_leftovers(Duration::from_secs(10)).await;
+}
