@@ -18,7 +18,11 @@ impl fmt::Display for PipelineError {
         if self.line == 0 {
             write!(f, "{}", self.message)
         } else {
-            write!(f, "line {}, column {}: {}", self.line, self.column, self.message)
+            write!(
+                f,
+                "line {}, column {}: {}",
+                self.line, self.column, self.message
+            )
         }
     }
 }

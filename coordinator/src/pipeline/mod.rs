@@ -3,6 +3,9 @@
 mod error;
 mod model;
 mod parse;
+#[cfg(test)]
+mod tests;
+mod yaml;
 
 pub use error::PipelineError;
 pub use model::{JobSpec, Pipeline, PullPolicy, StepSpec};

@@ -1,0 +1,162 @@
+//! Uploading one blob: hash while writing a temporary file, then verify and move it under its digest.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use super::{io_context, validate_digest, BlobError, BlobStore};
+
+/// One upload in progress. Dropped without [`BlobWriter::finish`], it removes its temporary file.
+#[derive(Debug)]
+pub struct BlobWriter {
+    store: BlobStore,
+    /// The temporary file; `None` once it was renamed into place (or closed by `finish`).
+    file: Option<tokio::fs::File>,
+    /// Path of the temporary file while it exists.
+    tmp_path: Option<PathBuf>,
+    hasher: Sha256,
+    size: u64,
+}
+
+/// fsync a directory so a rename into it survives a crash.
+async fn sync_dir(dir: PathBuf) -> io::Result<()> {
+    tokio::task::spawn_blocking(move || {
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_context(e, "sync directory", &dir))
+    })
+    .await
+    .map_err(|e| io::Error::other(format!("blob sync task failed: {e}")))?
+}
+
+impl BlobWriter {
+    pub(super) async fn create(store: BlobStore) -> Result<Self, BlobError> {
+        let tmp_path = store
+            .tmp_dir()
+            .join(format!("{}.part", uuid::Uuid::new_v4().simple()));
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp_path)
+            .await
+            .map_err(|e| io_context(e, "create blob upload", &tmp_path))?;
+        Ok(Self {
+            store,
+            file: Some(file),
+            tmp_path: Some(tmp_path),
+            hasher: Sha256::new(),
+            size: 0,
+        })
+    }
+
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn tmp_path(&self) -> &Path {
+        self.tmp_path
+            .as_deref()
+            .unwrap_or(Path::new("<finished upload>"))
+    }
+
+    /// Append `data` to the upload. [`BlobError::TooLarge`] if it would pass the store's size limit (the
+    /// upload is then unusable: drop it).
+    pub async fn write(&mut self, data: &[u8]) -> Result<(), BlobError> {
+        let new_size = self.size + data.len() as u64;
+        if let Some(limit) = self.store.inner.max_size {
+            if new_size > limit {
+                return Err(BlobError::TooLarge { limit });
+            }
+        }
+        let path = self.tmp_path().to_owned();
+        let file = self.file.as_mut().ok_or_else(|| {
+            BlobError::Invalid("write to a blob upload that is already finished".to_owned())
+        })?;
+        file.write_all(data)
+            .await
+            .map_err(|e| io_context(e, "write blob upload", &path))?;
+        self.hasher.update(data);
+        self.size = new_size;
+        Ok(())
+    }
+
+    /// Sync the upload, verify it against `expected` (if given, 64 lowercase hex), and store it as
+    /// `sha256/<first 2 hex>/<digest>`; if that blob already exists the upload is dropped (identical content
+    /// is stored once). Returns `(digest, size)`. On any error nothing is stored and the temporary file is
+    /// removed.
+    pub async fn finish(mut self, expected: Option<&str>) -> Result<(String, u64), BlobError> {
+        if let Some(expected) = expected {
+            validate_digest(expected)?;
+        }
+        let tmp_path = self.tmp_path().to_owned();
+        let mut file = self
+            .file
+            .take()
+            .ok_or_else(|| BlobError::Invalid("blob upload is already finished".to_owned()))?;
+        file.flush()
+            .await
+            .and(file.sync_all().await)
+            .map_err(|e| io_context(e, "sync blob upload", &tmp_path))?;
+        drop(file);
+
+        let digest = hex::encode(std::mem::take(&mut self.hasher).finalize());
+        if let Some(expected) = expected {
+            if expected != digest {
+                return Err(BlobError::DigestMismatch {
+                    expected: expected.to_owned(),
+                    actual: digest,
+                });
+            }
+        }
+
+        let final_path = self.store.blob_path(&digest);
+        let shard = final_path
+            .parent()
+            .map(Path::to_owned)
+            .unwrap_or_else(|| self.store.dir().to_owned());
+        if tokio::fs::try_exists(&final_path)
+            .await
+            .map_err(|e| io_context(e, "look up blob", &final_path))?
+        {
+            // Same name, same content: keep the stored copy; Drop removes the upload.
+            return Ok((digest, self.size));
+        }
+        let shard_existed = tokio::fs::try_exists(&shard)
+            .await
+            .map_err(|e| io_context(e, "look up blob directory", &shard))?;
+        if !shard_existed {
+            tokio::fs::create_dir_all(&shard)
+                .await
+                .map_err(|e| io_context(e, "create blob directory", &shard))?;
+        }
+        // rename replaces atomically, so a concurrent upload of the same content is harmless.
+        tokio::fs::rename(&tmp_path, &final_path)
+            .await
+            .map_err(|e| io_context(e, "store blob", &final_path))?;
+        self.tmp_path = None;
+        sync_dir(shard.clone()).await?;
+        if !shard_existed {
+            if let Some(parent) = shard.parent() {
+                sync_dir(parent.to_owned()).await?;
+            }
+        }
+        Ok((digest, self.size))
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if let Some(path) = self.tmp_path.take() {
+            // Close first so no write is in flight on the file being removed.
+            drop(self.file.take());
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), error = %e, "could not remove an unfinished blob upload");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! One live log: its file, its in-memory status and the watch channel that wakes its followers.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::{watch, Mutex};
+
+use super::{LogError, LogStatus};
+
+/// Attach the operation and the path to an I/O error, so the message says which file failed.
+pub(crate) fn io_context(err: io::Error, what: &str, path: &Path) -> io::Error {
+    io::Error::new(err.kind(), format!("{what} {}: {err}", path.display()))
+}
+
+/// Run blocking file work off the async workers.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| io::Error::other(format!("log I/O task failed: {e}")))?
+}
+
+/// fsync a directory so the entries created in it (files, renames) survive a crash.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_context(e, "sync directory", dir))
+}
+
+/// Where one log lives on disk.
+#[derive(Debug, Clone)]
+pub(super) struct LogPaths {
+    /// The store's directory.
+    root: PathBuf,
+    /// `<root>/<attempt>`.
+    attempt_dir: PathBuf,
+    /// `<root>/<attempt>/<step>.log`: the bytes.
+    pub(super) log: PathBuf,
+    /// `<root>/<attempt>/<step>.done`: the completion marker, holding the final length in decimal.
+    done: PathBuf,
+    /// Temporary name the marker is written under before it is renamed into place.
+    done_tmp: PathBuf,
+}
+
+impl LogPaths {
+    fn new(root: &Path, attempt: &str, step: u32) -> Self {
+        let attempt_dir = root.join(attempt);
+        Self {
+            root: root.to_owned(),
+            log: attempt_dir.join(format!("{step}.log")),
+            done: attempt_dir.join(format!("{step}.done")),
+            done_tmp: attempt_dir.join(format!("{step}.done.tmp")),
+            attempt_dir,
+        }
+    }
+}
+
+/// What is known about a log; guarded by the entry's async mutex, which also serialises its writers.
+#[derive(Debug, Default)]
+struct LogIo {
+    /// False until the status was recovered from disk.
+    loaded: bool,
+    /// The log file, once it exists.
+    file: Option<Arc<File>>,
+    /// Bytes written (visible to readers).
+    len: u64,
+    /// The log has been marked complete.
+    complete: bool,
+    /// Bytes known to be on disk.
+    synced_len: u64,
+    /// The completion marker is on disk.
+    marker_durable: bool,
+    /// The directory entries leading to the file are on disk.
+    dirs_synced: bool,
+    /// Completed in memory only: a step that never started, ended by `abandon` so its followers stop.
+    ended_absent: bool,
+}
+
+impl LogIo {
+    fn status(&self) -> LogStatus {
+        LogStatus {
+            len: self.len,
+            complete: self.complete,
+        }
+    }
+
+    fn is_clean(&self) -> bool {
+        self.len == self.synced_len && (!self.complete || self.marker_durable || self.ended_absent)
+    }
+}
+
+/// State recovered from disk.
+struct Loaded {
+    file: Option<File>,
+    len: u64,
+    complete: bool,
+}
+
+/// Recover a log's status: its file length, and the marker for completion. A log that is not complete may
+/// hold bytes a previous process wrote but never synced, so it is synced here: from then on everything
+/// below `len` is durable, which keeps acks honest after a coordinator restart.
+fn load(paths: &LogPaths) -> io::Result<Loaded> {
+    let file = match OpenOptions::new().read(true).write(true).open(&paths.log) {
+        Ok(file) => Some(file),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_context(e, "open log", &paths.log)),
+    };
+    let mut len = match &file {
+        Some(f) => f
+            .metadata()
+            .map_err(|e| io_context(e, "stat log", &paths.log))?
+            .len(),
+        None => 0,
+    };
+    let marker = match std::fs::read_to_string(&paths.done) {
+        Ok(text) => text.trim().parse::<u64>().ok(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_context(e, "read log marker", &paths.done)),
+    };
+    let complete = match (marker, &file) {
+        (Some(end), Some(f)) if len >= end => {
+            // Bytes past the recorded end cannot have been acknowledged; drop them.
+            if len > end {
+                f.set_len(end)
+                    .map_err(|e| io_context(e, "truncate log", &paths.log))?;
+                len = end;
+            }
+            true
+        }
+        (Some(0), None) => true,
+        (Some(end), _) => {
+            tracing::warn!(
+                log = %paths.log.display(),
+                marker_len = end,
+                file_len = len,
+                "log shorter than its completion marker; treating it as incomplete"
+            );
+            false
+        }
+        (None, _) => false,
+    };
+    if !complete {
+        if let Some(f) = &file {
+            f.sync_data()
+                .map_err(|e| io_context(e, "sync log", &paths.log))?;
+            sync_dir(&paths.attempt_dir)?;
+            sync_dir(&paths.root)?;
+        }
+    }
+    Ok(Loaded {
+        file,
+        len,
+        complete,
+    })
+}
+
+/// One log in memory.
+#[derive(Debug)]
+pub(super) struct LogEntry {
+    pub(super) paths: LogPaths,
+    /// Latest status, for followers; updated after every change.
+    tx: watch::Sender<LogStatus>,
+    io: Mutex<LogIo>,
+}
+
+impl LogEntry {
+    pub(super) fn new(root: &Path, attempt: &str, step: u32) -> Self {
+        Self {
+            paths: LogPaths::new(root, attempt, step),
+            tx: watch::Sender::new(LogStatus::default()),
+            io: Mutex::new(LogIo::default()),
+        }
+    }
+
+    /// True when dropping this entry loses nothing: no unsynced bytes, no unwritten marker. Called from a
+    /// `Drop` under the store's map lock, hence `try_lock`: a locked entry is in use, so not droppable.
+    pub(super) fn is_clean(&self) -> bool {
+        self.io.try_lock().map(|io| io.is_clean()).unwrap_or(false)
+    }
+
+    /// A receiver of status changes. Subscribe before reading so no change is missed.
+    pub(super) fn subscribe(&self) -> watch::Receiver<LogStatus> {
+        self.tx.subscribe()
+    }
+
+    fn publish(&self, io: &LogIo) -> LogStatus {
+        let status = io.status();
+        self.tx.send_replace(status);
+        status
+    }
+
+    async fn ensure_loaded(&self, io: &mut LogIo) -> Result<(), LogError> {
+        if io.loaded {
+            return Ok(());
+        }
+        let paths = self.paths.clone();
+        let loaded = blocking(move || load(&paths)).await?;
+        io.file = loaded.file.map(Arc::new);
+        io.len = loaded.len;
+        io.synced_len = loaded.len;
+        io.complete = loaded.complete;
+        io.marker_durable = loaded.complete;
+        io.dirs_synced = true;
+        io.loaded = true;
+        self.publish(io);
+        Ok(())
+    }
+
+    /// The log file, created (with its directory) if it does not exist yet.
+    async fn file(&self, io: &mut LogIo) -> Result<Arc<File>, LogError> {
+        if let Some(file) = &io.file {
+            return Ok(file.clone());
+        }
+        let paths = self.paths.clone();
+        let file = blocking(move || {
+            std::fs::create_dir_all(&paths.attempt_dir)
+                .map_err(|e| io_context(e, "create log directory", &paths.attempt_dir))?;
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&paths.log)
+                .map_err(|e| io_context(e, "create log", &paths.log))
+        })
+        .await?;
+        let file = Arc::new(file);
+        io.file = Some(file.clone());
+        io.dirs_synced = false;
+        Ok(file)
+    }
+
+    async fn write_at(&self, io: &mut LogIo, data: Vec<u8>) -> Result<(), LogError> {
+        let file = self.file(io).await?;
+        let at = io.len;
+        let path = self.paths.log.clone();
+        let written = data.len() as u64;
+        blocking(move || {
+            file.write_all_at(&data, at)
+                .map_err(|e| io_context(e, "write log", &path))
+        })
+        .await?;
+        io.len = at + written;
+        Ok(())
+    }
+
+    pub(super) async fn status(&self) -> Result<LogStatus, LogError> {
+        let mut io = self.io.lock().await;
+        self.ensure_loaded(&mut io).await?;
+        Ok(io.status())
+    }
+
+    pub(super) async fn append(
+        &self,
+        offset: u64,
+        data: &[u8],
+        eof: bool,
+    ) -> Result<LogStatus, LogError> {
+        let mut io = self.io.lock().await;
+        self.ensure_loaded(&mut io).await?;
+        let end = offset.checked_add(data.len() as u64).ok_or_else(|| {
+            LogError::Invalid(format!(
+                "chunk at offset {offset} of {} bytes overflows",
+                data.len()
+            ))
+        })?;
+        if offset > io.len {
+            return Err(LogError::Gap {
+                expected: io.len,
+                got: offset,
+            });
+        }
+        if io.complete {
+            if end > io.len {
+                return Err(LogError::Complete);
+            }
+            if eof && end != io.len {
+                return Err(LogError::Invalid(format!(
+                    "chunk marks the end of the log at {end}, but it is already complete at {}",
+                    io.len
+                )));
+            }
+            return Ok(io.status());
+        }
+        if eof && end < io.len {
+            return Err(LogError::Invalid(format!(
+                "chunk marks the end of the log at {end}, but {} bytes are already stored",
+                io.len
+            )));
+        }
+        if end > io.len {
+            // `offset <= len < end`, so the skip is within `data`.
+            let skip = (io.len - offset) as usize;
+            self.write_at(&mut io, data[skip..].to_vec()).await?;
+        }
+        if eof {
+            // An empty log still gets its (empty) file, so completion has something to point at.
+            self.file(&mut io).await?;
+            io.complete = true;
+        }
+        Ok(self.publish(&io))
+    }
+
+    /// Make everything appended durable; returns the durable status.
+    pub(super) async fn sync(&self) -> Result<LogStatus, LogError> {
+        let mut io = self.io.lock().await;
+        self.ensure_loaded(&mut io).await?;
+        if let Some(file) = io.file.clone() {
+            let paths = self.paths.clone();
+            let data_pending = io.len > io.synced_len;
+            let dirs_pending = !io.dirs_synced;
+            let marker_pending = io.complete && !io.marker_durable && !io.ended_absent;
+            let len = io.len;
+            if data_pending || dirs_pending || marker_pending {
+                blocking(move || {
+                    if data_pending {
+                        file.sync_data()
+                            .map_err(|e| io_context(e, "sync log", &paths.log))?;
+                    }
+                    if dirs_pending {
+                        sync_dir(&paths.attempt_dir)?;
+                        sync_dir(&paths.root)?;
+                    }
+                    if marker_pending {
+                        // The marker is written under a temporary name and renamed so a crash never leaves
+                        // a half-written one; it comes after the data sync, so it never claims lost bytes.
+                        let tmp = File::create(&paths.done_tmp)
+                            .map_err(|e| io_context(e, "create log marker", &paths.done_tmp))?;
+                        tmp.write_all_at(len.to_string().as_bytes(), 0)
+                            .and_then(|()| tmp.sync_all())
+                            .map_err(|e| io_context(e, "write log marker", &paths.done_tmp))?;
+                        std::fs::rename(&paths.done_tmp, &paths.done)
+                            .map_err(|e| io_context(e, "rename log marker", &paths.done))?;
+                        sync_dir(&paths.attempt_dir)?;
+                    }
+                    Ok(())
+                })
+                .await?;
+                io.synced_len = len;
+                io.dirs_synced = true;
+                if marker_pending {
+                    io.marker_durable = true;
+                }
+            }
+        }
+        Ok(LogStatus {
+            len: io.synced_len,
+            complete: io.marker_durable,
+        })
+    }
+
+    /// Append `marker` and complete the log if it is not complete. Returns whether the log has a file (and
+    /// so needs a sync). A step that never started gets no file; it is completed in memory only, which ends
+    /// whoever follows it now.
+    pub(super) async fn abandon(&self, marker: &[u8]) -> Result<bool, LogError> {
+        let mut io = self.io.lock().await;
+        self.ensure_loaded(&mut io).await?;
+        if io.complete {
+            return Ok(io.file.is_some());
+        }
+        if io.file.is_none() {
+            io.complete = true;
+            io.ended_absent = true;
+            self.publish(&io);
+            return Ok(false);
+        }
+        self.write_at(&mut io, marker.to_vec()).await?;
+        io.complete = true;
+        self.publish(&io);
+        Ok(true)
+    }
+}

@@ -1,0 +1,227 @@
+//! Step logs: one append-only file per (attempt, step), written at byte offsets so that a chunk resent after
+//! a reconnect is idempotent, acknowledged only once durable, and followed live by readers.
+//!
+//! Layout under the store's directory: `<attempt>/<step>.log` holds the bytes and `<attempt>/<step>.done`
+//! (written atomically, after the bytes are synced) records that the log is complete and at which length.
+//! After a restart the status of a log is recovered from the file length and that marker.
+
+mod entry;
+mod reader;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+
+use entry::LogEntry;
+
+/// How far a step's log has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogStatus {
+    /// Number of bytes stored.
+    pub len: u64,
+    /// True once the log has been marked complete (its last chunk arrived or its attempt was abandoned).
+    pub complete: bool,
+}
+
+/// A piece of a log returned by [`LogStore::read`].
+#[derive(Debug, Clone)]
+pub struct LogPiece {
+    /// Byte offset of `data` in the step's log.
+    pub offset: u64,
+    /// The bytes, at most [`drover_proto::CHUNK_BYTES`].
+    pub data: Bytes,
+    /// True on the last piece of a complete log.
+    pub eof: bool,
+}
+
+/// What went wrong with a log operation.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The disk failed; the message names the file.
+    #[error("log storage I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// A chunk started past the end of the stored log: the bytes in between are missing.
+    #[error("log chunk starts at offset {got} but only {expected} bytes are stored: resend from {expected}")]
+    Gap {
+        /// The stored length, where the next chunk must start (at the latest).
+        expected: u64,
+        /// The offset the chunk started at.
+        got: u64,
+    },
+    /// Data arrived past the end of a log that is already complete.
+    #[error("the log is already complete; no more data can be appended")]
+    Complete,
+    /// A bad argument (attempt id, offsets); the message says which and why.
+    #[error("invalid log request: {0}")]
+    Invalid(String),
+}
+
+/// Key of one log in the in-memory map.
+type LogKey = (String, u32);
+
+/// The coordinator's log store. Cheap to clone: all clones share the same files and followers.
+#[derive(Debug, Clone)]
+pub struct LogStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    dir: PathBuf,
+    /// Logs that someone is using right now, or that hold appended bytes not yet synced.
+    /// A std Mutex: every section is a map lookup or insert/remove and never crosses an `.await`.
+    live: Mutex<HashMap<LogKey, Arc<LogEntry>>>,
+}
+
+/// A reference to a live log; when the last one is dropped and the log holds nothing unsynced, the entry
+/// leaves the map so memory stays bounded by the logs in use (it is recovered from disk when needed again).
+#[derive(Debug)]
+struct EntryHandle {
+    inner: Arc<Inner>,
+    key: LogKey,
+    entry: Arc<LogEntry>,
+}
+
+impl Drop for EntryHandle {
+    fn drop(&mut self) {
+        let mut live = self
+            .inner
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Arcs of entries are only cloned under this lock, so 2 (the map's and ours) means nobody else has it.
+        if Arc::strong_count(&self.entry) == 2 && self.entry.is_clean() {
+            if let Some(current) = live.get(&self.key) {
+                if Arc::ptr_eq(current, &self.entry) {
+                    live.remove(&self.key);
+                }
+            }
+        }
+    }
+}
+
+/// Attempt ids become directory names: only `[A-Za-z0-9_-]`, so a request can never name a path outside
+/// the store.
+pub(crate) fn validate_attempt(attempt: &str) -> Result<(), LogError> {
+    if attempt.is_empty() || attempt.len() > 128 {
+        return Err(LogError::Invalid(format!(
+            "attempt id must be 1 to 128 characters, got {}",
+            attempt.len()
+        )));
+    }
+    if let Some(bad) = attempt
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    {
+        return Err(LogError::Invalid(format!(
+            "attempt id {attempt:?} contains {bad:?}; only letters, digits, '-' and '_' are allowed"
+        )));
+    }
+    Ok(())
+}
+
+impl LogStore {
+    /// Open (creating if needed) the log store rooted at `dir`, normally `<data>/logs`.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, LogError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| entry::io_context(e, "create log directory", &dir))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                dir,
+                live: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The directory the store lives in.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    fn handle(&self, attempt: &str, step: u32) -> Result<EntryHandle, LogError> {
+        validate_attempt(attempt)?;
+        let key = (attempt.to_owned(), step);
+        let entry = {
+            let mut live = self
+                .inner
+                .live
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            live.entry(key.clone())
+                .or_insert_with(|| Arc::new(LogEntry::new(&self.inner.dir, attempt, step)))
+                .clone()
+        };
+        Ok(EntryHandle {
+            inner: self.inner.clone(),
+            key,
+            entry,
+        })
+    }
+
+    /// Write a chunk at `offset`. Bytes before the current length are skipped (a resent chunk is idempotent);
+    /// a chunk starting past the current length is [`LogError::Gap`] (nothing written). `eof` marks the log
+    /// complete at `offset + data.len()` (after which further data beyond that length is
+    /// [`LogError::Complete`]; an identical resend is fine).
+    /// Not yet durable: call [`LogStore::sync`]. Followers see the bytes at once.
+    pub async fn append(
+        &self,
+        attempt: &str,
+        step: u32,
+        offset: u64,
+        data: &[u8],
+        eof: bool,
+    ) -> Result<LogStatus, LogError> {
+        let handle = self.handle(attempt, step)?;
+        handle.entry.append(offset, data, eof).await
+    }
+
+    /// Make what was appended durable (fdatasync, then the completion marker) and return the durable status:
+    /// every byte before `len` is on disk, and `complete` is true only once the completion itself is on disk.
+    pub async fn sync(&self, attempt: &str, step: u32) -> Result<LogStatus, LogError> {
+        let handle = self.handle(attempt, step)?;
+        handle.entry.sync().await
+    }
+
+    /// The current status of a log (what readers can read now, durable or not); `{0, false}` if it does not
+    /// exist.
+    pub async fn status(&self, attempt: &str, step: u32) -> Result<LogStatus, LogError> {
+        let handle = self.handle(attempt, step)?;
+        handle.entry.status().await
+    }
+
+    /// The attempt ended without finishing its logs (agent lost, canceled...): append a visible marker line
+    /// `\n[drover] log incomplete: {reason}\n` to each of its step logs (`0..steps`) that is not complete, mark
+    /// them complete and sync. Steps that never started are left absent on disk; anyone following one of them
+    /// right now is ended with an empty eof piece.
+    pub async fn abandon(&self, attempt: &str, steps: u32, reason: &str) -> Result<(), LogError> {
+        validate_attempt(attempt)?;
+        let marker = format!("\n[drover] log incomplete: {reason}\n");
+        for step in 0..steps {
+            let handle = self.handle(attempt, step)?;
+            if handle.entry.abandon(marker.as_bytes()).await? {
+                handle.entry.sync().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Read a log from `offset`. With `follow == false`: what is there now, then the stream ends (with a final
+    /// `eof` piece only if the log is complete). With `follow == true`: keep streaming as bytes are appended
+    /// (woken by `append`, no polling) until the log is complete, then end with a piece whose `eof` is true.
+    /// Pieces are at most [`drover_proto::CHUNK_BYTES`]. An offset at or past the end of a complete log yields
+    /// one empty `eof` piece.
+    pub fn read(
+        &self,
+        attempt: &str,
+        step: u32,
+        offset: u64,
+        follow: bool,
+    ) -> impl futures::Stream<Item = Result<LogPiece, LogError>> + Send + 'static {
+        reader::read(self.clone(), attempt.to_owned(), step, offset, follow)
+    }
+}

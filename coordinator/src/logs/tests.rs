@@ -1,0 +1,513 @@
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+
+use super::*;
+
+const A: &str = "attempt-1";
+
+fn store() -> (tempfile::TempDir, LogStore) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LogStore::open(dir.path().join("logs")).expect("open store");
+    (dir, store)
+}
+
+/// Everything a stream yields, failing the test if it takes more than 10 s.
+async fn collect(stream: impl Stream<Item = Result<LogPiece, LogError>>) -> Vec<LogPiece> {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.map(|p| p.expect("piece")).collect(),
+    )
+    .await
+    .expect("stream did not end")
+}
+
+fn concat(pieces: &[LogPiece]) -> Vec<u8> {
+    pieces.iter().flat_map(|p| p.data.iter().copied()).collect()
+}
+
+/// Pieces are contiguous, start at `from`, fit in a chunk, and only the last may be eof.
+fn assert_well_formed(pieces: &[LogPiece], from: u64) {
+    let mut next = from;
+    for (i, piece) in pieces.iter().enumerate() {
+        assert_eq!(piece.offset, next, "piece {i} offset");
+        assert!(piece.data.len() <= drover_proto::CHUNK_BYTES);
+        assert!(
+            !piece.eof || i == pieces.len() - 1,
+            "eof before the last piece"
+        );
+        next += piece.data.len() as u64;
+    }
+}
+
+fn live_entries(store: &LogStore) -> usize {
+    store.inner.live.lock().expect("lock").len()
+}
+
+/// Wait until `n` logs are live in memory: a spawned follower holds its log from its first poll on.
+async fn wait_for_live(store: &LogStore, n: usize) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while live_entries(store) != n {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .expect("followers did not start");
+}
+
+#[tokio::test]
+async fn overlapping_resends_are_idempotent_and_byte_identical() {
+    let (_dir, store) = store();
+    store.append(A, 0, 0, b"hello ", false).await.unwrap();
+    // Full resend of what is stored, plus new bytes.
+    store.append(A, 0, 0, b"hello wor", false).await.unwrap();
+    // Pure resend of a middle part: nothing changes.
+    let st = store.append(A, 0, 2, b"llo", false).await.unwrap();
+    assert_eq!(
+        st,
+        LogStatus {
+            len: 9,
+            complete: false
+        }
+    );
+    // Overlap at the tail.
+    let st = store.append(A, 0, 7, b"orld\n", false).await.unwrap();
+    assert_eq!(st.len, 12);
+    let st = store.sync(A, 0).await.unwrap();
+    assert_eq!(
+        st,
+        LogStatus {
+            len: 12,
+            complete: false
+        }
+    );
+
+    let on_disk = std::fs::read(store.dir().join(A).join("0.log")).unwrap();
+    assert_eq!(on_disk, b"hello world\n");
+    let pieces = collect(store.read(A, 0, 0, false)).await;
+    assert_eq!(concat(&pieces), b"hello world\n");
+    assert!(
+        !pieces.last().unwrap().eof,
+        "an incomplete log must not claim eof"
+    );
+}
+
+#[tokio::test]
+async fn a_gap_is_rejected_and_writes_nothing() {
+    let (_dir, store) = store();
+    store.append(A, 1, 0, b"abc", false).await.unwrap();
+    let err = store.append(A, 1, 5, b"fgh", false).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LogError::Gap {
+                expected: 3,
+                got: 5
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        store.status(A, 1).await.unwrap(),
+        LogStatus {
+            len: 3,
+            complete: false
+        }
+    );
+    // A gap on a log that does not exist yet does not create it either.
+    let err = store.append(A, 2, 1, b"x", false).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LogError::Gap {
+                expected: 0,
+                got: 1
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(!store.dir().join(A).join("2.log").exists());
+}
+
+#[tokio::test]
+async fn eof_then_identical_resend_is_fine_but_more_data_is_not() {
+    let (_dir, store) = store();
+    store.append(A, 0, 0, b"one\n", false).await.unwrap();
+    let st = store.append(A, 0, 4, b"two\n", true).await.unwrap();
+    assert_eq!(
+        st,
+        LogStatus {
+            len: 8,
+            complete: true
+        }
+    );
+    // Durable only after sync: status says complete, the durable view comes from sync.
+    assert_eq!(
+        store.sync(A, 0).await.unwrap(),
+        LogStatus {
+            len: 8,
+            complete: true
+        }
+    );
+
+    let st = store.append(A, 0, 4, b"two\n", true).await.unwrap();
+    assert_eq!(
+        st,
+        LogStatus {
+            len: 8,
+            complete: true
+        }
+    );
+    let st = store.append(A, 0, 0, b"one\n", false).await.unwrap();
+    assert_eq!(
+        st,
+        LogStatus {
+            len: 8,
+            complete: true
+        }
+    );
+    let err = store.append(A, 0, 8, b"three\n", false).await.unwrap_err();
+    assert!(matches!(err, LogError::Complete), "{err:?}");
+    let err = store
+        .append(A, 0, 4, b"two\nthree", true)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LogError::Complete), "{err:?}");
+    let err = store.append(A, 0, 0, b"one\n", true).await.unwrap_err();
+    assert!(matches!(err, LogError::Invalid(_)), "{err:?}");
+    assert_eq!(
+        std::fs::read(store.dir().join(A).join("0.log")).unwrap(),
+        b"one\ntwo\n"
+    );
+}
+
+#[tokio::test]
+async fn eof_cannot_cut_a_log_short() {
+    let (_dir, store) = store();
+    store.append(A, 0, 0, b"0123456789", false).await.unwrap();
+    let err = store.append(A, 0, 2, b"23", true).await.unwrap_err();
+    assert!(matches!(err, LogError::Invalid(_)), "{err:?}");
+    assert_eq!(
+        store.status(A, 0).await.unwrap(),
+        LogStatus {
+            len: 10,
+            complete: false
+        }
+    );
+}
+
+#[tokio::test]
+async fn empty_log_can_be_completed() {
+    let (dir, store) = store();
+    let st = store.append(A, 3, 0, b"", true).await.unwrap();
+    assert_eq!(
+        st,
+        LogStatus {
+            len: 0,
+            complete: true
+        }
+    );
+    assert_eq!(
+        store.sync(A, 3).await.unwrap(),
+        LogStatus {
+            len: 0,
+            complete: true
+        }
+    );
+    drop(store);
+    let store = LogStore::open(dir.path().join("logs")).unwrap();
+    assert_eq!(
+        store.status(A, 3).await.unwrap(),
+        LogStatus {
+            len: 0,
+            complete: true
+        }
+    );
+    let pieces = collect(store.read(A, 3, 0, true)).await;
+    assert_eq!(pieces.len(), 1);
+    assert!(pieces[0].eof && pieces[0].data.is_empty());
+}
+
+#[tokio::test]
+async fn status_survives_reopening_the_store() {
+    let (dir, store) = store();
+    assert_eq!(store.status(A, 0).await.unwrap(), LogStatus::default());
+    store.append(A, 0, 0, b"first step\n", true).await.unwrap();
+    store.sync(A, 0).await.unwrap();
+    store.append(A, 1, 0, b"partial", false).await.unwrap();
+    store.sync(A, 1).await.unwrap();
+    // Completed but never synced: the completion is not durable, so it is not reported after a restart.
+    store.append(A, 2, 0, b"unsynced", true).await.unwrap();
+    drop(store);
+
+    let store = LogStore::open(dir.path().join("logs")).unwrap();
+    assert_eq!(
+        store.status(A, 0).await.unwrap(),
+        LogStatus {
+            len: 11,
+            complete: true
+        }
+    );
+    assert_eq!(
+        store.status(A, 1).await.unwrap(),
+        LogStatus {
+            len: 7,
+            complete: false
+        }
+    );
+    assert_eq!(
+        store.status(A, 2).await.unwrap(),
+        LogStatus {
+            len: 8,
+            complete: false
+        }
+    );
+    assert_eq!(store.status(A, 9).await.unwrap(), LogStatus::default());
+    assert_eq!(
+        store.sync(A, 1).await.unwrap(),
+        LogStatus {
+            len: 7,
+            complete: false
+        }
+    );
+    // The agent resumes where the ack said, and the resent eof completes the log.
+    store.append(A, 2, 0, b"unsynced", true).await.unwrap();
+    assert_eq!(
+        store.sync(A, 2).await.unwrap(),
+        LogStatus {
+            len: 8,
+            complete: true
+        }
+    );
+    store.append(A, 1, 7, b" and the rest", true).await.unwrap();
+    store.sync(A, 1).await.unwrap();
+    let pieces = collect(store.read(A, 1, 0, false)).await;
+    assert_eq!(concat(&pieces), b"partial and the rest");
+    assert!(pieces.last().unwrap().eof);
+}
+
+#[tokio::test]
+async fn follow_receives_appends_made_after_it_started_and_ends_on_eof() {
+    let (_dir, store) = store();
+    let follower = tokio::spawn(collect(store.read(A, 0, 0, true)));
+    // Let the follower reach its wait on an absent log.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut expected = Vec::new();
+    for i in 0..50u32 {
+        let line = format!("line {i}\n");
+        store
+            .append(A, 0, expected.len() as u64, line.as_bytes(), false)
+            .await
+            .unwrap();
+        expected.extend_from_slice(line.as_bytes());
+        if i % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    store
+        .append(A, 0, expected.len() as u64, b"", true)
+        .await
+        .unwrap();
+    let pieces = follower.await.unwrap();
+    assert_well_formed(&pieces, 0);
+    assert_eq!(concat(&pieces), expected);
+    assert!(pieces.last().unwrap().eof);
+}
+
+#[tokio::test]
+async fn follow_from_an_offset_in_the_middle() {
+    let (_dir, store) = store();
+    store.append(A, 0, 0, b"0123456789", false).await.unwrap();
+    let follower = tokio::spawn(collect(store.read(A, 0, 4, true)));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store.append(A, 0, 10, b"abc", true).await.unwrap();
+    let pieces = follower.await.unwrap();
+    assert_well_formed(&pieces, 4);
+    assert_eq!(concat(&pieces), b"456789abc");
+    assert!(pieces.last().unwrap().eof);
+}
+
+#[tokio::test]
+async fn large_logs_come_in_chunk_sized_pieces() {
+    let (_dir, store) = store();
+    let data: Vec<u8> = (0..(drover_proto::CHUNK_BYTES * 2 + 1000))
+        .map(|i| (i % 251) as u8)
+        .collect();
+    store.append(A, 0, 0, &data, true).await.unwrap();
+    let pieces = collect(store.read(A, 0, 0, true)).await;
+    assert_eq!(pieces.len(), 3);
+    assert_well_formed(&pieces, 0);
+    assert_eq!(concat(&pieces), data);
+    assert!(pieces[2].eof);
+}
+
+#[tokio::test]
+async fn reading_without_follow() {
+    let (_dir, store) = store();
+    // Absent log: nothing, and the stream ends.
+    assert!(collect(store.read(A, 0, 0, false)).await.is_empty());
+    store.append(A, 0, 0, b"abc", false).await.unwrap();
+    let pieces = collect(store.read(A, 0, 1, false)).await;
+    assert_eq!(concat(&pieces), b"bc");
+    assert!(!pieces.iter().any(|p| p.eof));
+    store.append(A, 0, 3, b"", true).await.unwrap();
+    let pieces = collect(store.read(A, 0, 0, false)).await;
+    assert_eq!(concat(&pieces), b"abc");
+    assert!(pieces.last().unwrap().eof);
+    // Past the end of a complete log: one empty eof piece.
+    let pieces = collect(store.read(A, 0, 100, true)).await;
+    assert_eq!(pieces.len(), 1);
+    assert!(pieces[0].eof && pieces[0].data.is_empty());
+}
+
+#[tokio::test]
+async fn abandon_marks_incomplete_logs_and_ends_followers() {
+    let (dir, store) = store();
+    store.append(A, 0, 0, b"done\n", true).await.unwrap();
+    store.append(A, 1, 0, b"half a li", false).await.unwrap();
+    let follow_partial = tokio::spawn(collect(store.read(A, 1, 0, true)));
+    let follow_absent = tokio::spawn(collect(store.read(A, 2, 0, true)));
+    // Steps 0 and 1 hold unsynced bytes; step 2 is live only through its follower.
+    wait_for_live(&store, 3).await;
+
+    store.abandon(A, 4, "agent lost").await.unwrap();
+
+    let partial = follow_partial.await.unwrap();
+    let expected = b"half a li\n[drover] log incomplete: agent lost\n";
+    assert_eq!(concat(&partial), expected);
+    assert!(partial.last().unwrap().eof);
+    let absent = follow_absent.await.unwrap();
+    assert_eq!(absent.len(), 1);
+    assert!(absent[0].eof && absent[0].data.is_empty());
+
+    // Durable: after a restart, the finished step is untouched, the partial one is complete with its marker,
+    // and steps that never started have no log.
+    drop(store);
+    let store = LogStore::open(dir.path().join("logs")).unwrap();
+    assert_eq!(
+        store.status(A, 0).await.unwrap(),
+        LogStatus {
+            len: 5,
+            complete: true
+        }
+    );
+    assert_eq!(
+        store.status(A, 1).await.unwrap(),
+        LogStatus {
+            len: expected.len() as u64,
+            complete: true
+        }
+    );
+    assert_eq!(
+        std::fs::read(store.dir().join(A).join("1.log")).unwrap(),
+        expected
+    );
+    assert_eq!(store.status(A, 2).await.unwrap(), LogStatus::default());
+    assert!(!store.dir().join(A).join("2.log").exists());
+    assert!(!store.dir().join(A).join("3.log").exists());
+    // A late chunk from the lost agent cannot extend the abandoned log.
+    let late = vec![b'x'; 100];
+    let err = store.append(A, 1, 9, &late, false).await.unwrap_err();
+    assert!(matches!(err, LogError::Complete), "{err:?}");
+    // One that falls inside the stored bytes counts as a resend and changes nothing.
+    store.append(A, 1, 9, b"ne\n", false).await.unwrap();
+    assert_eq!(
+        std::fs::read(store.dir().join(A).join("1.log")).unwrap(),
+        expected
+    );
+}
+
+#[tokio::test]
+async fn bad_attempt_ids_are_rejected() {
+    let (dir, store) = store();
+    for bad in [
+        "",
+        "..",
+        "../escape",
+        "a/b",
+        "a\\b",
+        "a b",
+        "é",
+        &"x".repeat(129),
+    ] {
+        let err = store.append(bad, 0, 0, b"x", false).await.unwrap_err();
+        assert!(matches!(err, LogError::Invalid(_)), "{bad:?}: {err:?}");
+        assert!(matches!(
+            store.status(bad, 0).await,
+            Err(LogError::Invalid(_))
+        ));
+        assert!(matches!(
+            store.abandon(bad, 1, "r").await,
+            Err(LogError::Invalid(_))
+        ));
+        let mut stream = Box::pin(store.read(bad, 0, 0, true));
+        assert!(matches!(
+            stream.next().await,
+            Some(Err(LogError::Invalid(_)))
+        ));
+        assert!(stream.next().await.is_none());
+    }
+    assert!(!dir.path().join("escape").exists());
+}
+
+#[tokio::test]
+async fn memory_holds_only_logs_in_use() {
+    let (_dir, store) = store();
+    store.append(A, 0, 0, b"abc", false).await.unwrap();
+    // Unsynced bytes keep the entry (and its durability bookkeeping) in memory.
+    assert_eq!(live_entries(&store), 1);
+    store.sync(A, 0).await.unwrap();
+    assert_eq!(live_entries(&store), 0);
+    let follower = tokio::spawn(collect(store.read(A, 0, 0, true)));
+    wait_for_live(&store, 1).await;
+    store.append(A, 0, 3, b"", true).await.unwrap();
+    store.sync(A, 0).await.unwrap();
+    assert_eq!(concat(&follower.await.unwrap()), b"abc");
+    assert_eq!(live_entries(&store), 0);
+    assert_eq!(
+        store.status(A, 0).await.unwrap(),
+        LogStatus {
+            len: 3,
+            complete: true
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_followers_see_every_byte_exactly_once() {
+    let (_dir, store) = store();
+    let followers: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(collect(store.read(A, 0, 0, true))))
+        .collect();
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut written = Vec::new();
+            for i in 0..500u32 {
+                let chunk = format!("{i:05}|");
+                // Every other chunk is resent with an overlap, as after a reconnect.
+                let from = written.len().saturating_sub(if i % 2 == 0 { 3 } else { 0 });
+                written.extend_from_slice(chunk.as_bytes());
+                store
+                    .append(A, 0, from as u64, &written[from..], false)
+                    .await
+                    .unwrap();
+                if i % 50 == 0 {
+                    store.sync(A, 0).await.unwrap();
+                }
+            }
+            store
+                .append(A, 0, written.len() as u64, b"", true)
+                .await
+                .unwrap();
+            store.sync(A, 0).await.unwrap();
+            written
+        })
+    };
+    let written = writer.await.unwrap();
+    for follower in followers {
+        let pieces = follower.await.unwrap();
+        assert_well_formed(&pieces, 0);
+        assert_eq!(concat(&pieces), written);
+    }
+}
