@@ -1,3 +1,21 @@
-//! Drover coordinator library.
+//! Drover coordinator library: accepts pipelines, keeps runs durable in SQLite, and pushes their jobs to
+//! agents over gRPC.
+//!
+//! Layout: [`api`] holds thin gRPC services over the domain core [`engine`], which combines the pure
+//! [`scheduler`], the durable [`store`], the step [`logs`] and the content-addressed [`artifacts`].
 
+pub mod api;
+pub mod artifacts;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod logs;
 pub mod pipeline;
+pub mod scheduler;
+pub mod server;
+pub mod store;
+
+pub use config::Config;
+pub use engine::Engine;
+pub use error::CoordError;
+pub use server::{RunningServer, Server};

@@ -1,0 +1,384 @@
+//! `drover.v1.AgentService`: enrollment, the Attach session, log shipping, artifact upload, blob download.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::time::Duration;
+
+use drover_proto::v1 as pb;
+use drover_proto::v1::agent_message::Msg;
+use drover_proto::v1::agent_service_server::AgentService;
+use drover_proto::v1::artifact_chunk::Part;
+use futures::{FutureExt, Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::auth::agent_of;
+use crate::engine::model::ArtifactRec;
+use crate::engine::{Engine, AGENT_CHANNEL};
+use crate::error::CoordError;
+
+/// How long a new Attach stream may take to send its hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Log chunks handled before the durable acknowledgement of a batch.
+const LOG_BATCH: usize = 64;
+
+/// The AgentService implementation.
+#[derive(Debug, Clone)]
+pub struct AgentApi {
+    engine: Engine,
+}
+
+impl AgentApi {
+    /// Serve agents from `engine`.
+    pub fn new(engine: Engine) -> Self {
+        AgentApi { engine }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// A workspace-relative artifact path: not empty, not absolute, no `..`, no NUL.
+fn check_artifact_path(path: &str) -> Result<(), CoordError> {
+    let bad = path.is_empty()
+        || path.starts_with('/')
+        || path.contains('\0')
+        || path.split('/').any(|c| c == "..");
+    if bad {
+        return Err(CoordError::InvalidArgument(format!(
+            "artifact path {path:?}: expected a non-empty path relative to the workspace without `..`"
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    async fn enroll(
+        &self,
+        req: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let r = req.into_inner();
+        let labels: BTreeMap<String, String> = r.labels.into_iter().collect();
+        let (agent_id, credential) = self.engine.enroll(&r.token, labels, &r.hostname).await?;
+        Ok(Response::new(pb::EnrollResponse {
+            agent_id,
+            credential,
+        }))
+    }
+
+    type AttachStream = ReceiverStream<Result<pb::CoordinatorMessage, Status>>;
+
+    async fn attach(
+        &self,
+        req: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let agent_id = agent_of(&self.engine, &req)?;
+        let inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(AGENT_CHANNEL);
+        let engine = self.engine.clone();
+        // The session outlives this call: it reads the agent's messages until the stream ends.
+        tokio::spawn(agent_session(engine, agent_id, inbound, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type PushLogsStream = ReceiverStream<Result<pb::LogAck, Status>>;
+
+    async fn push_logs(
+        &self,
+        req: Request<Streaming<pb::LogChunk>>,
+    ) -> Result<Response<Self::PushLogsStream>, Status> {
+        let agent_id = agent_of(&self.engine, &req)?;
+        let inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(ship_logs(self.engine.clone(), agent_id, inbound, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn upload_artifact(
+        &self,
+        req: Request<Streaming<pb::ArtifactChunk>>,
+    ) -> Result<Response<pb::ArtifactUploaded>, Status> {
+        let agent_id = agent_of(&self.engine, &req)?;
+        let mut inbound = req.into_inner();
+        let header = match inbound.message().await? {
+            Some(pb::ArtifactChunk {
+                part: Some(Part::Header(h)),
+            }) => h,
+            _ => {
+                return Err(CoordError::InvalidArgument(
+                    "first message of an upload must be its header".into(),
+                )
+                .into())
+            }
+        };
+        check_artifact_path(&header.path)?;
+        crate::artifacts::validate_digest(&header.digest).map_err(CoordError::from)?;
+        self.engine
+            .check_attempt(&agent_id, &header.attempt_id, header.epoch)?;
+        let mut w = self
+            .engine
+            .blobs()
+            .writer()
+            .await
+            .map_err(CoordError::from)?;
+        while let Some(chunk) = inbound.message().await? {
+            match chunk.part {
+                Some(Part::Data(d)) => w.write(&d).await.map_err(CoordError::from)?,
+                Some(Part::Header(_)) => {
+                    return Err(CoordError::InvalidArgument(
+                        "an upload has exactly one header".into(),
+                    )
+                    .into())
+                }
+                None => {}
+            }
+        }
+        if w.size() != header.size {
+            return Err(CoordError::InvalidArgument(format!(
+                "artifact {:?}: header says {} bytes, received {}",
+                header.path,
+                header.size,
+                w.size()
+            ))
+            .into());
+        }
+        let (digest, size) = w
+            .finish(Some(&header.digest))
+            .await
+            .map_err(CoordError::from)?;
+        let art = ArtifactRec {
+            path: header.path,
+            digest: digest.clone(),
+            size,
+            mode: header.mode,
+            attempt_id: header.attempt_id,
+        };
+        self.engine
+            .record_artifact(&agent_id, header.epoch, art)
+            .await?;
+        Ok(Response::new(pb::ArtifactUploaded { digest, size }))
+    }
+
+    type DownloadBlobStream = BoxStream<pb::BlobChunk>;
+
+    async fn download_blob(
+        &self,
+        req: Request<pb::BlobRequest>,
+    ) -> Result<Response<Self::DownloadBlobStream>, Status> {
+        let agent_id = agent_of(&self.engine, &req)?;
+        let r = req.into_inner();
+        self.engine
+            .check_blob_access(&agent_id, &r.attempt_id, &r.digest)?;
+        let s = self
+            .engine
+            .blobs()
+            .read(&r.digest)
+            .await
+            .map_err(CoordError::from)?;
+        let s = s.map(|r| {
+            r.map(|b| pb::BlobChunk { data: b.to_vec() })
+                .map_err(|e| Status::from(CoordError::from(e)))
+        });
+        Ok(Response::new(Box::pin(s)))
+    }
+}
+
+fn cancel(attempt_id: &str, reason: String) -> pb::CoordinatorMessage {
+    pb::CoordinatorMessage {
+        msg: Some(pb::coordinator_message::Msg::Cancel(pb::Cancel {
+            attempt_id: attempt_id.to_string(),
+            grace_ms: 0,
+            reason,
+        })),
+    }
+}
+
+/// One Attach stream: hello within [`HELLO_TIMEOUT`], then the agent's messages until the stream ends.
+async fn agent_session(
+    engine: Engine,
+    agent_id: String,
+    mut inbound: Streaming<pb::AgentMessage>,
+    tx: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+) {
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+        Ok(Ok(Some(pb::AgentMessage {
+            msg: Some(Msg::Hello(h)),
+        }))) => h,
+        Ok(Ok(Some(_))) => {
+            let _ = tx
+                .send(Err(Status::failed_precondition(
+                    "the first Attach message must be a hello",
+                )))
+                .await;
+            return;
+        }
+        Ok(Ok(None)) | Ok(Err(_)) => return,
+        Err(_) => {
+            let _ = tx
+                .send(Err(Status::deadline_exceeded("no hello within 10 s")))
+                .await;
+            return;
+        }
+    };
+    // The engine keeps the only strong sender: when it drops the session (lease expired, replaced by a newer
+    // session, shutdown) the response stream ends and the agent reconnects.
+    let weak = tx.downgrade();
+    let session = match engine.hello(&agent_id, hello, tx.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = tx.send(Err(e.into())).await;
+            return;
+        }
+    };
+    drop(tx);
+    let mut closing = engine.closing();
+    loop {
+        let msg = tokio::select! {
+            m = inbound.message() => m,
+            _ = closing.changed() => break,
+        };
+        let msg = match msg {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::info!(agent = %agent_id, "attach stream error: {e}");
+                break;
+            }
+        };
+        engine.touch(&agent_id);
+        let stale = match msg.msg {
+            Some(Msg::Heartbeat(_)) | None => None,
+            Some(Msg::Hello(_)) => {
+                tracing::warn!(agent = %agent_id, "ignoring a second hello on the same stream");
+                None
+            }
+            Some(Msg::Accepted(a)) => engine
+                .accepted(&agent_id, &a)
+                .err()
+                .map(|e| (a.attempt_id, e)),
+            Some(Msg::Step(u)) => {
+                let id = u.attempt_id.clone();
+                engine
+                    .step_update(&agent_id, u)
+                    .await
+                    .err()
+                    .map(|e| (id, e))
+            }
+            Some(Msg::Result(r)) => {
+                let id = r.attempt_id.clone();
+                engine.job_result(&agent_id, r).await.err().map(|e| (id, e))
+            }
+        };
+        if let Some((attempt, e)) = stale {
+            tracing::warn!(agent = %agent_id, attempt = %attempt, "rejected: {e}");
+            // A fenced-off attempt must stop writing: tell the agent (it may already have finished).
+            if matches!(e, CoordError::FailedPrecondition(ref m) if m.starts_with("stale attempt"))
+            {
+                if let Some(tx) = weak.upgrade() {
+                    let _ = tx.try_send(Ok(cancel(&attempt, e.to_string())));
+                }
+            }
+        }
+    }
+    engine.detach(&agent_id, session);
+}
+
+/// One PushLogs stream: append each chunk (fenced), then after draining what is immediately available, sync
+/// and acknowledge the durable offset of every touched step log.
+async fn ship_logs(
+    engine: Engine,
+    agent_id: String,
+    mut inbound: Streaming<pb::LogChunk>,
+    tx: mpsc::Sender<Result<pb::LogAck, Status>>,
+) {
+    let mut closing = engine.closing();
+    loop {
+        let first = tokio::select! {
+            m = inbound.next() => m,
+            _ = closing.changed() => return,
+        };
+        let first = match first {
+            Some(Ok(c)) => c,
+            Some(Err(_)) | None => return,
+        };
+        let mut batch = vec![first];
+        let mut ended = false;
+        while batch.len() < LOG_BATCH {
+            match inbound.next().now_or_never() {
+                Some(Some(Ok(c))) => batch.push(c),
+                Some(Some(Err(_))) | Some(None) => {
+                    ended = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        engine.touch(&agent_id);
+        let mut touched: Vec<(String, u32)> = Vec::new();
+        for c in batch {
+            let r = async {
+                let steps = engine.check_attempt(&agent_id, &c.attempt_id, c.epoch)?;
+                if c.step_index >= steps {
+                    return Err(CoordError::InvalidArgument(format!(
+                        "step_index {} out of range: the job has {steps} steps",
+                        c.step_index
+                    )));
+                }
+                engine
+                    .logs()
+                    .append(&c.attempt_id, c.step_index, c.offset, &c.data, c.eof)
+                    .await?;
+                Ok(())
+            }
+            .await;
+            if let Err(e) = r {
+                tracing::warn!(agent = %agent_id, attempt = %c.attempt_id, "log chunk rejected: {e}");
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+            if !touched
+                .iter()
+                .any(|(a, s)| *a == c.attempt_id && *s == c.step_index)
+            {
+                touched.push((c.attempt_id, c.step_index));
+            }
+        }
+        for (attempt_id, step_index) in touched {
+            let ack = match engine.logs().sync(&attempt_id, step_index).await {
+                Ok(s) => pb::LogAck {
+                    attempt_id,
+                    step_index,
+                    durable_offset: s.len,
+                    complete: s.complete,
+                },
+                Err(e) => {
+                    let _ = tx.send(Err(CoordError::from(e).into())).await;
+                    return;
+                }
+            };
+            if tx.send(Ok(ack)).await.is_err() {
+                return;
+            }
+        }
+        if ended {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_artifact_path;
+
+    #[test]
+    fn artifact_paths_stay_in_the_workspace() {
+        assert!(check_artifact_path("dist/app.txt").is_ok());
+        assert!(check_artifact_path("a").is_ok());
+        assert!(check_artifact_path("").is_err());
+        assert!(check_artifact_path("/etc/passwd").is_err());
+        assert!(check_artifact_path("a/../../x").is_err());
+        assert!(check_artifact_path("..").is_err());
+    }
+}

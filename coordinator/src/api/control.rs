@@ -1,0 +1,346 @@
+//! `drover.v1.ControlService`: pipelines, runs, logs, artifacts, agents, tokens.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::time::Duration;
+
+use drover_proto::v1 as pb;
+use drover_proto::v1::control_service_server::ControlService;
+use futures::{Stream, StreamExt};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::engine::model::Status as JobStatus;
+use crate::engine::Engine;
+use crate::error::{CoordError, CoordResult};
+
+/// Largest source context accepted by UploadContext.
+pub const MAX_CONTEXT_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+
+/// The ControlService implementation.
+#[derive(Debug, Clone)]
+pub struct ControlApi {
+    engine: Engine,
+}
+
+impl ControlApi {
+    /// Serve clients from `engine`.
+    pub fn new(engine: Engine) -> Self {
+        ControlApi { engine }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl ControlService for ControlApi {
+    async fn validate_pipeline(
+        &self,
+        req: Request<pb::ValidatePipelineRequest>,
+    ) -> Result<Response<pb::ValidatePipelineResponse>, Status> {
+        let errors = self
+            .engine
+            .validate(&req.into_inner().pipeline)
+            .into_iter()
+            .map(|e| pb::PipelineError {
+                line: e.line,
+                column: e.column,
+                message: e.message,
+            })
+            .collect();
+        Ok(Response::new(pb::ValidatePipelineResponse { errors }))
+    }
+
+    async fn upload_context(
+        &self,
+        req: Request<Streaming<pb::ContextChunk>>,
+    ) -> Result<Response<pb::ContextUploaded>, Status> {
+        let mut inbound = req.into_inner();
+        let store = self.engine.blobs().clone().with_max_size(MAX_CONTEXT_BYTES);
+        let mut w = store.writer().await.map_err(CoordError::from)?;
+        while let Some(chunk) = inbound.message().await? {
+            w.write(&chunk.data).await.map_err(CoordError::from)?;
+        }
+        let (digest, size) = w.finish(None).await.map_err(CoordError::from)?;
+        Ok(Response::new(pb::ContextUploaded { digest, size }))
+    }
+
+    async fn submit_run(
+        &self,
+        req: Request<pb::SubmitRunRequest>,
+    ) -> Result<Response<pb::SubmitRunResponse>, Status> {
+        let r = req.into_inner();
+        let run_id = self
+            .engine
+            .submit(&r.pipeline, &r.context_digest, &r.name)
+            .await?;
+        Ok(Response::new(pb::SubmitRunResponse { run_id }))
+    }
+
+    async fn get_run(&self, req: Request<pb::GetRunRequest>) -> Result<Response<pb::Run>, Status> {
+        Ok(Response::new(
+            self.engine.get_run(&req.into_inner().run_id).await?,
+        ))
+    }
+
+    async fn list_runs(
+        &self,
+        req: Request<pb::ListRunsRequest>,
+    ) -> Result<Response<pb::ListRunsResponse>, Status> {
+        let runs = self.engine.list_runs(req.into_inner().limit).await?;
+        Ok(Response::new(pb::ListRunsResponse { runs }))
+    }
+
+    type WatchRunStream = ReceiverStream<Result<pb::Run, Status>>;
+
+    async fn watch_run(
+        &self,
+        req: Request<pb::GetRunRequest>,
+    ) -> Result<Response<Self::WatchRunStream>, Status> {
+        let run_id = req.into_inner().run_id;
+        // Subscribe before the first snapshot so no change between the two is missed.
+        let changes = self.engine.subscribe();
+        let first = self.engine.get_run(&run_id).await?;
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(watch_run(self.engine.clone(), run_id, first, changes, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type FollowLogsStream = ReceiverStream<Result<pb::LogEvent, Status>>;
+
+    async fn follow_logs(
+        &self,
+        req: Request<pb::FollowLogsRequest>,
+    ) -> Result<Response<Self::FollowLogsStream>, Status> {
+        let r = req.into_inner();
+        let changes = self.engine.subscribe();
+        let view = self.engine.job_view(&r.run_id, &r.job).await?;
+        let steps: Vec<u32> = if r.step.is_empty() {
+            (0..view.steps.len() as u32).collect()
+        } else {
+            let i = view
+                .steps
+                .iter()
+                .position(|(n, _)| *n == r.step)
+                .ok_or_else(|| {
+                    CoordError::NotFound(format!(
+                        "job {:?} of run {} has no step {:?}",
+                        r.job, r.run_id, r.step
+                    ))
+                })?;
+            vec![i as u32]
+        };
+        let (tx, rx) = mpsc::channel(16);
+        let engine = self.engine.clone();
+        tokio::spawn(async move {
+            if let Err(e) = follow_logs(&engine, &r, &steps, changes, &tx).await {
+                let _ = tx.send(Err(e.into())).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn cancel_run(
+        &self,
+        req: Request<pb::CancelRunRequest>,
+    ) -> Result<Response<pb::CancelRunResponse>, Status> {
+        let canceled_jobs = self.engine.cancel_run(&req.into_inner().run_id).await?;
+        Ok(Response::new(pb::CancelRunResponse { canceled_jobs }))
+    }
+
+    async fn list_artifacts(
+        &self,
+        req: Request<pb::ListArtifactsRequest>,
+    ) -> Result<Response<pb::ListArtifactsResponse>, Status> {
+        let r = req.into_inner();
+        let artifacts = self
+            .engine
+            .list_artifacts(&r.run_id, &r.job)
+            .await?
+            .into_iter()
+            .map(|(job, a)| pb::Artifact {
+                job,
+                path: a.path,
+                digest: a.digest,
+                size: a.size,
+                mode: a.mode,
+            })
+            .collect();
+        Ok(Response::new(pb::ListArtifactsResponse { artifacts }))
+    }
+
+    type GetArtifactStream = BoxStream<pb::BlobChunk>;
+
+    async fn get_artifact(
+        &self,
+        req: Request<pb::GetArtifactRequest>,
+    ) -> Result<Response<Self::GetArtifactStream>, Status> {
+        let r = req.into_inner();
+        let a = self.engine.artifact(&r.run_id, &r.job, &r.path).await?;
+        let s = self
+            .engine
+            .blobs()
+            .read(&a.digest)
+            .await
+            .map_err(CoordError::from)?;
+        let s = s.map(|r| {
+            r.map(|b| pb::BlobChunk { data: b.to_vec() })
+                .map_err(|e| Status::from(CoordError::from(e)))
+        });
+        Ok(Response::new(Box::pin(s)))
+    }
+
+    async fn list_agents(
+        &self,
+        _req: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        Ok(Response::new(pb::ListAgentsResponse {
+            agents: self.engine.list_agents(),
+        }))
+    }
+
+    async fn create_token(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let r = req.into_inner();
+        let ttl = Duration::from_secs(if r.ttl_secs == 0 { 3600 } else { r.ttl_secs });
+        let labels: BTreeMap<String, String> = r.labels.into_iter().collect();
+        let (token, expires_ms) = self.engine.create_token(r.uses, ttl, labels).await?;
+        Ok(Response::new(pb::CreateTokenResponse { token, expires_ms }))
+    }
+}
+
+/// Wait for the next change of `run_id`. Returns false when the coordinator is closing.
+async fn next_change(
+    engine: &Engine,
+    changes: &mut broadcast::Receiver<String>,
+    run_id: &str,
+) -> bool {
+    let mut closing = engine.closing();
+    if *closing.borrow() {
+        return false;
+    }
+    loop {
+        tokio::select! {
+            r = changes.recv() => match r {
+                Ok(id) if id == run_id => return true,
+                Ok(_) => {}
+                // Missed notifications: re-read the state, it may have changed.
+                Err(broadcast::error::RecvError::Lagged(_)) => return true,
+                Err(broadcast::error::RecvError::Closed) => return false,
+            },
+            _ = closing.changed() => return false,
+        }
+    }
+}
+
+async fn watch_run(
+    engine: Engine,
+    run_id: String,
+    first: pb::Run,
+    mut changes: broadcast::Receiver<String>,
+    tx: mpsc::Sender<Result<pb::Run, Status>>,
+) {
+    let done = |r: &pb::Run| r.state != pb::RunState::Running as i32;
+    let mut last = first.clone();
+    if tx.send(Ok(first)).await.is_err() || done(&last) {
+        return;
+    }
+    while next_change(&engine, &mut changes, &run_id).await {
+        let run = match engine.get_run(&run_id).await {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+        };
+        if run == last {
+            continue;
+        }
+        last = run.clone();
+        if tx.send(Ok(run)).await.is_err() || done(&last) {
+            return;
+        }
+    }
+}
+
+/// Stream the logs of `steps` of a job in order. A step not started yet is waited for (with follow) until
+/// the job ends; if the job moves to a new attempt meanwhile, the new attempt's logs follow from its first
+/// step.
+async fn follow_logs(
+    engine: &Engine,
+    r: &pb::FollowLogsRequest,
+    steps: &[u32],
+    mut changes: broadcast::Receiver<String>,
+    tx: &mpsc::Sender<Result<pb::LogEvent, Status>>,
+) -> CoordResult<()> {
+    let mut pos = 0;
+    let mut offset = r.offset;
+    let mut attempt: Option<String> = None;
+    let mut closing = engine.closing();
+    while pos < steps.len() {
+        let step = steps[pos];
+        // Wait until this step of the current attempt has output or has started, or the job is over.
+        let (att, name) = loop {
+            let view = engine.job_view(&r.run_id, &r.job).await?;
+            let name = view
+                .steps
+                .get(step as usize)
+                .map(|(n, _)| n.clone())
+                .unwrap_or_default();
+            if let Some(att) = &view.attempt_id {
+                let started = view
+                    .steps
+                    .get(step as usize)
+                    .is_some_and(|(_, s)| *s != JobStatus::Queued);
+                let has_log = engine
+                    .logs()
+                    .status(att, step)
+                    .await
+                    .map(|s| s.len > 0 || s.complete)?;
+                if started || has_log {
+                    break (att.clone(), name);
+                }
+            }
+            if !r.follow || view.state.is_terminal() {
+                return Ok(());
+            }
+            if !next_change(engine, &mut changes, &r.run_id).await {
+                return Ok(());
+            }
+        };
+        if attempt.as_ref().is_some_and(|a| *a != att) && pos > 0 {
+            // A retry: show the new attempt from its first step.
+            pos = 0;
+            offset = 0;
+            attempt = Some(att);
+            continue;
+        }
+        attempt = Some(att.clone());
+        let mut pieces = std::pin::pin!(engine.logs().read(&att, step, offset, r.follow));
+        loop {
+            let piece = tokio::select! {
+                p = pieces.next() => p,
+                _ = closing.changed() => return Ok(()),
+            };
+            let Some(piece) = piece else { break };
+            let p = piece?;
+            let ev = pb::LogEvent {
+                job: r.job.clone(),
+                step: name.clone(),
+                step_index: step,
+                offset: p.offset,
+                data: p.data.to_vec(),
+                eof: p.eof,
+            };
+            if tx.send(Ok(ev)).await.is_err() {
+                return Ok(());
+            }
+        }
+        offset = 0;
+        pos += 1;
+    }
+    Ok(())
+}

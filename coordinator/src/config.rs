@@ -1,0 +1,318 @@
+//! Typed configuration: an optional TOML file, overridden by flags and `DROVER_*` environment variables.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// Why the configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for this struct.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What toml said.
+        message: String,
+    },
+    /// A field had a bad value.
+    #[error("invalid {field}: {message}")]
+    Value {
+        /// Which setting.
+        field: &'static str,
+        /// What was wrong and what was expected.
+        message: String,
+    },
+}
+
+/// Log output format of the binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Command line of `drover-coordinator`; every flag also reads a `DROVER_*` variable.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "drover-coordinator",
+    version,
+    about = "Drover coordinator: schedules pipeline jobs onto agents"
+)]
+pub struct Cli {
+    /// TOML file with any of the settings below (flags and env win).
+    #[arg(long, env = "DROVER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address [default: 127.0.0.1:7330].
+    #[arg(long, env = "DROVER_LISTEN")]
+    pub listen: Option<String>,
+    /// Directory for the database, logs and blobs [default: ./drover-data].
+    #[arg(long, env = "DROVER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// How often agents send heartbeats, e.g. "2s" [default: 2s].
+    #[arg(long, env = "DROVER_HEARTBEAT_INTERVAL")]
+    pub heartbeat_interval: Option<String>,
+    /// How long an agent may be silent before its attempts are lost [default: 10s].
+    #[arg(long, env = "DROVER_LEASE_TTL")]
+    pub lease_ttl: Option<String>,
+    /// Infrastructure retries per job [default: 2].
+    #[arg(long, env = "DROVER_MAX_RETRIES")]
+    pub max_retries: Option<u32>,
+    /// Grace between SIGTERM and SIGKILL when canceling [default: 10s].
+    #[arg(long, env = "DROVER_CANCEL_GRACE")]
+    pub cancel_grace: Option<String>,
+    /// Log format.
+    #[arg(long, env = "DROVER_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The TOML file: the same settings as the flags, all optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    /// Listen address.
+    pub listen: Option<String>,
+    /// Data directory.
+    pub data_dir: Option<PathBuf>,
+    /// Heartbeat interval ("2s").
+    pub heartbeat_interval: Option<String>,
+    /// Lease TTL ("10s").
+    pub lease_ttl: Option<String>,
+    /// Infrastructure retries per job.
+    pub max_retries: Option<u32>,
+    /// Cancel grace ("10s").
+    pub cancel_grace: Option<String>,
+    /// Log format.
+    pub log_format: Option<LogFormat>,
+}
+
+/// The resolved settings the coordinator runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Data directory (database, logs, blobs).
+    pub data_dir: PathBuf,
+    /// Heartbeat interval told to agents.
+    pub heartbeat_interval: Duration,
+    /// Silence after which an agent's attempts are lost.
+    pub lease_ttl: Duration,
+    /// Infrastructure retries per job.
+    pub max_retries: u32,
+    /// Grace between SIGTERM and SIGKILL on cancel.
+    pub cancel_grace: Duration,
+    /// Log format of the binary.
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7330)),
+            data_dir: PathBuf::from("./drover-data"),
+            heartbeat_interval: Duration::from_secs(2),
+            lease_ttl: Duration::from_secs(10),
+            max_retries: 2,
+            cancel_grace: Duration::from_secs(10),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+impl Config {
+    /// Defaults with the given data directory: handy for tests.
+    pub fn with_data_dir(dir: impl Into<PathBuf>) -> Self {
+        Config {
+            data_dir: dir.into(),
+            ..Config::default()
+        }
+    }
+
+    /// Build the configuration from parsed flags, reading `--config` if given. Flags/env win over the file.
+    pub fn from_cli(cli: &Cli) -> Result<Self, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let d = Config::default();
+        let listen = match cli.listen.as_ref().or(file.listen.as_ref()) {
+            Some(s) => s.parse().map_err(|e| ConfigError::Value {
+                field: "listen",
+                message: format!("{s:?}: {e}; expected HOST:PORT like 127.0.0.1:7330"),
+            })?,
+            None => d.listen,
+        };
+        let dur = |field: &'static str,
+                   flag: &Option<String>,
+                   file: &Option<String>,
+                   default: Duration| {
+            match flag.as_ref().or(file.as_ref()) {
+                Some(s) => {
+                    parse_duration(s).map_err(|message| ConfigError::Value { field, message })
+                }
+                None => Ok(default),
+            }
+        };
+        let config = Config {
+            listen,
+            data_dir: cli.data_dir.clone().or(file.data_dir).unwrap_or(d.data_dir),
+            heartbeat_interval: dur(
+                "heartbeat-interval",
+                &cli.heartbeat_interval,
+                &file.heartbeat_interval,
+                d.heartbeat_interval,
+            )?,
+            lease_ttl: dur("lease-ttl", &cli.lease_ttl, &file.lease_ttl, d.lease_ttl)?,
+            max_retries: cli
+                .max_retries
+                .or(file.max_retries)
+                .unwrap_or(d.max_retries),
+            cancel_grace: dur(
+                "cancel-grace",
+                &cli.cancel_grace,
+                &file.cancel_grace,
+                d.cancel_grace,
+            )?,
+            log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.heartbeat_interval.is_zero() {
+            return Err(ConfigError::Value {
+                field: "heartbeat-interval",
+                message: "must be > 0".into(),
+            });
+        }
+        if self.lease_ttl <= self.heartbeat_interval {
+            return Err(ConfigError::Value {
+                field: "lease-ttl",
+                message: format!(
+                    "{:?} must be longer than the heartbeat interval {:?}",
+                    self.lease_ttl, self.heartbeat_interval
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Parse "500ms", "2s", "1m", "1h", "1m30s" (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err("empty duration; expected e.g. 2s, 500ms, 1m".into());
+    }
+    if let Ok(secs) = t.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = t;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!("bad duration {s:?}; expected e.g. 2s, 500ms, 1m"));
+        }
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("number too large in duration {s:?}"))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let part = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            _ => {
+                return Err(format!(
+                    "bad unit {unit:?} in duration {s:?}; expected ms, s, m or h"
+                ))
+            }
+        };
+        total = total.saturating_add(part);
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("2x").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9000\"\nlease-ttl = \"30s\"\nmax-retries = 5\n",
+        )
+        .unwrap();
+        let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap(), "--lease-ttl", "3s"]);
+        let c = Config::from_cli(&cli).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.lease_ttl, Duration::from_secs(3));
+        assert_eq!(c.max_retries, 5);
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cli = Cli::parse_from(["x", "--lease-ttl", "soon"]);
+        let e = Config::from_cli(&cli).unwrap_err().to_string();
+        assert!(e.contains("lease-ttl"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "lisen = \"x\"\n").unwrap();
+        let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap()]);
+        assert!(Config::from_cli(&cli)
+            .unwrap_err()
+            .to_string()
+            .contains("lisen"));
+    }
+}

@@ -1,0 +1,169 @@
+//! The scheduler: a pure function from queued jobs and agents to assignments.
+//!
+//! No I/O and no clock: the engine hands it a snapshot and applies what it returns, so every decision is a
+//! function of its input and is tested without sockets.
+
+use std::collections::BTreeMap;
+
+/// A job ready to run, in submission order (oldest first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedJob<K> {
+    /// The caller's key for the job.
+    pub key: K,
+    /// Labels an agent must carry, each with this exact value.
+    pub selector: BTreeMap<String, String>,
+}
+
+/// An agent as the scheduler sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentSlots {
+    /// Agent id.
+    pub id: String,
+    /// The agent's labels.
+    pub labels: BTreeMap<String, String>,
+    /// How many more jobs it can take now.
+    pub free: u32,
+    /// False when the agent is draining, paused or not attached.
+    pub accepting: bool,
+}
+
+/// One decision: run `job` on `agent`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement<K> {
+    /// The job's key.
+    pub job: K,
+    /// The agent id.
+    pub agent: String,
+}
+
+/// True when `labels` has every selector label with an equal value.
+pub fn matches(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Place queued jobs onto agents, first come first served.
+///
+/// Jobs are taken oldest first; each goes to a matching accepting agent with a free slot (the one with the
+/// most free slots, then the smallest id, which spreads load deterministically). A job that no agent can
+/// take now is passed over, so it never blocks later jobs that other agents can run.
+pub fn schedule<K: Clone>(jobs: &[QueuedJob<K>], agents: &[AgentSlots]) -> Vec<Placement<K>> {
+    let mut free: Vec<u32> = agents
+        .iter()
+        .map(|a| if a.accepting { a.free } else { 0 })
+        .collect();
+    let mut out = Vec::new();
+    for job in jobs {
+        if free.iter().all(|f| *f == 0) {
+            break;
+        }
+        let best = agents
+            .iter()
+            .enumerate()
+            .filter(|(i, a)| free[*i] > 0 && matches(&job.selector, &a.labels))
+            .max_by(|(i, a), (j, b)| free[*i].cmp(&free[*j]).then_with(|| b.id.cmp(&a.id)));
+        if let Some((i, a)) = best {
+            free[i] -= 1;
+            out.push(Placement {
+                job: job.key.clone(),
+                agent: a.id.clone(),
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn job(key: u32, sel: &[(&str, &str)]) -> QueuedJob<u32> {
+        QueuedJob {
+            key,
+            selector: labels(sel),
+        }
+    }
+
+    fn agent(id: &str, l: &[(&str, &str)], free: u32) -> AgentSlots {
+        AgentSlots {
+            id: id.into(),
+            labels: labels(l),
+            free,
+            accepting: true,
+        }
+    }
+
+    fn placed(p: &[Placement<u32>]) -> Vec<(u32, &str)> {
+        p.iter().map(|p| (p.job, p.agent.as_str())).collect()
+    }
+
+    #[test]
+    fn selector_needs_every_label_with_equal_value() {
+        assert!(matches(&labels(&[]), &labels(&[("os", "linux")])));
+        assert!(matches(
+            &labels(&[("os", "linux")]),
+            &labels(&[("os", "linux"), ("arch", "amd64")])
+        ));
+        assert!(!matches(
+            &labels(&[("os", "linux")]),
+            &labels(&[("os", "mac")])
+        ));
+        assert!(!matches(
+            &labels(&[("os", "linux"), ("gpu", "1")]),
+            &labels(&[("os", "linux")])
+        ));
+    }
+
+    #[test]
+    fn oldest_job_first_and_capacity_respected() {
+        let jobs = [job(1, &[]), job(2, &[]), job(3, &[])];
+        let agents = [agent("a", &[], 2)];
+        assert_eq!(placed(&schedule(&jobs, &agents)), vec![(1, "a"), (2, "a")]);
+    }
+
+    #[test]
+    fn unmatched_job_does_not_block_later_jobs() {
+        let jobs = [job(1, &[("queue", "gpu")]), job(2, &[("os", "linux")])];
+        let agents = [agent("a", &[("os", "linux")], 1)];
+        assert_eq!(placed(&schedule(&jobs, &agents)), vec![(2, "a")]);
+    }
+
+    #[test]
+    fn agents_not_accepting_or_full_get_nothing() {
+        let jobs = [job(1, &[]), job(2, &[])];
+        let mut paused = agent("a", &[], 3);
+        paused.accepting = false;
+        let agents = [paused, agent("b", &[], 0)];
+        assert!(schedule(&jobs, &agents).is_empty());
+    }
+
+    #[test]
+    fn spreads_over_agents_by_free_slots() {
+        let jobs = [job(1, &[]), job(2, &[]), job(3, &[])];
+        let agents = [agent("a", &[], 1), agent("b", &[], 2)];
+        assert_eq!(
+            placed(&schedule(&jobs, &agents)),
+            vec![(1, "b"), (2, "a"), (3, "b")]
+        );
+    }
+
+    #[test]
+    fn each_agent_takes_oldest_job_it_matches() {
+        let jobs = [
+            job(1, &[("os", "mac")]),
+            job(2, &[("os", "linux")]),
+            job(3, &[("os", "mac")]),
+        ];
+        let agents = [
+            agent("l", &[("os", "linux")], 5),
+            agent("m", &[("os", "mac")], 1),
+        ];
+        assert_eq!(placed(&schedule(&jobs, &agents)), vec![(1, "m"), (2, "l")]);
+    }
+}

@@ -1,0 +1,664 @@
+//! The durable store: SQLite (WAL, `synchronous=FULL`). All SQL of the coordinator lives here.
+//!
+//! Every call runs on a blocking thread (`spawn_blocking`) against one connection, so the async runtime
+//! never waits on an fsync; a call returns only after its transaction committed.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
+
+use crate::engine::model::{
+    AgentRec, ArtifactRec, AttemptRec, JobRec, RunRec, RunStatus, Status, StepRec, TokenRec,
+};
+
+const SCHEMA: &str = include_str!("schema.sql");
+const SCHEMA_VERSION: i64 = 1;
+
+/// Failures of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored value could not be decoded (the database was edited or is from another version).
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    /// The database was written by a newer coordinator.
+    #[error("database schema version {found} is newer than this coordinator's {supported}")]
+    Version {
+        /// Version in the file.
+        found: i64,
+        /// Version this build knows.
+        supported: i64,
+    },
+    /// The blocking task died.
+    #[error("store task failed: {0}")]
+    Task(String),
+}
+
+/// One change to write; a batch of them commits in one transaction.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// Insert or replace a run with all its jobs, steps and artifacts.
+    Run(RunRec),
+    /// Insert or replace an attempt.
+    Attempt(AttemptRec),
+    /// Insert or replace an agent.
+    Agent(AgentRec),
+}
+
+/// What the engine loads at start: everything not finished.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// Runs still running.
+    pub runs: Vec<RunRec>,
+    /// Attempts still running.
+    pub attempts: Vec<AttemptRec>,
+    /// Every enrolled agent.
+    pub agents: Vec<AgentRec>,
+    /// Largest run sequence number so far.
+    pub max_seq: i64,
+}
+
+/// Why an enrollment was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnrollRefusal {
+    /// No such token.
+    Unknown,
+    /// Past its expiry.
+    Expired,
+    /// No uses left.
+    UsedUp,
+    /// The agent lacks labels the token requires.
+    MissingLabels(Vec<String>),
+}
+
+/// The SQLite store. Clone is cheap (shared connection).
+#[derive(Debug, Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn lock(m: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    // A panic while holding the lock can only come from a bug in this module; the connection itself is
+    // still usable (SQLite rolls back an unfinished transaction), so recover the guard.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Store {
+    /// Open (or create) the database at `path` and apply the schema.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    /// An in-memory database, for tests.
+    pub fn open_in_memory() -> Result<Store, StoreError> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(conn: Connection) -> Result<Store, StoreError> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Version {
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || f(&mut lock(&conn)))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Commit a batch of writes in one transaction.
+    pub async fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            for w in &writes {
+                match w {
+                    Write::Run(r) => write_run(&tx, r)?,
+                    Write::Attempt(a) => write_attempt(&tx, a)?,
+                    Write::Agent(a) => write_agent(&tx, a)?,
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Everything the engine keeps in memory: unfinished runs, running attempts, all agents.
+    pub async fn load(&self) -> Result<Loaded, StoreError> {
+        self.call(|c| {
+            let max_seq: i64 = c.query_row("SELECT COALESCE(MAX(seq), 0) FROM runs", [], |r| r.get(0))?;
+            let ids: Vec<String> = {
+                let mut st = c.prepare("SELECT id FROM runs WHERE state = 'running' ORDER BY seq")?;
+                let rows = st.query_map([], |r| r.get(0))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            let mut runs = Vec::new();
+            for id in ids {
+                if let Some(r) = read_run(c, &id)? {
+                    runs.push(r);
+                }
+            }
+            let attempts = {
+                let mut st = c.prepare(
+                    "SELECT id, run_id, job, agent_id, epoch, state, created_ms, finished_ms
+                     FROM attempts WHERE state = 'running'",
+                )?;
+                let rows = st.query_map([], |r| Ok(attempt_row(r)))?;
+                let mut out = Vec::new();
+                for row in rows {
+                    out.push(row??);
+                }
+                out
+            };
+            let agents = {
+                let mut st = c.prepare(
+                    "SELECT id, hostname, labels, required_labels, capacity, credential_hash, revoked,
+                            created_ms, last_seen_ms FROM agents ORDER BY id",
+                )?;
+                let rows = st.query_map([], |r| Ok(agent_row(r)))?;
+                let mut out = Vec::new();
+                for row in rows {
+                    out.push(row??);
+                }
+                out
+            };
+            Ok(Loaded { runs, attempts, agents, max_seq })
+        })
+        .await
+    }
+
+    /// One run, finished or not.
+    pub async fn get_run(&self, id: &str) -> Result<Option<RunRec>, StoreError> {
+        let id = id.to_string();
+        self.call(move |c| read_run(c, &id)).await
+    }
+
+    /// The newest `limit` runs, newest first.
+    pub async fn list_runs(&self, limit: u32) -> Result<Vec<RunRec>, StoreError> {
+        self.call(move |c| {
+            let ids: Vec<String> = {
+                let mut st = c.prepare("SELECT id FROM runs ORDER BY seq DESC LIMIT ?1")?;
+                let rows = st.query_map([limit], |r| r.get(0))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            let mut out = Vec::new();
+            for id in ids {
+                if let Some(r) = read_run(c, &id)? {
+                    out.push(r);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Store a new enrollment token.
+    pub async fn create_token(&self, t: TokenRec) -> Result<(), StoreError> {
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO tokens (hash, uses_left, expires_ms, labels) VALUES (?1, ?2, ?3, ?4)",
+                params![t.hash, t.uses_left, t.expires_ms, labels_json(&t.labels)],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Spend one use of the token hashed `token_hash` and create `agent`, in one transaction.
+    /// The agent's `required_labels` are set to the token's labels.
+    pub async fn enroll(
+        &self,
+        token_hash: String,
+        now_ms: i64,
+        mut agent: AgentRec,
+    ) -> Result<Result<AgentRec, EnrollRefusal>, StoreError> {
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            let row: Option<(u32, i64, String)> = tx
+                .query_row(
+                    "SELECT uses_left, expires_ms, labels FROM tokens WHERE hash = ?1",
+                    [&token_hash],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            let Some((uses_left, expires_ms, labels)) = row else {
+                return Ok(Err(EnrollRefusal::Unknown));
+            };
+            if expires_ms <= now_ms {
+                return Ok(Err(EnrollRefusal::Expired));
+            }
+            if uses_left == 0 {
+                return Ok(Err(EnrollRefusal::UsedUp));
+            }
+            let required = parse_labels(&labels)?;
+            let missing: Vec<String> = required
+                .iter()
+                .filter(|(k, v)| agent.labels.get(*k) != Some(*v))
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            if !missing.is_empty() {
+                return Ok(Err(EnrollRefusal::MissingLabels(missing)));
+            }
+            tx.execute(
+                "UPDATE tokens SET uses_left = uses_left - 1 WHERE hash = ?1",
+                [&token_hash],
+            )?;
+            agent.required_labels = required;
+            write_agent(&tx, &agent)?;
+            tx.commit()?;
+            Ok(Ok(agent))
+        })
+        .await
+    }
+}
+
+fn labels_json(l: &BTreeMap<String, String>) -> String {
+    serde_json::to_string(l).unwrap_or_else(|_| "{}".into())
+}
+
+fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, StoreError> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("labels {s:?}: {e}")))
+}
+
+fn status(s: &str) -> Result<Status, StoreError> {
+    Status::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown state {s:?}")))
+}
+
+fn write_run(tx: &Transaction<'_>, r: &RunRec) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO runs (seq, id, name, state, cancel_requested, created_ms, finished_ms, context_digest, pipeline)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT(id) DO UPDATE SET state = excluded.state, cancel_requested = excluded.cancel_requested,
+             finished_ms = excluded.finished_ms",
+        params![
+            r.seq,
+            r.id,
+            r.name,
+            r.state.as_str(),
+            r.cancel_requested,
+            r.created_ms,
+            r.finished_ms,
+            r.context_digest,
+            r.pipeline
+        ],
+    )?;
+    // The artifacts of a run are rewritten whole: a retried job replaces its previous attempt's files.
+    tx.execute("DELETE FROM artifacts WHERE run_id = ?1", [&r.id])?;
+    for j in &r.jobs {
+        let spec =
+            serde_json::to_string(&j.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        tx.execute(
+            "INSERT OR REPLACE INTO jobs (run_id, name, idx, spec, state, failure, reason, exit_code, attempts,
+                 attempt_id, epoch, agent_id, started_ms, finished_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            params![
+                r.id,
+                j.name,
+                j.idx,
+                spec,
+                j.state.as_str(),
+                j.failure,
+                j.reason,
+                j.exit_code,
+                j.attempts,
+                j.attempt_id,
+                j.epoch as i64,
+                j.agent_id,
+                j.started_ms,
+                j.finished_ms
+            ],
+        )?;
+        for (i, s) in j.steps.iter().enumerate() {
+            tx.execute(
+                "INSERT OR REPLACE INTO steps (run_id, job, idx, state, exit_code) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![r.id, j.name, i as u32, s.state.as_str(), s.exit_code],
+            )?;
+        }
+        for a in &j.artifacts {
+            tx.execute(
+                "INSERT OR REPLACE INTO artifacts (run_id, job, path, digest, size, mode, attempt_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![r.id, j.name, a.path, a.digest, a.size as i64, a.mode, a.attempt_id],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn write_attempt(tx: &Transaction<'_>, a: &AttemptRec) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT OR REPLACE INTO attempts (id, run_id, job, agent_id, epoch, state, created_ms, finished_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![a.id, a.run_id, a.job, a.agent_id, a.epoch as i64, a.state.as_str(), a.created_ms, a.finished_ms],
+    )?;
+    Ok(())
+}
+
+fn write_agent(tx: &Transaction<'_>, a: &AgentRec) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT OR REPLACE INTO agents (id, hostname, labels, required_labels, capacity, credential_hash, revoked,
+             created_ms, last_seen_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            a.id,
+            a.hostname,
+            labels_json(&a.labels),
+            labels_json(&a.required_labels),
+            a.capacity,
+            a.credential_hash,
+            a.revoked,
+            a.created_ms,
+            a.last_seen_ms
+        ],
+    )?;
+    Ok(())
+}
+
+fn attempt_row(r: &Row<'_>) -> Result<AttemptRec, StoreError> {
+    let epoch: i64 = r.get(4)?;
+    let state: String = r.get(5)?;
+    Ok(AttemptRec {
+        id: r.get(0)?,
+        run_id: r.get(1)?,
+        job: r.get(2)?,
+        agent_id: r.get(3)?,
+        epoch: epoch as u64,
+        state: status(&state)?,
+        created_ms: r.get(6)?,
+        finished_ms: r.get(7)?,
+    })
+}
+
+fn agent_row(r: &Row<'_>) -> Result<AgentRec, StoreError> {
+    let labels: String = r.get(2)?;
+    let required: String = r.get(3)?;
+    Ok(AgentRec {
+        id: r.get(0)?,
+        hostname: r.get(1)?,
+        labels: parse_labels(&labels)?,
+        required_labels: parse_labels(&required)?,
+        capacity: r.get(4)?,
+        credential_hash: r.get(5)?,
+        revoked: r.get(6)?,
+        created_ms: r.get(7)?,
+        last_seen_ms: r.get(8)?,
+    })
+}
+
+fn read_run(c: &Connection, id: &str) -> Result<Option<RunRec>, StoreError> {
+    let row = c
+        .query_row(
+            "SELECT seq, id, name, state, cancel_requested, created_ms, finished_ms, context_digest, pipeline
+             FROM runs WHERE id = ?1",
+            [id],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, bool>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, Option<i64>>(6)?,
+                    r.get::<_, String>(7)?,
+                    r.get::<_, String>(8)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((
+        seq,
+        id,
+        name,
+        state,
+        cancel_requested,
+        created_ms,
+        finished_ms,
+        context_digest,
+        pipeline,
+    )) = row
+    else {
+        return Ok(None);
+    };
+    let state = RunStatus::parse(&state)
+        .ok_or_else(|| StoreError::Corrupt(format!("run state {state:?}")))?;
+    let mut jobs = Vec::new();
+    {
+        let mut st = c.prepare(
+            "SELECT name, idx, spec, state, failure, reason, exit_code, attempts, attempt_id, epoch, agent_id,
+                    started_ms, finished_ms FROM jobs WHERE run_id = ?1 ORDER BY idx",
+        )?;
+        let mut rows = st.query([&id])?;
+        while let Some(r) = rows.next()? {
+            let spec: String = r.get(2)?;
+            let state: String = r.get(3)?;
+            let epoch: i64 = r.get(9)?;
+            jobs.push(JobRec {
+                name: r.get(0)?,
+                idx: r.get(1)?,
+                spec: serde_json::from_str(&spec)
+                    .map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))?,
+                state: status(&state)?,
+                failure: r.get(4)?,
+                reason: r.get(5)?,
+                exit_code: r.get(6)?,
+                attempts: r.get(7)?,
+                attempt_id: r.get(8)?,
+                epoch: epoch as u64,
+                agent_id: r.get(10)?,
+                started_ms: r.get(11)?,
+                finished_ms: r.get(12)?,
+                steps: Vec::new(),
+                artifacts: Vec::new(),
+            });
+        }
+    }
+    for j in &mut jobs {
+        let mut st = c.prepare(
+            "SELECT state, exit_code FROM steps WHERE run_id = ?1 AND job = ?2 ORDER BY idx",
+        )?;
+        let mut rows = st.query(params![id, j.name])?;
+        while let Some(r) = rows.next()? {
+            let state: String = r.get(0)?;
+            j.steps.push(StepRec {
+                state: status(&state)?,
+                exit_code: r.get(1)?,
+            });
+        }
+        // Keep the step list the length of the spec even if rows are missing (written before any attempt).
+        j.steps.resize(
+            j.spec.steps.len(),
+            StepRec {
+                state: Status::Queued,
+                exit_code: 0,
+            },
+        );
+        let mut st = c.prepare(
+            "SELECT path, digest, size, mode, attempt_id FROM artifacts WHERE run_id = ?1 AND job = ?2 ORDER BY path",
+        )?;
+        let mut rows = st.query(params![id, j.name])?;
+        while let Some(r) = rows.next()? {
+            let size: i64 = r.get(2)?;
+            j.artifacts.push(ArtifactRec {
+                path: r.get(0)?,
+                digest: r.get(1)?,
+                size: size as u64,
+                mode: r.get(3)?,
+                attempt_id: r.get(4)?,
+            });
+        }
+    }
+    Ok(Some(RunRec {
+        seq,
+        id,
+        name,
+        state,
+        cancel_requested,
+        created_ms,
+        finished_ms,
+        context_digest,
+        pipeline,
+        jobs,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::{JobSpec, PullPolicy, StepSpec};
+
+    fn run() -> RunRec {
+        let spec = JobSpec {
+            name: "build".into(),
+            needs: vec![],
+            agents: BTreeMap::new(),
+            env: BTreeMap::new(),
+            steps: vec![StepSpec {
+                name: "s".into(),
+                image: "img".into(),
+                commands: vec!["true".into()],
+                env: BTreeMap::new(),
+                workdir: None,
+                timeout_secs: None,
+                pull: PullPolicy::IfNotPresent,
+            }],
+            artifacts: vec![],
+            timeout_secs: None,
+        };
+        RunRec {
+            seq: 1,
+            id: "r1".into(),
+            name: "n".into(),
+            state: RunStatus::Running,
+            cancel_requested: false,
+            created_ms: 5,
+            finished_ms: None,
+            context_digest: String::new(),
+            pipeline: "jobs: {}".into(),
+            jobs: vec![JobRec {
+                name: "build".into(),
+                idx: 0,
+                spec,
+                state: Status::Queued,
+                failure: 0,
+                reason: String::new(),
+                exit_code: 0,
+                attempts: 0,
+                attempt_id: None,
+                epoch: 0,
+                agent_id: None,
+                started_ms: None,
+                finished_ms: None,
+                steps: vec![StepRec {
+                    state: Status::Queued,
+                    exit_code: 0,
+                }],
+                artifacts: vec![],
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn run_round_trip_and_reload_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let store = Store::open(&path).unwrap();
+        let mut r = run();
+        store.commit(vec![Write::Run(r.clone())]).await.unwrap();
+        r.jobs[0].artifacts.push(ArtifactRec {
+            path: "a.txt".into(),
+            digest: "d".repeat(64),
+            size: 3,
+            mode: 0o644,
+            attempt_id: "at".into(),
+        });
+        r.jobs[0].state = Status::Running;
+        store.commit(vec![Write::Run(r.clone())]).await.unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.get_run("r1").await.unwrap().unwrap(), r);
+        let loaded = store.load().await.unwrap();
+        assert_eq!(loaded.runs, vec![r]);
+        assert_eq!(loaded.max_seq, 1);
+        assert!(store.get_run("nope").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn enroll_spends_token_and_checks_labels() {
+        let store = Store::open_in_memory().unwrap();
+        let mut labels = BTreeMap::new();
+        labels.insert("os".to_string(), "linux".to_string());
+        store
+            .create_token(TokenRec {
+                hash: "h".into(),
+                uses_left: 1,
+                expires_ms: 1000,
+                labels: labels.clone(),
+            })
+            .await
+            .unwrap();
+        let agent = AgentRec {
+            id: "a1".into(),
+            hostname: "h".into(),
+            labels: BTreeMap::new(),
+            required_labels: BTreeMap::new(),
+            capacity: 1,
+            credential_hash: "c".into(),
+            revoked: false,
+            created_ms: 0,
+            last_seen_ms: 0,
+        };
+        let r = store.enroll("h".into(), 10, agent.clone()).await.unwrap();
+        assert_eq!(
+            r,
+            Err(EnrollRefusal::MissingLabels(vec!["os=linux".into()]))
+        );
+        assert_eq!(
+            store.enroll("x".into(), 10, agent.clone()).await.unwrap(),
+            Err(EnrollRefusal::Unknown)
+        );
+        assert_eq!(
+            store.enroll("h".into(), 2000, agent.clone()).await.unwrap(),
+            Err(EnrollRefusal::Expired)
+        );
+        let mut ok = agent.clone();
+        ok.labels = labels.clone();
+        let got = store
+            .enroll("h".into(), 10, ok.clone())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.required_labels, labels);
+        ok.id = "a2".into();
+        assert_eq!(
+            store.enroll("h".into(), 10, ok).await.unwrap(),
+            Err(EnrollRefusal::UsedUp)
+        );
+        assert_eq!(store.load().await.unwrap().agents, vec![got]);
+    }
+}

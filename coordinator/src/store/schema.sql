@@ -1,0 +1,83 @@
+-- Drover coordinator schema, version 1. Applied at open; `PRAGMA user_version` records the version.
+CREATE TABLE IF NOT EXISTS runs (
+    seq              INTEGER PRIMARY KEY,
+    id               TEXT NOT NULL UNIQUE,
+    name             TEXT NOT NULL,
+    state            TEXT NOT NULL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    created_ms       INTEGER NOT NULL,
+    finished_ms      INTEGER,
+    context_digest   TEXT NOT NULL DEFAULT '',
+    pipeline         TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_state ON runs(state);
+
+CREATE TABLE IF NOT EXISTS jobs (
+    run_id      TEXT NOT NULL REFERENCES runs(id),
+    name        TEXT NOT NULL,
+    idx         INTEGER NOT NULL,
+    spec        TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    failure     INTEGER NOT NULL DEFAULT 0,
+    reason      TEXT NOT NULL DEFAULT '',
+    exit_code   INTEGER NOT NULL DEFAULT 0,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    attempt_id  TEXT,
+    epoch       INTEGER NOT NULL DEFAULT 0,
+    agent_id    TEXT,
+    started_ms  INTEGER,
+    finished_ms INTEGER,
+    PRIMARY KEY (run_id, name)
+);
+
+CREATE TABLE IF NOT EXISTS steps (
+    run_id    TEXT NOT NULL,
+    job       TEXT NOT NULL,
+    idx       INTEGER NOT NULL,
+    state     TEXT NOT NULL,
+    exit_code INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (run_id, job, idx)
+);
+
+CREATE TABLE IF NOT EXISTS attempts (
+    id          TEXT PRIMARY KEY,
+    run_id      TEXT NOT NULL,
+    job         TEXT NOT NULL,
+    agent_id    TEXT NOT NULL,
+    epoch       INTEGER NOT NULL,
+    state       TEXT NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    finished_ms INTEGER,
+    UNIQUE (run_id, job, epoch)
+);
+CREATE INDEX IF NOT EXISTS attempts_state ON attempts(state);
+
+CREATE TABLE IF NOT EXISTS agents (
+    id              TEXT PRIMARY KEY,
+    hostname        TEXT NOT NULL,
+    labels          TEXT NOT NULL,
+    required_labels TEXT NOT NULL,
+    capacity        INTEGER NOT NULL,
+    credential_hash TEXT NOT NULL,
+    revoked         INTEGER NOT NULL DEFAULT 0,
+    created_ms      INTEGER NOT NULL,
+    last_seen_ms    INTEGER NOT NULL DEFAULT 0
+);
+
+CREATE TABLE IF NOT EXISTS tokens (
+    hash       TEXT PRIMARY KEY,
+    uses_left  INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    labels     TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS artifacts (
+    run_id     TEXT NOT NULL,
+    job        TEXT NOT NULL,
+    path       TEXT NOT NULL,
+    digest     TEXT NOT NULL,
+    size       INTEGER NOT NULL,
+    mode       INTEGER NOT NULL,
+    attempt_id TEXT NOT NULL,
+    PRIMARY KEY (run_id, job, path)
+);
