@@ -1,0 +1,338 @@
+//! The gRPC channel to the coordinator, the credential interceptor and the calls that are not
+//! part of the session (enroll, blobs, artifacts, the log transport).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use drover_proto::v1::agent_service_client::AgentServiceClient;
+use drover_proto::v1::{
+    artifact_chunk, ArtifactChunk, ArtifactHeader, ArtifactUploaded, BlobRequest, EnrollRequest,
+    EnrollResponse, LogChunk,
+};
+use drover_proto::{CHUNK_BYTES, MAX_MESSAGE_BYTES};
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+use crate::logs::{LogStream, LogTransport};
+
+/// Connecting to the coordinator gives up after this long (then the session backs off).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 PING interval: finds a dead connection even when nothing is being sent.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// A PING unanswered for this long closes the connection.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 stream window: room for several data chunks in flight.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+/// HTTP/2 connection window, shared by the session, log and artifact streams.
+const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+
+/// Errors talking to the coordinator outside the session.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The coordinator URL is not valid.
+    #[error("invalid coordinator URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL given.
+        url: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// The credential cannot be sent as a header.
+    #[error("the credential contains characters not allowed in a header")]
+    InvalidCredential,
+    /// The coordinator answered with an error.
+    #[error("{what}: {status}")]
+    Rpc {
+        /// The call.
+        what: String,
+        /// The status.
+        status: Status,
+    },
+    /// A downloaded blob did not match its digest or size.
+    #[error("blob {digest}: {reason}")]
+    Corrupt {
+        /// Expected digest.
+        digest: String,
+        /// What did not match.
+        reason: String,
+    },
+    /// Local file I/O failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+impl ClientError {
+    fn rpc(what: impl Into<String>, status: Status) -> Self {
+        Self::Rpc {
+            what: what.into(),
+            status,
+        }
+    }
+
+    fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// A lazily connecting channel to `url` with timeouts, keepalive and explicit HTTP/2 windows.
+/// It reconnects by itself on the next call after a failure.
+pub fn channel(url: &str) -> Result<Channel, ClientError> {
+    let invalid = |reason: String| ClientError::InvalidUrl {
+        url: url.to_string(),
+        reason,
+    };
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(invalid("expected http://host:port".to_string()));
+    }
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| invalid(e.to_string()))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
+    Ok(endpoint.connect_lazy())
+}
+
+/// Adds `authorization: Bearer <credential>` to every call.
+#[derive(Debug, Clone)]
+pub struct AuthInterceptor {
+    header: MetadataValue<Ascii>,
+}
+
+impl AuthInterceptor {
+    /// An interceptor for `credential`.
+    pub fn new(credential: &str) -> Result<Self, ClientError> {
+        let header = format!("Bearer {credential}")
+            .parse()
+            .map_err(|_| ClientError::InvalidCredential)?;
+        Ok(Self { header })
+    }
+}
+
+impl Interceptor for AuthInterceptor {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.header.clone());
+        Ok(request)
+    }
+}
+
+/// The authenticated agent client.
+pub type AgentClient = AgentServiceClient<InterceptedService<Channel, AuthInterceptor>>;
+
+/// A client on `channel` that authenticates with `credential`.
+pub fn agent_client(channel: Channel, credential: &str) -> Result<AgentClient, ClientError> {
+    Ok(
+        AgentServiceClient::with_interceptor(channel, AuthInterceptor::new(credential)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
+}
+
+/// Exchanges an enrollment token for an agent id and credential.
+pub async fn enroll(
+    channel: Channel,
+    token: &str,
+    labels: HashMap<String, String>,
+    hostname: &str,
+) -> Result<EnrollResponse, ClientError> {
+    let mut client = AgentServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let response = client
+        .enroll(EnrollRequest {
+            token: token.to_string(),
+            labels,
+            hostname: hostname.to_string(),
+        })
+        .await
+        .map_err(|s| ClientError::rpc("enrolling", s))?;
+    Ok(response.into_inner())
+}
+
+/// Downloads blob `digest` of `attempt_id` into `dest`, verifying its sha256 (and size when
+/// known). A partial file is removed on failure.
+pub async fn download_blob(
+    client: &AgentClient,
+    attempt_id: &str,
+    digest: &str,
+    expected_size: Option<u64>,
+    dest: &Path,
+) -> Result<(), ClientError> {
+    let result = async {
+        let mut client = client.clone();
+        let mut stream = client
+            .download_blob(BlobRequest {
+                attempt_id: attempt_id.to_string(),
+                digest: digest.to_string(),
+            })
+            .await
+            .map_err(|s| ClientError::rpc(format!("downloading blob {digest}"), s))?
+            .into_inner();
+        let mut file = tokio::fs::File::create(dest)
+            .await
+            .map_err(|e| ClientError::io(format!("creating {}", dest.display()), e))?;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk =
+                chunk.map_err(|s| ClientError::rpc(format!("downloading blob {digest}"), s))?;
+            hasher.update(&chunk.data);
+            size += chunk.data.len() as u64;
+            file.write_all(&chunk.data)
+                .await
+                .map_err(|e| ClientError::io(format!("writing {}", dest.display()), e))?;
+        }
+        file.flush()
+            .await
+            .map_err(|e| ClientError::io(format!("writing {}", dest.display()), e))?;
+        let actual = hex::encode(hasher.finalize());
+        if !actual.eq_ignore_ascii_case(digest) {
+            return Err(ClientError::Corrupt {
+                digest: digest.to_string(),
+                reason: format!("received content has sha256 {actual}"),
+            });
+        }
+        if let Some(expected) = expected_size.filter(|&e| e != size) {
+            return Err(ClientError::Corrupt {
+                digest: digest.to_string(),
+                reason: format!("received {size} bytes, expected {expected}"),
+            });
+        }
+        Ok(())
+    }
+    .await;
+    if result.is_err() {
+        let _ = tokio::fs::remove_file(dest).await;
+    }
+    result
+}
+
+/// Uploads the local file `source` as artifact `header.path`; the header carries size, mode and
+/// digest computed beforehand.
+pub async fn upload_artifact(
+    client: &AgentClient,
+    header: ArtifactHeader,
+    source: &Path,
+) -> Result<ArtifactUploaded, ClientError> {
+    let file = tokio::fs::File::open(source)
+        .await
+        .map_err(|e| ClientError::io(format!("opening {}", source.display()), e))?;
+    let path = header.path.clone();
+    let (tx, rx) = mpsc::channel::<ArtifactChunk>(4);
+    let source_name = source.display().to_string();
+    // The file is read beside the call so the request body streams while the call runs.
+    let reader = tokio::spawn(async move {
+        let mut file = file;
+        if tx
+            .send(ArtifactChunk {
+                part: Some(artifact_chunk::Part::Header(header)),
+            })
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+        loop {
+            let mut buf = vec![0u8; CHUNK_BYTES];
+            let n = read_full(&mut file, &mut buf)
+                .await
+                .map_err(|e| ClientError::io(format!("reading {source_name}"), e))?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.truncate(n);
+            if tx
+                .send(ArtifactChunk {
+                    part: Some(artifact_chunk::Part::Data(buf)),
+                })
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
+    });
+    let mut c = client.clone();
+    let response = c.upload_artifact(ReceiverStream::new(rx)).await;
+    match reader.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(e) => {
+            return Err(ClientError::io(
+                "reading the artifact",
+                std::io::Error::other(e.to_string()),
+            ))
+        }
+    }
+    response
+        .map(|r| r.into_inner())
+        .map_err(|s| ClientError::rpc(format!("uploading artifact {path:?}"), s))
+}
+
+async fn read_full(file: &mut tokio::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = file.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    Ok(filled)
+}
+
+impl LogTransport for AgentClient {
+    async fn open(&self) -> Result<LogStream, Status> {
+        let (chunks, rx) = mpsc::channel::<LogChunk>(8);
+        let (ack_tx, acks) = mpsc::channel(32);
+        let mut client = self.clone();
+        // The call resolves only once the coordinator answers, which it may do after the first
+        // chunk: run it beside the shipper so chunks can flow first.
+        tokio::spawn(async move {
+            match client.push_logs(ReceiverStream::new(rx)).await {
+                Ok(response) => {
+                    let mut inbound = response.into_inner();
+                    loop {
+                        tokio::select! {
+                            item = inbound.next() => {
+                                let Some(item) = item else { return };
+                                let failed = item.is_err();
+                                if ack_tx.send(item).await.is_err() || failed {
+                                    return;
+                                }
+                            }
+                            // The shipper moved on: drop this stream.
+                            () = ack_tx.closed() => return,
+                        }
+                    }
+                }
+                Err(status) => {
+                    let _ = ack_tx.send(Err(status)).await;
+                }
+            }
+        });
+        Ok(LogStream { chunks, acks })
+    }
+}

@@ -1,0 +1,626 @@
+//! The Docker executor: one container per step, all mounting the attempt's workspace volume.
+//!
+//! Containers run with the log driver `none` and are read through attach (the json-file driver is
+//! much slower); attach happens before start so no byte is missed.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use bollard::errors::Error as BollardError;
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, VolumeCreateRequest};
+use bollard::query_parameters::{
+    AttachContainerOptionsBuilder, ContainerArchiveInfoOptionsBuilder,
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, DownloadFromContainerOptionsBuilder,
+    InspectContainerOptions, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
+    ListVolumesOptionsBuilder, RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder,
+    StopContainerOptionsBuilder, UploadToContainerOptionsBuilder, WaitContainerOptionsBuilder,
+};
+use bollard::{body_try_stream, Docker};
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
+use tokio_util::io::ReaderStream;
+
+use super::{
+    ArchiveHelper, ExecError, Executor, Leftover, OutputSink, PathInfo, Pull, StepEnd, StepRun,
+    Workspace, LABEL_AGENT, LABEL_ATTEMPT, LABEL_STEP, WORKSPACE_DIR,
+};
+
+/// Go's `os.ModeDir`, as reported in Docker's path stat.
+const GO_MODE_DIR: u32 = 1 << 31;
+/// Go's `os.ModeSymlink`.
+const GO_MODE_SYMLINK: u32 = 1 << 27;
+
+/// Executes steps in Docker containers through the engine API.
+#[derive(Debug, Clone)]
+pub struct DockerExecutor {
+    docker: Docker,
+}
+
+impl DockerExecutor {
+    /// Connects to the local engine (`DOCKER_HOST` or the default socket) and negotiates the API
+    /// version, so older engines work too.
+    pub async fn connect() -> Result<Self, ExecError> {
+        let docker = Docker::connect_with_local_defaults()
+            .map_err(|e| ExecError::Docker(format!("cannot connect to the Docker engine: {e}")))?
+            .negotiate_version()
+            .await
+            .map_err(|e| ExecError::Docker(format!("cannot reach the Docker engine: {e}")))?;
+        Ok(Self { docker })
+    }
+
+    /// Wraps an existing client.
+    pub fn with_client(docker: Docker) -> Self {
+        Self { docker }
+    }
+
+    /// The underlying client.
+    pub fn client(&self) -> &Docker {
+        &self.docker
+    }
+
+    async fn image_present(&self, image: &str) -> Result<bool, ExecError> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(ExecError::Docker(format!(
+                "inspecting image {image:?}: {e}"
+            ))),
+        }
+    }
+
+    async fn pull(&self, image: &str) -> Result<(), String> {
+        let (repo, tag) = split_reference(image);
+        let mut builder = CreateImageOptionsBuilder::default().from_image(repo);
+        if let Some(tag) = tag {
+            builder = builder.tag(tag);
+        }
+        let mut stream = self.docker.create_image(Some(builder.build()), None, None);
+        while let Some(item) = stream.next().await {
+            let info = item.map_err(|e| e.to_string())?;
+            if let Some(err) = info.error_detail.and_then(|d| d.message) {
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
+    fn container_body(
+        ws: &Workspace,
+        image: &str,
+        cmd: Vec<String>,
+        extra_labels: &[(&str, String)],
+    ) -> ContainerCreateBody {
+        let mut labels = ws.labels();
+        for (k, v) in extra_labels {
+            labels.insert((*k).to_string(), v.clone());
+        }
+        ContainerCreateBody {
+            image: Some(image.to_string()),
+            // Reset any image entrypoint: the step's commands run under `sh` whatever the image.
+            entrypoint: Some(vec![String::new()]),
+            cmd: Some(cmd),
+            labels: Some(labels),
+            tty: Some(false),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            attach_stdin: Some(false),
+            open_stdin: Some(false),
+            working_dir: Some(WORKSPACE_DIR.to_string()),
+            host_config: Some(HostConfig {
+                binds: Some(vec![format!("{}:{WORKSPACE_DIR}", ws.volume)]),
+                log_config: Some(HostConfigLogConfig {
+                    typ: Some("none".to_string()),
+                    config: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    async fn create(&self, name: &str, body: ContainerCreateBody) -> Result<String, ExecError> {
+        let options = CreateContainerOptionsBuilder::default().name(name).build();
+        let created = self
+            .docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|e| ExecError::Docker(format!("creating container {name}: {e}")))?;
+        Ok(created.id)
+    }
+
+    async fn remove_container(&self, id: &str) -> Result<(), ExecError> {
+        let options = RemoveContainerOptionsBuilder::default()
+            .force(true)
+            .v(false)
+            .build();
+        match self.docker.remove_container(id, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(ExecError::Docker(format!("removing container {id}: {e}"))),
+        }
+    }
+
+    async fn remove_volume(&self, name: &str) -> Result<(), ExecError> {
+        // A container being removed concurrently can hold the volume a moment longer.
+        let mut last = None;
+        for delay_ms in [0u64, 50, 200, 500, 1000] {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            let options = RemoveVolumeOptionsBuilder::default().force(true).build();
+            match self.docker.remove_volume(name, Some(options)).await {
+                Ok(()) => return Ok(()),
+                Err(e) if is_not_found(&e) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(ExecError::Docker(format!(
+            "removing volume {name}: {}",
+            last.map(|e| e.to_string()).unwrap_or_default()
+        )))
+    }
+
+    async fn exit_state(&self, id: &str) -> Result<(i64, bool), ExecError> {
+        let options = WaitContainerOptionsBuilder::default()
+            .condition("not-running")
+            .build();
+        let mut wait = self.docker.wait_container(id, Some(options));
+        let mut code = None;
+        while let Some(item) = wait.next().await {
+            match item {
+                Ok(r) => code = Some(r.status_code),
+                // bollard reports non-zero exits as errors.
+                Err(BollardError::DockerContainerWaitError { code: c, .. }) => code = Some(c),
+                Err(e) => return Err(ExecError::Docker(format!("waiting for container: {e}"))),
+            }
+        }
+        let inspect = self
+            .docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .map_err(|e| ExecError::Docker(format!("inspecting container: {e}")))?;
+        let state = inspect.state.unwrap_or_default();
+        let code = code.or(state.exit_code).unwrap_or(-1);
+        Ok((code, state.oom_killed.unwrap_or(false)))
+    }
+
+    async fn list_containers(
+        &self,
+        filters: &HashMap<String, Vec<String>>,
+    ) -> Result<Vec<(String, HashMap<String, String>)>, ExecError> {
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(filters)
+            .build();
+        let list = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| ExecError::Docker(format!("listing containers: {e}")))?;
+        Ok(list
+            .into_iter()
+            .filter_map(|c| Some((c.id?, c.labels.unwrap_or_default())))
+            .collect())
+    }
+
+    async fn run_started<S, F>(
+        &self,
+        id: &str,
+        output: &mut (impl futures::Stream<Item = Result<bollard::container::LogOutput, BollardError>>
+                  + Unpin),
+        sink: &mut S,
+        deadline: Option<Instant>,
+        stop: F,
+    ) -> Result<StepEnd, ExecError>
+    where
+        S: OutputSink,
+        F: Future<Output = Duration> + Send,
+    {
+        tokio::pin!(stop);
+        let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+        let deadline_sleep = tokio::time::sleep_until(deadline.unwrap_or(far));
+        tokio::pin!(deadline_sleep);
+        let mut timed_out = false;
+        let mut stopped = false;
+        // The stop/kill calls block until the container is gone; they run beside the output copy
+        // so the last bytes are still captured.
+        let mut control: Option<tokio::task::JoinHandle<()>> = None;
+        loop {
+            tokio::select! {
+                item = output.next() => match item {
+                    Some(Ok(chunk)) => {
+                        sink.write(chunk.as_ref()).await.map_err(|e| {
+                            ExecError::io("writing step output to the spool", e)
+                        })?;
+                    }
+                    Some(Err(e)) => {
+                        return Err(ExecError::Docker(format!("reading step output: {e}")));
+                    }
+                    None => break,
+                },
+                () = &mut deadline_sleep, if !timed_out && !stopped && deadline.is_some() => {
+                    timed_out = true;
+                    let docker = self.docker.clone();
+                    let id = id.to_string();
+                    control = Some(tokio::spawn(async move {
+                        let options = KillContainerOptionsBuilder::default().signal("SIGKILL").build();
+                        if let Err(e) = docker.kill_container(&id, Some(options)).await {
+                            tracing::warn!(container = %id, error = %e, "killing timed-out step");
+                        }
+                    }));
+                }
+                grace = &mut stop, if !timed_out && !stopped => {
+                    stopped = true;
+                    let docker = self.docker.clone();
+                    let id = id.to_string();
+                    let secs = i32::try_from(grace.as_millis().div_ceil(1000)).unwrap_or(i32::MAX);
+                    control = Some(tokio::spawn(async move {
+                        let options = StopContainerOptionsBuilder::default().t(secs).build();
+                        if let Err(e) = docker.stop_container(&id, Some(options)).await {
+                            tracing::warn!(container = %id, error = %e, "stopping step");
+                        }
+                    }));
+                }
+            }
+        }
+        if let Some(handle) = control {
+            let _ = handle.await;
+        }
+        let (code, oom_killed) = self.exit_state(id).await?;
+        Ok(if timed_out {
+            StepEnd::TimedOut { code }
+        } else if stopped {
+            StepEnd::Stopped { code }
+        } else {
+            StepEnd::Exited { code, oom_killed }
+        })
+    }
+}
+
+impl Executor for DockerExecutor {
+    async fn create_workspace(
+        &self,
+        agent_id: &str,
+        attempt_id: &str,
+    ) -> Result<Workspace, ExecError> {
+        let mut ws = Workspace {
+            agent_id: agent_id.to_string(),
+            attempt_id: attempt_id.to_string(),
+            volume: format!("drover-{}-{}", sanitize(attempt_id), short_random()),
+        };
+        let created = self
+            .docker
+            .create_volume(VolumeCreateRequest {
+                name: Some(ws.volume.clone()),
+                labels: Some(ws.labels()),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ExecError::Docker(format!("creating workspace volume: {e}")))?;
+        ws.volume = created.name;
+        Ok(ws)
+    }
+
+    async fn ensure_image(&self, image: &str, pull: Pull) -> Result<(), ExecError> {
+        match pull {
+            Pull::Never => {
+                if self.image_present(image).await? {
+                    Ok(())
+                } else {
+                    Err(ExecError::Image(format!(
+                        "image {image:?} not found locally and the pull policy is never"
+                    )))
+                }
+            }
+            Pull::IfNotPresent => {
+                if self.image_present(image).await? {
+                    return Ok(());
+                }
+                self.pull(image).await.map_err(|e| {
+                    ExecError::Image(format!(
+                        "image {image:?} not found locally and could not be pulled: {e}"
+                    ))
+                })
+            }
+            Pull::Always => self.pull(image).await.map_err(|e| {
+                ExecError::Image(format!(
+                    "image {image:?} could not be pulled (pull policy always): {e}"
+                ))
+            }),
+        }
+    }
+
+    async fn archive_helper(
+        &self,
+        ws: &Workspace,
+        image: &str,
+    ) -> Result<ArchiveHelper, ExecError> {
+        let name = format!(
+            "drover-{}-files-{}",
+            sanitize(&ws.attempt_id),
+            short_random()
+        );
+        let body = Self::container_body(
+            ws,
+            image,
+            vec!["sh".to_string()],
+            &[("drover.role", "archive".to_string())],
+        );
+        let container = self.create(&name, body).await?;
+        Ok(ArchiveHelper { container })
+    }
+
+    async fn put_archive(
+        &self,
+        helper: &ArchiveHelper,
+        dest: &str,
+        tar_path: &Path,
+    ) -> Result<(), ExecError> {
+        let file = tokio::fs::File::open(tar_path)
+            .await
+            .map_err(|e| ExecError::io(format!("opening {}", tar_path.display()), e))?;
+        let body = body_try_stream(ReaderStream::with_capacity(file, 128 * 1024));
+        let options = UploadToContainerOptionsBuilder::default()
+            .path(dest)
+            .build();
+        self.docker
+            .upload_to_container(&helper.container, Some(options), body)
+            .await
+            .map_err(|e| ExecError::Docker(format!("putting files into {dest}: {e}")))
+    }
+
+    async fn stat_path(
+        &self,
+        helper: &ArchiveHelper,
+        path: &str,
+    ) -> Result<Option<PathInfo>, ExecError> {
+        let options = ContainerArchiveInfoOptionsBuilder::default()
+            .path(path)
+            .build();
+        match self
+            .docker
+            .get_container_archive_info(&helper.container, Some(options))
+            .await
+        {
+            Ok(stat) => Ok(Some(PathInfo {
+                link_target: (stat.file_mode & GO_MODE_SYMLINK != 0
+                    || !stat.link_target.is_empty())
+                .then_some(stat.link_target),
+                is_dir: stat.file_mode & GO_MODE_DIR != 0,
+            })),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(ExecError::Docker(format!("stat {path}: {e}"))),
+        }
+    }
+
+    async fn get_archive(
+        &self,
+        helper: &ArchiveHelper,
+        path: &str,
+        dest: &Path,
+    ) -> Result<(), ExecError> {
+        let options = DownloadFromContainerOptionsBuilder::default()
+            .path(path)
+            .build();
+        let mut stream = self
+            .docker
+            .download_from_container(&helper.container, Some(options));
+        let mut file = tokio::fs::File::create(dest)
+            .await
+            .map_err(|e| ExecError::io(format!("creating {}", dest.display()), e))?;
+        while let Some(chunk) = stream.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) if is_not_found(&e) => return Err(ExecError::NotFound(path.to_string())),
+                Err(e) => return Err(ExecError::Docker(format!("getting {path}: {e}"))),
+            };
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| ExecError::io(format!("writing {}", dest.display()), e))?;
+        }
+        file.flush()
+            .await
+            .map_err(|e| ExecError::io(format!("writing {}", dest.display()), e))?;
+        Ok(())
+    }
+
+    async fn remove_helper(&self, helper: ArchiveHelper) -> Result<(), ExecError> {
+        self.remove_container(&helper.container).await
+    }
+
+    async fn run_step<S, F>(
+        &self,
+        ws: &Workspace,
+        step: &StepRun,
+        sink: &mut S,
+        deadline: Option<Instant>,
+        stop: F,
+    ) -> Result<StepEnd, ExecError>
+    where
+        S: OutputSink,
+        F: Future<Output = Duration> + Send,
+    {
+        let name = format!(
+            "drover-{}-step{}-{}",
+            sanitize(&ws.attempt_id),
+            step.index,
+            short_random()
+        );
+        let script = step.commands.join("\n");
+        let mut body = Self::container_body(
+            ws,
+            &step.image,
+            vec!["sh".into(), "-e".into(), "-c".into(), script],
+            &[(LABEL_STEP, step.index.to_string())],
+        );
+        body.working_dir = Some(step.working_dir());
+        body.env = Some(step.env.iter().map(|(k, v)| format!("{k}={v}")).collect());
+        let id = self.create(&name, body).await?;
+
+        let result = async {
+            let options = AttachContainerOptionsBuilder::default()
+                .stream(true)
+                .stdout(true)
+                .stderr(true)
+                .logs(false)
+                .build();
+            let attached = self
+                .docker
+                .attach_container(&id, Some(options))
+                .await
+                .map_err(|e| ExecError::Docker(format!("attaching to the step container: {e}")))?;
+            let mut output = attached.output;
+            self.docker
+                .start_container(&id, None)
+                .await
+                .map_err(|e| ExecError::Docker(format!("starting the step container: {e}")))?;
+            sink.started().await;
+            self.run_started(&id, &mut output, sink, deadline, stop)
+                .await
+        }
+        .await;
+        let removed = self.remove_container(&id).await;
+        let end = result?;
+        removed?;
+        Ok(end)
+    }
+
+    async fn remove_workspace(&self, ws: &Workspace) -> Result<(), ExecError> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![
+                format!("{LABEL_AGENT}={}", ws.agent_id),
+                format!("{LABEL_ATTEMPT}={}", ws.attempt_id),
+            ],
+        )]);
+        let mut first_error = None;
+        for (id, _) in self.list_containers(&filters).await? {
+            if let Err(e) = self.remove_container(&id).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Err(e) = self.remove_volume(&ws.volume).await {
+            first_error.get_or_insert(e);
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    async fn leftovers(&self, agent_id: &str) -> Result<Vec<Leftover>, ExecError> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_AGENT}={agent_id}")],
+        )]);
+        let mut found: Vec<Leftover> = self
+            .list_containers(&filters)
+            .await?
+            .into_iter()
+            .map(|(id, labels)| Leftover::Container {
+                id,
+                attempt: labels.get(LABEL_ATTEMPT).cloned().unwrap_or_default(),
+            })
+            .collect();
+        let options = ListVolumesOptionsBuilder::default()
+            .filters(&filters)
+            .build();
+        let volumes = self
+            .docker
+            .list_volumes(Some(options))
+            .await
+            .map_err(|e| ExecError::Docker(format!("listing volumes: {e}")))?;
+        found.extend(
+            volumes
+                .volumes
+                .unwrap_or_default()
+                .into_iter()
+                .map(|v| Leftover::Volume {
+                    attempt: v.labels.get(LABEL_ATTEMPT).cloned().unwrap_or_default(),
+                    name: v.name,
+                }),
+        );
+        Ok(found)
+    }
+
+    async fn remove_leftover(&self, leftover: &Leftover) -> Result<(), ExecError> {
+        match leftover {
+            Leftover::Container { id, .. } => self.remove_container(id).await,
+            Leftover::Volume { name, .. } => self.remove_volume(name).await,
+        }
+    }
+}
+
+fn is_not_found(e: &BollardError) -> bool {
+    matches!(
+        e,
+        BollardError::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+/// Splits `repo[:tag][@digest]` so a pull never fetches every tag of a repository.
+fn split_reference(image: &str) -> (&str, Option<&str>) {
+    if image.contains('@') {
+        return (image, None);
+    }
+    let last_slash = image.rfind('/').map_or(0, |i| i + 1);
+    match image[last_slash..].rfind(':') {
+        Some(i) => (&image[..last_slash + i], Some(&image[last_slash + i + 1..])),
+        None => (image, Some("latest")),
+    }
+}
+
+/// Container and volume names allow `[a-zA-Z0-9][a-zA-Z0-9_.-]`.
+fn sanitize(s: &str) -> String {
+    let cleaned: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if cleaned.is_empty() {
+        "x".to_string()
+    } else {
+        cleaned
+    }
+}
+
+fn short_random() -> String {
+    let n: u32 = rand::random();
+    format!("{n:08x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_get_a_tag() {
+        assert_eq!(split_reference("busybox"), ("busybox", Some("latest")));
+        assert_eq!(split_reference("busybox:1.36"), ("busybox", Some("1.36")));
+        assert_eq!(
+            split_reference("localhost:5000/x/y"),
+            ("localhost:5000/x/y", Some("latest"))
+        );
+        assert_eq!(
+            split_reference("localhost:5000/x/y:v1"),
+            ("localhost:5000/x/y", Some("v1"))
+        );
+        assert_eq!(split_reference("a@sha256:00"), ("a@sha256:00", None));
+    }
+
+    #[test]
+    fn names_are_sanitized() {
+        assert_eq!(sanitize("ab/c:d"), "ab_c_d");
+        assert_eq!(sanitize(""), "x");
+    }
+}

@@ -1,0 +1,625 @@
+//! Step output: captured into a spool file per step (the source of truth), shipped to the
+//! coordinator on a `PushLogs` stream from the last acknowledged offset.
+//!
+//! The spool writer publishes the spool length on a watch channel after every write, so the
+//! shipper wakes up at once (no polling, no batching delay) and a reconnect resends from the
+//! coordinator's durable offset.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::io::{self, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use drover_proto::v1::{LogAck, LogChunk};
+use drover_proto::CHUNK_BYTES;
+use tokio::fs::File;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+use tonic::{Code, Status};
+
+use crate::backoff::Backoff;
+use crate::executor::OutputSink;
+
+/// What the shipper knows of one step's spool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepLogState {
+    /// Bytes in the spool file.
+    pub len: u64,
+    /// The step will write no more.
+    pub finished: bool,
+}
+
+/// What the shipper knows of an attempt's spools.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogState {
+    /// Steps that have a spool, by index.
+    pub steps: BTreeMap<u32, StepLogState>,
+    /// No more steps will be added.
+    pub closed: bool,
+}
+
+/// The spool directory of one attempt: `<state>/spool/<attempt>/<step>.log`.
+#[derive(Debug)]
+pub struct AttemptSpool {
+    dir: PathBuf,
+    state: watch::Sender<LogState>,
+}
+
+impl AttemptSpool {
+    /// Creates (or empties) the spool directory of `attempt_id` under `spool_root`.
+    pub async fn create(spool_root: &Path, attempt_id: &str) -> io::Result<Self> {
+        let dir = spool_root.join(safe_file_name(attempt_id));
+        if tokio::fs::try_exists(&dir).await? {
+            tokio::fs::remove_dir_all(&dir).await?;
+        }
+        tokio::fs::create_dir_all(&dir).await?;
+        Ok(Self {
+            dir,
+            state: watch::Sender::new(LogState::default()),
+        })
+    }
+
+    /// The spool directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of a step's spool file.
+    pub fn step_path(&self, index: u32) -> PathBuf {
+        step_path(&self.dir, index)
+    }
+
+    /// Creates the spool of step `index` and announces it to the shipper.
+    pub async fn open_step(&self, index: u32) -> io::Result<StepSpool> {
+        let file = File::create(self.step_path(index)).await?;
+        self.state.send_modify(|s| {
+            s.steps.insert(index, StepLogState::default());
+        });
+        Ok(StepSpool {
+            file,
+            len: 0,
+            index,
+            state: self.state.clone(),
+        })
+    }
+
+    /// No more steps will be added: the shipper finishes once every step is acknowledged.
+    pub fn close(&self) {
+        self.state.send_modify(|s| s.closed = true);
+    }
+
+    /// A receiver for a shipper.
+    pub fn subscribe(&self) -> watch::Receiver<LogState> {
+        self.state.subscribe()
+    }
+
+    /// Deletes the spool files (after the attempt completed).
+    pub async fn remove(&self) -> io::Result<()> {
+        match tokio::fs::remove_dir_all(&self.dir).await {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The spool file of one step. Dropping it marks the step's log finished.
+#[derive(Debug)]
+pub struct StepSpool {
+    file: File,
+    len: u64,
+    index: u32,
+    state: watch::Sender<LogState>,
+}
+
+impl StepSpool {
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl OutputSink for StepSpool {
+    async fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.file.write_all(data).await?;
+        // tokio's File finishes writes in the background; flush so the shipper can read them.
+        self.file.flush().await?;
+        self.len += data.len() as u64;
+        let (index, len) = (self.index, self.len);
+        self.state.send_modify(|s| {
+            s.steps.entry(index).or_default().len = len;
+        });
+        Ok(())
+    }
+}
+
+impl Drop for StepSpool {
+    fn drop(&mut self) {
+        let index = self.index;
+        self.state.send_modify(|s| {
+            s.steps.entry(index).or_default().finished = true;
+        });
+    }
+}
+
+fn step_path(dir: &Path, index: u32) -> PathBuf {
+    dir.join(format!("{index}.log"))
+}
+
+/// A file name made of the safe characters of `s` (attempt ids come from the coordinator).
+pub fn safe_file_name(s: &str) -> String {
+    let cleaned: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if cleaned.is_empty() {
+        "_".to_string()
+    } else {
+        cleaned
+    }
+}
+
+/// One open `PushLogs` stream.
+#[derive(Debug)]
+pub struct LogStream {
+    /// Chunks to the coordinator.
+    pub chunks: mpsc::Sender<LogChunk>,
+    /// Acknowledgements from it; the stream ends or errors when the connection is gone.
+    pub acks: mpsc::Receiver<Result<LogAck, Status>>,
+}
+
+/// Opens `PushLogs` streams (the gRPC client in production).
+pub trait LogTransport: Send + Sync {
+    /// Opens a new stream.
+    fn open(&self) -> impl Future<Output = Result<LogStream, Status>> + Send;
+}
+
+/// Why shipping stopped for good.
+#[derive(Debug, thiserror::Error)]
+pub enum ShipError {
+    /// The coordinator refused the attempt's logs (stale epoch, revoked credential, ...).
+    #[error("the coordinator refused the logs: {0}")]
+    Rejected(Status),
+    /// A spool file could not be read.
+    #[error("reading the spool of step {step}: {source}")]
+    Spool {
+        /// Step index.
+        step: u32,
+        /// The I/O error.
+        source: io::Error,
+    },
+}
+
+/// Status codes that retrying cannot fix.
+pub fn is_fatal(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::FailedPrecondition
+            | Code::NotFound
+            | Code::Aborted
+    )
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Acked {
+    durable: u64,
+    complete: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Sent {
+    next: u64,
+    eof: bool,
+}
+
+/// The next chunk to send: (step, offset, length, eof).
+fn next_chunk(
+    state: &LogState,
+    sent: &BTreeMap<u32, Sent>,
+    acked: &BTreeMap<u32, Acked>,
+) -> Option<(u32, u64, usize, bool)> {
+    for (&step, s) in &state.steps {
+        if acked.get(&step).is_some_and(|a| a.complete) {
+            continue;
+        }
+        let at = sent.get(&step).copied().unwrap_or_default();
+        if at.next < s.len {
+            let n = (s.len - at.next).min(CHUNK_BYTES as u64);
+            let eof = s.finished && at.next + n == s.len;
+            return Some((step, at.next, n as usize, eof));
+        }
+        if s.finished && !at.eof && at.next == s.len {
+            return Some((step, at.next, 0, true));
+        }
+    }
+    None
+}
+
+fn all_complete(state: &LogState, closed: bool, acked: &BTreeMap<u32, Acked>) -> bool {
+    closed
+        && state
+            .steps
+            .keys()
+            .all(|s| acked.get(s).is_some_and(|a| a.complete))
+}
+
+/// Ships the spools of one attempt until each step's log is acknowledged complete.
+#[derive(Debug)]
+pub struct Shipper<T> {
+    transport: T,
+    attempt_id: String,
+    epoch: u64,
+    dir: PathBuf,
+    state: watch::Receiver<LogState>,
+}
+
+impl<T: LogTransport> Shipper<T> {
+    /// A shipper for the spool of `attempt_id`.
+    pub fn new(transport: T, attempt_id: &str, epoch: u64, spool: &AttemptSpool) -> Self {
+        Self {
+            transport,
+            attempt_id: attempt_id.to_string(),
+            epoch,
+            dir: spool.dir().to_path_buf(),
+            state: spool.subscribe(),
+        }
+    }
+
+    /// Runs until the spool is closed and every step's log is complete at the coordinator.
+    /// Reconnects (with backoff) after stream errors and resends from the last acked offset.
+    pub async fn run(mut self) -> Result<(), ShipError> {
+        let mut backoff = Backoff::default();
+        let mut acked: BTreeMap<u32, Acked> = BTreeMap::new();
+        // False once the spool is gone: it will not change any more.
+        let mut spool_alive = true;
+        loop {
+            let (state, closed) = {
+                let s = self.state.borrow();
+                (s.clone(), s.closed || !spool_alive)
+            };
+            if all_complete(&state, closed, &acked) {
+                return Ok(());
+            }
+            let mut stream = match self.transport.open().await {
+                Ok(s) => s,
+                Err(status) if is_fatal(&status) => return Err(ShipError::Rejected(status)),
+                Err(status) => {
+                    tracing::debug!(attempt = %self.attempt_id, %status, "opening the log stream");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    continue;
+                }
+            };
+            // Resend everything the coordinator has not made durable.
+            let mut sent: BTreeMap<u32, Sent> = acked
+                .iter()
+                .map(|(&k, a)| {
+                    (
+                        k,
+                        Sent {
+                            next: a.durable,
+                            eof: a.complete,
+                        },
+                    )
+                })
+                .collect();
+            let mut files: HashMap<u32, File> = HashMap::new();
+            loop {
+                let (next, finished) = {
+                    let s = self.state.borrow_and_update();
+                    let closed = s.closed || !spool_alive;
+                    (
+                        next_chunk(&s, &sent, &acked),
+                        all_complete(&s, closed, &acked),
+                    )
+                };
+                if finished {
+                    return Ok(());
+                }
+                tokio::select! {
+                    ack = stream.acks.recv() => match ack {
+                        Some(Ok(ack)) => {
+                            backoff.reset();
+                            let a = acked.entry(ack.step_index).or_default();
+                            a.durable = a.durable.max(ack.durable_offset);
+                            a.complete |= ack.complete;
+                            let s = sent.entry(ack.step_index).or_default();
+                            s.next = s.next.max(a.durable);
+                            s.eof |= a.complete;
+                        }
+                        Some(Err(status)) if is_fatal(&status) => {
+                            return Err(ShipError::Rejected(status));
+                        }
+                        Some(Err(status)) => {
+                            tracing::debug!(attempt = %self.attempt_id, %status, "log stream broke");
+                            break;
+                        }
+                        None => break,
+                    },
+                    permit = stream.chunks.reserve(), if next.is_some() => {
+                        let Ok(permit) = permit else { break };
+                        let Some((step, offset, len, eof)) = next else { continue };
+                        let data = self.read_at(&mut files, step, offset, len).await?;
+                        permit.send(LogChunk {
+                            attempt_id: self.attempt_id.clone(),
+                            epoch: self.epoch,
+                            step_index: step,
+                            offset,
+                            data,
+                            eof,
+                        });
+                        sent.insert(step, Sent { next: offset + len as u64, eof });
+                    },
+                    changed = self.state.changed(), if spool_alive => {
+                        if changed.is_err() {
+                            spool_alive = false;
+                        }
+                    },
+                }
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    }
+
+    async fn read_at(
+        &self,
+        files: &mut HashMap<u32, File>,
+        step: u32,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, ShipError> {
+        let mut data = vec![0u8; len];
+        if len == 0 {
+            return Ok(data);
+        }
+        let err = |source| ShipError::Spool { step, source };
+        let file = match files.entry(step) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(File::open(step_path(&self.dir, step)).await.map_err(err)?)
+            }
+        };
+        file.seek(SeekFrom::Start(offset)).await.map_err(err)?;
+        file.read_exact(&mut data).await.map_err(err)?;
+        Ok(data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    /// The coordinator side of PushLogs, in memory: appends chunks at their offsets (idempotent
+    /// for resends, an error for gaps) and acks; can drop the connection after a number of chunks.
+    /// Per step: the stored bytes and whether the log is complete.
+    type StoredLogs = BTreeMap<u32, (Vec<u8>, bool)>;
+
+    #[derive(Clone, Default)]
+    struct MemoryCoordinator {
+        // std Mutex: short sections, never held across an await.
+        logs: Arc<Mutex<StoredLogs>>,
+        chunks_seen: Arc<Mutex<u64>>,
+        break_every: Option<u64>,
+        opens: Arc<Mutex<u32>>,
+    }
+
+    impl MemoryCoordinator {
+        fn apply(&self, c: &LogChunk) -> Result<LogAck, Status> {
+            let mut logs = self.logs.lock().unwrap();
+            let (log, complete) = logs.entry(c.step_index).or_default();
+            let have = log.len() as u64;
+            if c.offset > have {
+                return Err(Status::invalid_argument(format!(
+                    "gap: have {have}, chunk at {}",
+                    c.offset
+                )));
+            }
+            let skip = (have - c.offset) as usize;
+            if skip < c.data.len() {
+                log.extend_from_slice(&c.data[skip..]);
+            }
+            if c.eof && c.offset + c.data.len() as u64 == log.len() as u64 {
+                *complete = true;
+            }
+            Ok(LogAck {
+                attempt_id: c.attempt_id.clone(),
+                step_index: c.step_index,
+                durable_offset: log.len() as u64,
+                complete: *complete,
+            })
+        }
+
+        fn log(&self, step: u32) -> (Vec<u8>, bool) {
+            self.logs
+                .lock()
+                .unwrap()
+                .get(&step)
+                .cloned()
+                .unwrap_or_default()
+        }
+    }
+
+    impl LogTransport for MemoryCoordinator {
+        async fn open(&self) -> Result<LogStream, Status> {
+            *self.opens.lock().unwrap() += 1;
+            let (chunks, mut rx) = mpsc::channel::<LogChunk>(4);
+            let (ack_tx, acks) = mpsc::channel(16);
+            let me = self.clone();
+            tokio::spawn(async move {
+                while let Some(chunk) = rx.recv().await {
+                    let n = {
+                        let mut seen = me.chunks_seen.lock().unwrap();
+                        *seen += 1;
+                        *seen
+                    };
+                    if me.break_every.is_some_and(|k| n % k == 0) {
+                        // Drop the connection: this chunk is lost.
+                        return;
+                    }
+                    let ack = me.apply(&chunk);
+                    let failed = ack.is_err();
+                    if ack_tx.send(ack).await.is_err() || failed {
+                        return;
+                    }
+                }
+            });
+            Ok(LogStream { chunks, acks })
+        }
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    async fn ship_steps(coord: MemoryCoordinator, steps: Vec<Vec<Vec<u8>>>) {
+        let root = tempfile::tempdir().unwrap();
+        let spool = AttemptSpool::create(root.path(), "att/1").await.unwrap();
+        let shipper = Shipper::new(coord.clone(), "att/1", 3, &spool);
+        let handle = tokio::spawn(shipper.run());
+        for (i, writes) in steps.iter().enumerate() {
+            let mut step = spool.open_step(i as u32).await.unwrap();
+            for w in writes {
+                step.write(w).await.unwrap();
+            }
+            drop(step);
+        }
+        spool.close();
+        tokio::time::timeout(Duration::from_secs(30), handle)
+            .await
+            .expect("shipper finished")
+            .unwrap()
+            .unwrap();
+        for (i, writes) in steps.iter().enumerate() {
+            let (log, complete) = coord.log(i as u32);
+            assert!(complete, "step {i} complete");
+            assert_eq!(log, writes.concat(), "step {i} byte-identical");
+        }
+        spool.remove().await.unwrap();
+        assert!(!spool.dir().exists());
+    }
+
+    #[tokio::test]
+    async fn ships_every_byte_of_every_step() {
+        let coord = MemoryCoordinator::default();
+        ship_steps(
+            coord,
+            vec![
+                vec![b"hello\n".to_vec(), b"no newline".to_vec()],
+                vec![pattern(3 * CHUNK_BYTES + 17, 1), pattern(5, 2)],
+                vec![],
+            ],
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn resends_from_the_acked_offset_after_connection_drops() {
+        let coord = MemoryCoordinator {
+            break_every: Some(3),
+            ..Default::default()
+        };
+        let writes: Vec<Vec<u8>> = (0..40).map(|i| pattern(1000 + i * 997, i as u8)).collect();
+        ship_steps(
+            coord.clone(),
+            vec![writes, vec![pattern(CHUNK_BYTES * 2, 9)]],
+        )
+        .await;
+        assert!(
+            *coord.opens.lock().unwrap() > 1,
+            "the connection was re-opened"
+        );
+    }
+
+    #[tokio::test]
+    async fn first_bytes_arrive_without_waiting_for_more() {
+        let coord = MemoryCoordinator::default();
+        let root = tempfile::tempdir().unwrap();
+        let spool = AttemptSpool::create(root.path(), "a").await.unwrap();
+        let handle = tokio::spawn(Shipper::new(coord.clone(), "a", 1, &spool).run());
+        let mut step = spool.open_step(0).await.unwrap();
+        step.write(b"first").await.unwrap();
+        let start = std::time::Instant::now();
+        while coord.log(0).0 != b"first" {
+            assert!(
+                start.elapsed() < Duration::from_millis(500),
+                "first bytes shipped"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(!coord.log(0).1, "not complete before the step finished");
+        drop(step);
+        spool.close();
+        handle.await.unwrap().unwrap();
+        assert!(coord.log(0).1);
+    }
+
+    #[tokio::test]
+    async fn a_fatal_status_stops_shipping() {
+        #[derive(Clone)]
+        struct Refusing;
+        impl LogTransport for Refusing {
+            async fn open(&self) -> Result<LogStream, Status> {
+                Err(Status::failed_precondition("stale epoch"))
+            }
+        }
+        let root = tempfile::tempdir().unwrap();
+        let spool = AttemptSpool::create(root.path(), "a").await.unwrap();
+        let mut step = spool.open_step(0).await.unwrap();
+        step.write(b"x").await.unwrap();
+        let err = Shipper::new(Refusing, "a", 1, &spool)
+            .run()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ShipError::Rejected(_)), "{err}");
+    }
+
+    #[test]
+    fn next_chunk_walks_steps_in_order() {
+        let mut state = LogState::default();
+        state.steps.insert(
+            0,
+            StepLogState {
+                len: 10,
+                finished: true,
+            },
+        );
+        state.steps.insert(
+            1,
+            StepLogState {
+                len: 0,
+                finished: false,
+            },
+        );
+        let mut sent = BTreeMap::new();
+        let acked = BTreeMap::new();
+        assert_eq!(next_chunk(&state, &sent, &acked), Some((0, 0, 10, true)));
+        sent.insert(
+            0,
+            Sent {
+                next: 10,
+                eof: true,
+            },
+        );
+        assert_eq!(next_chunk(&state, &sent, &acked), None);
+        state.steps.get_mut(&1).unwrap().finished = true;
+        assert_eq!(next_chunk(&state, &sent, &acked), Some((1, 0, 0, true)));
+    }
+}
