@@ -1,0 +1,161 @@
+//! `drover tokens create`: one-time enrollment tokens for new agents.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use drover_proto::v1::CreateTokenRequest;
+
+use crate::client::Coordinator;
+use crate::output::{self, OutputFormat};
+
+/// `drover tokens` subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum TokensCommand {
+    /// Create an enrollment token; prints only the token on stdout.
+    Create(CreateArgs),
+}
+
+/// Arguments of `drover tokens create`.
+#[derive(Debug, Args)]
+pub(crate) struct CreateArgs {
+    /// How many agents may enroll with it.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) uses: u32,
+    /// Lifetime: a number with a unit s, m, h or d (e.g. 90s, 30m, 1h, 7d); bare numbers are seconds.
+    #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+    pub(crate) ttl: Ttl,
+    /// Labels an enrolling agent must have: k=v,k2=v2.
+    #[arg(long, value_parser = parse_labels, default_value = "")]
+    pub(crate) labels: Labels,
+}
+
+/// A token lifetime in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ttl(pub(crate) u64);
+
+/// Label requirements.
+pub(crate) type Labels = HashMap<String, String>;
+
+/// Parses `90s`, `30m`, `1h`, `7d` or a bare number of seconds.
+fn parse_ttl(text: &str) -> Result<Ttl, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("expected a duration like 30m, 1h or 7d, got {text:?}"))?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => return Err(format!("unknown duration unit {other:?}; use s, m, h or d")),
+    };
+    let secs = number
+        .checked_mul(scale)
+        .ok_or_else(|| format!("duration {text:?} is too long"))?;
+    if secs == 0 {
+        return Err("the lifetime must be longer than 0".to_string());
+    }
+    Ok(Ttl(secs))
+}
+
+/// Parses `k=v,k2=v2` (empty means no requirement).
+fn parse_labels(text: &str) -> Result<Labels, String> {
+    let mut labels = HashMap::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("label {pair:?} is not of the form key=value"))?;
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(format!("label {pair:?} has an empty key"));
+        }
+        if labels
+            .insert(key.to_string(), value.trim().to_string())
+            .is_some()
+        {
+            return Err(format!("label {key:?} is given twice"));
+        }
+    }
+    Ok(labels)
+}
+
+/// Runs a `tokens` subcommand.
+pub(crate) async fn tokens(
+    url: &str,
+    out: OutputFormat,
+    command: TokensCommand,
+) -> anyhow::Result<ExitCode> {
+    let TokensCommand::Create(args) = command;
+    let coordinator = Coordinator::connect(url).await?;
+    let response = coordinator
+        .client()
+        .create_token(CreateTokenRequest {
+            uses: args.uses,
+            ttl_secs: args.ttl.0,
+            labels: args.labels.clone(),
+        })
+        .await
+        .map_err(|s| coordinator.error(s, "create token"))?
+        .into_inner();
+    match out {
+        OutputFormat::Text => {
+            // Only the token on stdout, so `TOKEN=$(drover tokens create)` works.
+            println!("{}", response.token);
+            let labels = if args.labels.is_empty() {
+                "any".to_string()
+            } else {
+                output::format_labels(&args.labels)
+            };
+            eprintln!(
+                "enrollment token for {} agent{} (labels: {labels}), expires {} UTC; it is shown only once",
+                args.uses,
+                if args.uses == 1 { "" } else { "s" },
+                output::format_time(response.expires_ms),
+            );
+        }
+        OutputFormat::Json => {
+            let value = serde_json::json!({
+                "token": response.token,
+                "expires_ms": response.expires_ms,
+                "uses": args.uses,
+                "labels": args.labels,
+            });
+            print!("{}", output::to_json_text(&value));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_units() {
+        assert_eq!(parse_ttl("90"), Ok(Ttl(90)));
+        assert_eq!(parse_ttl("90s"), Ok(Ttl(90)));
+        assert_eq!(parse_ttl("30m"), Ok(Ttl(1800)));
+        assert_eq!(parse_ttl("1h"), Ok(Ttl(3600)));
+        assert_eq!(parse_ttl("7d"), Ok(Ttl(604_800)));
+        assert!(parse_ttl("0").is_err());
+        assert!(parse_ttl("1w").unwrap_err().contains("unit"));
+        assert!(parse_ttl("h").is_err());
+        assert!(parse_ttl("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn labels() {
+        let l = parse_labels("os=linux, arch=amd64").unwrap();
+        assert_eq!(l["os"], "linux");
+        assert_eq!(l["arch"], "amd64");
+        assert!(parse_labels("").unwrap().is_empty());
+        assert!(parse_labels("os").unwrap_err().contains("key=value"));
+        assert!(parse_labels("=x").is_err());
+        assert!(parse_labels("a=1,a=2").unwrap_err().contains("twice"));
+    }
+}
