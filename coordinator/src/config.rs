@@ -61,6 +61,9 @@ pub struct Cli {
     /// gRPC listen address [default: 127.0.0.1:7330].
     #[arg(long, env = "DROVER_LISTEN")]
     pub listen: Option<String>,
+    /// HTTP listen address for the dashboard, /metrics and the probes [default: 127.0.0.1:7331].
+    #[arg(long, env = "DROVER_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
     /// Directory for the database, logs and blobs [default: ./drover-data].
     #[arg(long, env = "DROVER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -87,6 +90,8 @@ pub struct Cli {
 pub struct FileConfig {
     /// Listen address.
     pub listen: Option<String>,
+    /// HTTP listen address (dashboard, metrics, probes).
+    pub http_listen: Option<String>,
     /// Data directory.
     pub data_dir: Option<PathBuf>,
     /// Heartbeat interval ("2s").
@@ -106,6 +111,8 @@ pub struct FileConfig {
 pub struct Config {
     /// gRPC listen address.
     pub listen: SocketAddr,
+    /// HTTP listen address: dashboard, `/metrics`, `/healthz`, `/readyz`.
+    pub http_listen: SocketAddr,
     /// Data directory (database, logs, blobs).
     pub data_dir: PathBuf,
     /// Heartbeat interval told to agents.
@@ -124,6 +131,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7330)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 7331)),
             data_dir: PathBuf::from("./drover-data"),
             heartbeat_interval: Duration::from_secs(2),
             lease_ttl: Duration::from_secs(10),
@@ -135,10 +143,12 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Defaults with the given data directory: handy for tests.
+    /// Defaults with the given data directory: handy for tests. The HTTP side binds a free loopback port
+    /// (`127.0.0.1:0`) so that several coordinators in one test process do not collide.
     pub fn with_data_dir(dir: impl Into<PathBuf>) -> Self {
         Config {
             data_dir: dir.into(),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             ..Config::default()
         }
     }
@@ -157,6 +167,13 @@ impl Config {
             })?,
             None => d.listen,
         };
+        let http_listen = match cli.http_listen.as_ref().or(file.http_listen.as_ref()) {
+            Some(s) => s.parse().map_err(|e| ConfigError::Value {
+                field: "http-listen",
+                message: format!("{s:?}: {e}; expected HOST:PORT like 127.0.0.1:7331"),
+            })?,
+            None => d.http_listen,
+        };
         let dur = |field: &'static str,
                    flag: &Option<String>,
                    file: &Option<String>,
@@ -170,6 +187,7 @@ impl Config {
         };
         let config = Config {
             listen,
+            http_listen,
             data_dir: cli.data_dir.clone().or(file.data_dir).unwrap_or(d.data_dir),
             heartbeat_interval: dur(
                 "heartbeat-interval",
@@ -299,6 +317,21 @@ mod tests {
         assert_eq!(c.lease_ttl, Duration::from_secs(3));
         assert_eq!(c.max_retries, 5);
         assert_eq!(c.heartbeat_interval, Duration::from_secs(2));
+        assert_eq!(c.http_listen.port(), 7331);
+    }
+
+    #[test]
+    fn http_listen_from_file_flag_and_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "http-listen = \"127.0.0.1:9100\"\n").unwrap();
+        let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap()]);
+        assert_eq!(Config::from_cli(&cli).unwrap().http_listen.port(), 9100);
+        let cli = Cli::parse_from(["x", "--http-listen", "127.0.0.1:0"]);
+        assert_eq!(Config::from_cli(&cli).unwrap().http_listen.port(), 0);
+        let cli = Cli::parse_from(["x", "--http-listen", "localhost"]);
+        let e = Config::from_cli(&cli).unwrap_err().to_string();
+        assert!(e.contains("http-listen"), "{e}");
     }
 
     #[test]

@@ -2,13 +2,15 @@
 //! agents over gRPC.
 //!
 //! Layout: [`api`] holds thin gRPC services over the domain core [`engine`], which combines the pure
-//! [`scheduler`], the durable [`store`], the step [`logs`] and the content-addressed [`artifacts`].
+//! [`scheduler`], the durable [`store`], the step [`logs`] and the content-addressed [`artifacts`]. The [`http`] side serves
+//! operators: probes, Prometheus metrics and the dashboard.
 
 pub mod api;
 pub mod artifacts;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod http;
 pub mod logs;
 pub mod pipeline;
 pub mod scheduler;

@@ -1,5 +1,5 @@
-//! The gRPC server: binds the listener, serves AgentService, ControlService and `grpc.health.v1`, runs the
-//! lease timer, and shuts down when told.
+//! The gRPC server: binds the listener, serves AgentService, ControlService, `grpc.health.v1` and server
+//! reflection, runs the lease timer and the HTTP side ([`crate::http`]), and shuts down when told.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -35,6 +35,17 @@ pub enum ServerError {
     /// The transport failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not be built from the descriptor sets.
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The HTTP server failed.
+    #[error("HTTP server on {addr}: {source}")]
+    Http {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
 }
 
 /// A bound, not yet serving coordinator.
@@ -43,12 +54,15 @@ pub struct Server {
     engine: Engine,
     listener: TcpListener,
     addr: SocketAddr,
+    http_listener: TcpListener,
+    http_addr: SocketAddr,
 }
 
 impl Server {
     /// Open the data directory, load state and bind `config.listen` (port 0 picks a free port).
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
         let listen = config.listen;
+        let http_listen = config.http_listen;
         let engine = Engine::open(config).await?;
         let listener = TcpListener::bind(listen)
             .await
@@ -60,11 +74,33 @@ impl Server {
             addr: listen,
             source,
         })?;
+        let http_listener =
+            TcpListener::bind(http_listen)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: http_listen,
+                    source,
+                })?;
+        let http_addr = http_listener
+            .local_addr()
+            .map_err(|source| ServerError::Bind {
+                addr: http_listen,
+                source,
+            })?;
+        // Tests and scripts wait for this exact line to learn the port.
+        eprintln!("drover-coordinator http on {http_addr}");
         Ok(Server {
             engine,
             listener,
             addr,
+            http_listener,
+            http_addr,
         })
+    }
+
+    /// The HTTP address actually bound (dashboard, `/metrics`, probes).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
     }
 
     /// The address actually bound.
@@ -92,6 +128,23 @@ impl Server {
         let control = ControlServiceServer::new(ControlApi::new(engine.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(drover_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        // v1 is the standard; v1alpha is what older grpcurl and grpcui still ask for.
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
+        let http_addr = self.http_addr;
+        let mut http_closing = engine.closing();
+        let mut http = tokio::spawn(crate::http::serve(
+            self.http_listener,
+            engine.clone(),
+            async move {
+                let _ = http_closing.wait_for(|c| *c).await;
+            },
+        ));
         let closing = engine.clone();
         let result = tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -99,6 +152,8 @@ impl Server {
             .initial_connection_window_size(Some(8 << 20))
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(agent)
             .add_service(control)
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), async move {
@@ -109,12 +164,26 @@ impl Server {
             .await;
         engine.shutdown();
         leases.abort();
-        result.map_err(ServerError::from)
+        // Open log streams end with the engine; give the HTTP side a bounded grace to finish.
+        let http_result = match tokio::time::timeout(Duration::from_secs(5), &mut http).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(std::io::Error::other(format!("HTTP task: {e}"))),
+            Err(_) => {
+                http.abort();
+                Ok(())
+            }
+        };
+        result.map_err(ServerError::from)?;
+        http_result.map_err(|source| ServerError::Http {
+            addr: http_addr,
+            source,
+        })
     }
 
     /// Serve on a background task; for tests and embedding.
     pub fn spawn(self) -> RunningServer {
         let addr = self.addr;
+        let http_addr = self.http_addr;
         let engine = self.engine.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(self.serve(async move {
@@ -122,6 +191,7 @@ impl Server {
         }));
         RunningServer {
             addr,
+            http_addr,
             engine,
             stop: Some(stop),
             handle,
@@ -133,6 +203,7 @@ impl Server {
 #[derive(Debug)]
 pub struct RunningServer {
     addr: SocketAddr,
+    http_addr: SocketAddr,
     engine: Engine,
     stop: Option<oneshot::Sender<()>>,
     handle: JoinHandle<Result<(), ServerError>>,
@@ -142,6 +213,11 @@ impl RunningServer {
     /// Bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Bound HTTP address (dashboard, `/metrics`, probes).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
     }
 
     /// `http://ADDR`, for clients.

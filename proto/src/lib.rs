@@ -7,6 +7,9 @@ pub mod v1 {
     tonic::include_proto!("drover.v1");
 }
 
+/// The encoded `FileDescriptorSet` of `drover.v1`, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("drover_descriptor");
+
 /// Version reported by agents and coordinators.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

@@ -7,7 +7,9 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::BTreeMap;
+pub mod proxy;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use drover_proto::v1::control_service_client::ControlServiceClient;
 use drover_proto::v1::{
-    CreateTokenRequest, FollowLogsRequest, GetRunRequest, JobState, Run, RunState,
+    CreateTokenRequest, FailureClass, FollowLogsRequest, GetRunRequest, JobState, Run, RunState,
 };
 use futures::StreamExt;
 use tonic::transport::Channel;
@@ -92,6 +94,8 @@ pub struct AgentSpec {
 pub struct ClusterBuilder {
     agents: Vec<AgentSpec>,
     coordinator_args: Vec<String>,
+    /// Names of the agents that reach the coordinator through a [`proxy::Proxy`].
+    proxied: BTreeSet<String>,
 }
 
 impl ClusterBuilder {
@@ -115,6 +119,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// Adds an agent that reaches the coordinator through its own [`proxy::Proxy`] (see
+    /// [`Cluster::proxy`]), so a test can cut or blackhole its network path.
+    pub fn agent_via_proxy(mut self, name: &str, labels: &str, capacity: u32) -> Self {
+        self.proxied.insert(name.to_string());
+        self.agent_with_capacity(name, labels, capacity)
+    }
+
     /// Extra coordinator flags (e.g. `--lease-ttl 3s`).
     pub fn coordinator_args(mut self, args: &[&str]) -> Self {
         self.coordinator_args
@@ -131,8 +142,24 @@ impl ClusterBuilder {
             addr: String::new(),
             agents: BTreeMap::new(),
             coordinator_args: self.coordinator_args,
+            proxies: BTreeMap::new(),
         };
         cluster.start_coordinator(None)?;
+        if !self.proxied.is_empty() {
+            // The coordinator keeps its port across restarts, so a proxy's target stays valid.
+            let target: std::net::SocketAddr =
+                cluster
+                    .addr
+                    .trim_start_matches("http://")
+                    .parse()
+                    .with_context(|| format!("coordinator address {}", cluster.addr))?;
+            for name in &self.proxied {
+                let p = proxy::Proxy::start(target)
+                    .await
+                    .context("starting an agent's proxy")?;
+                cluster.proxies.insert(name.clone(), p);
+            }
+        }
         for spec in self.agents {
             cluster.add_agent(spec).await?;
         }
@@ -163,6 +190,8 @@ pub struct Cluster {
     /// Agents by name.
     pub agents: BTreeMap<String, AgentProc>,
     coordinator_args: Vec<String>,
+    /// Proxies of the agents attached through one, by agent name.
+    proxies: BTreeMap<String, proxy::Proxy>,
 }
 
 impl Cluster {
@@ -172,6 +201,7 @@ impl Cluster {
         ClusterBuilder {
             agents: Vec::new(),
             coordinator_args: Vec::new(),
+            proxied: BTreeSet::new(),
         }
     }
 
@@ -193,6 +223,8 @@ impl Cluster {
         let mut cmd = Command::new(bin("drover-coordinator"));
         cmd.arg("--listen")
             .arg(&listen)
+            .arg("--http-listen")
+            .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(&self.coordinator_args)
@@ -261,9 +293,14 @@ impl Cluster {
     }
 
     fn spawn_agent(&self, proc: &mut AgentProc, token: Option<&str>) -> Result<()> {
+        let url = self
+            .proxies
+            .get(&proc.spec.name)
+            .map(proxy::Proxy::url)
+            .unwrap_or_else(|| self.addr.clone());
         let mut cmd = Command::new(bin("drover-agent"));
         cmd.arg("--coordinator")
-            .arg(&self.addr)
+            .arg(&url)
             .arg("--labels")
             .arg(&proc.spec.labels)
             .arg("--capacity")
@@ -300,6 +337,67 @@ impl Cluster {
         let r = self.spawn_agent(&mut proc, None);
         self.agents.insert(name.to_string(), proc);
         r
+    }
+
+    /// The proxy an agent added with [`ClusterBuilder::agent_via_proxy`] goes through.
+    pub fn proxy(&self, name: &str) -> Option<&proxy::Proxy> {
+        self.proxies.get(name)
+    }
+
+    /// Sends `signal` (a `kill -SIG` name such as `STOP`) to a running agent; false when it is not running.
+    fn signal_agent(&self, name: &str, signal: &str) -> Result<bool> {
+        let Some(child) = self.agents.get(name).and_then(|a| a.child.as_ref()) else {
+            return Ok(false);
+        };
+        // A pid of a child we hold and have not waited for: it cannot have been reused.
+        let pid = child.id().to_string();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(&pid)
+            .status()
+            .with_context(|| format!("running kill -{signal} {pid}"))?;
+        anyhow::ensure!(status.success(), "kill -{signal} {pid} failed: {status}");
+        Ok(true)
+    }
+
+    /// SIGSTOP of an agent: it freezes (no heartbeats, no output) without its sockets closing, like a
+    /// host stalled by swapping or a long GC pause. Returns false when the agent is not running.
+    pub fn stop_agent(&self, name: &str) -> Result<bool> {
+        self.signal_agent(name, "STOP")
+    }
+
+    /// SIGCONT of an agent stopped with [`Cluster::stop_agent`]. Returns false when it is not running.
+    pub fn cont_agent(&self, name: &str) -> Result<bool> {
+        self.signal_agent(name, "CONT")
+    }
+
+    /// Stops an agent cleanly: SIGTERM (it drains and exits), then waits up to `grace` for it to exit;
+    /// past that it is killed and an error says so. Ok(None) when the agent was not running.
+    pub fn terminate_agent(
+        &mut self,
+        name: &str,
+        grace: Duration,
+    ) -> Result<Option<std::process::ExitStatus>> {
+        if !self.signal_agent(name, "TERM")? {
+            return Ok(None);
+        }
+        let mut child = self
+            .agents
+            .get_mut(name)
+            .and_then(|a| a.child.take())
+            .context("agent vanished while terminating")?;
+        let deadline = Instant::now() + grace;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("agent {name} did not exit within {grace:?} of SIGTERM; killed it");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Id of an agent.
@@ -470,11 +568,149 @@ impl Drop for Cluster {
                 .output()
             {
                 for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                    let _ = Command::new("docker").args(["volume", "rm", "-f", id]).output();
+                    let _ = Command::new("docker")
+                        .args(["volume", "rm", "-f", id])
+                        .output();
                 }
             }
         }
     }
+}
+
+/// True for the states a job never leaves.
+pub fn job_state_is_terminal(state: JobState) -> bool {
+    matches!(
+        state,
+        JobState::Succeeded
+            | JobState::Failed
+            | JobState::Skipped
+            | JobState::Canceled
+            | JobState::TimedOut
+            | JobState::Lost
+    )
+}
+
+/// Checks a finished run against DESIGN.md's invariants that the API can show; returns one line per
+/// violation (empty when it holds). `max_attempts` is 1 + the coordinator's infrastructure retry budget.
+///
+/// Checked: the run and every job are terminal and carry their finish time; the run's state agrees
+/// with its jobs'; no job made more than `max_attempts` attempts; a succeeded job has an attempt, an
+/// agent, no failure class and every step succeeded with exit code 0; a failed or lost job names a
+/// failure class; a job that ran had every job it needs succeeded before it started, and a skipped
+/// job never ran and needs a job that did not succeed.
+pub fn run_violations(run: &Run, max_attempts: u32) -> Vec<String> {
+    let mut bad = Vec::new();
+    let rid = &run.id;
+    if matches!(run.state(), RunState::Running | RunState::Unspecified) {
+        bad.push(format!("run {rid}: not terminal ({:?})", run.state()));
+    } else if run.finished_ms <= 0 {
+        bad.push(format!(
+            "run {rid}: terminal ({:?}) without a finish time",
+            run.state()
+        ));
+    }
+    let all_succeeded = run.jobs.iter().all(|j| j.state() == JobState::Succeeded);
+    match run.state() {
+        RunState::Succeeded if !all_succeeded => {
+            bad.push(format!("run {rid}: SUCCEEDED but not every job succeeded"))
+        }
+        RunState::Failed if all_succeeded => {
+            bad.push(format!("run {rid}: FAILED but every job succeeded"))
+        }
+        _ => {}
+    }
+    let by_name: BTreeMap<&str, &drover_proto::v1::Job> =
+        run.jobs.iter().map(|j| (j.name.as_str(), j)).collect();
+    for j in &run.jobs {
+        let at = format!("run {rid} job {}", j.name);
+        let state = j.state();
+        if !job_state_is_terminal(state) {
+            bad.push(format!("{at}: not terminal ({state:?})"));
+            continue;
+        }
+        if j.attempts > max_attempts {
+            bad.push(format!(
+                "{at}: {} attempts, more than 1 + retry budget = {max_attempts}",
+                j.attempts
+            ));
+        }
+        if state != JobState::Skipped && state != JobState::Canceled && j.finished_ms <= 0 {
+            bad.push(format!("{at}: {state:?} without a finish time"));
+        }
+        match state {
+            JobState::Succeeded => {
+                if j.attempts == 0 || j.attempt_id.is_empty() || j.agent_id.is_empty() {
+                    bad.push(format!(
+                        "{at}: SUCCEEDED without a committed attempt (attempts {}, attempt {:?}, agent {:?})",
+                        j.attempts, j.attempt_id, j.agent_id
+                    ));
+                }
+                if j.failure() != FailureClass::None {
+                    bad.push(format!(
+                        "{at}: SUCCEEDED with failure class {:?}",
+                        j.failure()
+                    ));
+                }
+                for (i, s) in j.steps.iter().enumerate() {
+                    if s.state() != JobState::Succeeded || s.exit_code != 0 {
+                        bad.push(format!(
+                            "{at}: SUCCEEDED but step {i} ({}) is {:?} with exit code {}",
+                            s.name,
+                            s.state(),
+                            s.exit_code
+                        ));
+                    }
+                }
+                if j.started_ms <= 0 || j.finished_ms < j.started_ms {
+                    bad.push(format!(
+                        "{at}: times out of order: started {} finished {}",
+                        j.started_ms, j.finished_ms
+                    ));
+                }
+            }
+            JobState::Failed | JobState::Lost if j.failure() == FailureClass::None => {
+                bad.push(format!("{at}: {state:?} without a failure class"));
+            }
+            _ => {}
+        }
+        let needs: Vec<&drover_proto::v1::Job> = j
+            .needs
+            .iter()
+            .filter_map(|n| {
+                let found = by_name.get(n.as_str()).copied();
+                if found.is_none() {
+                    bad.push(format!("{at}: needs {n}, which is not a job of the run"));
+                }
+                found
+            })
+            .collect();
+        if state == JobState::Skipped {
+            if j.attempts != 0 {
+                bad.push(format!("{at}: SKIPPED after {} attempts", j.attempts));
+            }
+            if needs.iter().all(|n| n.state() == JobState::Succeeded) {
+                bad.push(format!(
+                    "{at}: SKIPPED although every job it needs succeeded"
+                ));
+            }
+        } else if j.attempts > 0 {
+            for n in &needs {
+                if n.state() != JobState::Succeeded {
+                    bad.push(format!(
+                        "{at}: ran although the job it needs {} is {:?}",
+                        n.name,
+                        n.state()
+                    ));
+                } else if j.started_ms > 0 && j.started_ms < n.finished_ms {
+                    bad.push(format!(
+                        "{at}: started at {} before the job it needs {} finished at {}",
+                        j.started_ms, n.name, n.finished_ms
+                    ));
+                }
+            }
+        }
+    }
+    bad
 }
 
 /// `k=v,k=v` -> map.
@@ -497,4 +733,89 @@ pub fn job<'a>(run: &'a Run, name: &str) -> &'a drover_proto::v1::Job {
 /// State of a job of a run.
 pub fn job_state(run: &Run, name: &str) -> JobState {
     job(run, name).state()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_proto::v1::{Job, Step};
+
+    fn done_job(name: &str, needs: &[&str], started: i64, finished: i64) -> Job {
+        Job {
+            name: name.into(),
+            state: JobState::Succeeded as i32,
+            needs: needs.iter().map(|s| s.to_string()).collect(),
+            agent_id: "agent-1".into(),
+            attempt_id: format!("{name}-attempt"),
+            attempts: 1,
+            steps: vec![Step {
+                name: "s0".into(),
+                state: JobState::Succeeded as i32,
+                ..Default::default()
+            }],
+            started_ms: started,
+            finished_ms: finished,
+            ..Default::default()
+        }
+    }
+
+    fn run_of(state: RunState, jobs: Vec<Job>) -> Run {
+        Run {
+            id: "r".into(),
+            state: state as i32,
+            finished_ms: 100,
+            jobs,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_clean_run_has_no_violations() {
+        let run = run_of(
+            RunState::Succeeded,
+            vec![done_job("a", &[], 1, 10), done_job("b", &["a"], 11, 20)],
+        );
+        assert_eq!(run_violations(&run, 3), Vec::<String>::new());
+    }
+
+    #[test]
+    fn each_broken_invariant_is_reported() {
+        let mut too_many = done_job("a", &[], 1, 10);
+        too_many.attempts = 4;
+        let early = done_job("b", &["a"], 5, 20);
+        let mut skipped_wrongly = done_job("c", &["a"], 0, 0);
+        skipped_wrongly.state = JobState::Skipped as i32;
+        let mut running = done_job("d", &[], 1, 0);
+        running.state = JobState::Running as i32;
+        let mut failed_classless = done_job("e", &[], 1, 2);
+        failed_classless.state = JobState::Failed as i32;
+        let mut bad_step = done_job("f", &[], 1, 2);
+        bad_step.steps[0].state = JobState::Failed as i32;
+        let run = run_of(
+            RunState::Succeeded,
+            vec![
+                too_many,
+                early,
+                skipped_wrongly,
+                running,
+                failed_classless,
+                bad_step,
+            ],
+        );
+        let v = run_violations(&run, 3).join("\n");
+        for needle in [
+            "job a: 4 attempts",
+            "job b: started at 5 before the job it needs a finished at 10",
+            "job c: SKIPPED after 1 attempts",
+            "job c: SKIPPED although every job it needs succeeded",
+            "job d: not terminal",
+            "job e: Failed without a failure class",
+            "job f: SUCCEEDED but step 0",
+            "run r: SUCCEEDED but not every job succeeded",
+        ] {
+            assert!(v.contains(needle), "missing {needle:?} in:\n{v}");
+        }
+        let unfinished = run_of(RunState::Running, vec![]);
+        assert!(run_violations(&unfinished, 3)[0].contains("not terminal"));
+    }
 }

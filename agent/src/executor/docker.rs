@@ -111,6 +111,9 @@ impl DockerExecutor {
             working_dir: Some(WORKSPACE_DIR.to_string()),
             host_config: Some(HostConfig {
                 binds: Some(vec![format!("{}:{WORKSPACE_DIR}", ws.volume)]),
+                // A tiny init as PID 1 forwards SIGTERM to the step's shell: as PID 1 itself, `sh`
+                // would ignore it and every cancel would wait out the grace period for SIGKILL.
+                init: Some(true),
                 log_config: Some(HostConfigLogConfig {
                     typ: Some("none".to_string()),
                     config: None,

@@ -68,32 +68,28 @@ impl AgentService for AgentApi {
         }))
     }
 
-    type AttachStream = ReceiverStream<Result<pb::CoordinatorMessage, Status>>;
-
     async fn attach(
         &self,
         req: Request<Streaming<pb::AgentMessage>>,
-    ) -> Result<Response<Self::AttachStream>, Status> {
+    ) -> Result<Response<BoxStream<pb::CoordinatorMessage>>, Status> {
         let agent_id = agent_of(&self.engine, &req)?;
         let inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(AGENT_CHANNEL);
         let engine = self.engine.clone();
         // The session outlives this call: it reads the agent's messages until the stream ends.
         tokio::spawn(agent_session(engine, agent_id, inbound, tx));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
-
-    type PushLogsStream = ReceiverStream<Result<pb::LogAck, Status>>;
 
     async fn push_logs(
         &self,
         req: Request<Streaming<pb::LogChunk>>,
-    ) -> Result<Response<Self::PushLogsStream>, Status> {
+    ) -> Result<Response<BoxStream<pb::LogAck>>, Status> {
         let agent_id = agent_of(&self.engine, &req)?;
         let inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(ship_logs(self.engine.clone(), agent_id, inbound, tx));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn upload_artifact(
@@ -125,7 +121,10 @@ impl AgentService for AgentApi {
             .map_err(CoordError::from)?;
         while let Some(chunk) = inbound.message().await? {
             match chunk.part {
-                Some(Part::Data(d)) => w.write(&d).await.map_err(CoordError::from)?,
+                Some(Part::Data(d)) => {
+                    self.engine.metrics().artifact_bytes(d.len() as u64);
+                    w.write(&d).await.map_err(CoordError::from)?
+                }
                 Some(Part::Header(_)) => {
                     return Err(CoordError::InvalidArgument(
                         "an upload has exactly one header".into(),
@@ -161,12 +160,10 @@ impl AgentService for AgentApi {
         Ok(Response::new(pb::ArtifactUploaded { digest, size }))
     }
 
-    type DownloadBlobStream = BoxStream<pb::BlobChunk>;
-
     async fn download_blob(
         &self,
         req: Request<pb::BlobRequest>,
-    ) -> Result<Response<Self::DownloadBlobStream>, Status> {
+    ) -> Result<Response<BoxStream<pb::BlobChunk>>, Status> {
         let agent_id = agent_of(&self.engine, &req)?;
         let r = req.into_inner();
         self.engine
@@ -330,6 +327,7 @@ async fn ship_logs(
                     .logs()
                     .append(&c.attempt_id, c.step_index, c.offset, &c.data, c.eof)
                     .await?;
+                engine.metrics().log_bytes(c.data.len() as u64);
                 Ok(())
             }
             .await;

@@ -92,53 +92,25 @@ impl ControlService for ControlApi {
         Ok(Response::new(pb::ListRunsResponse { runs }))
     }
 
-    type WatchRunStream = ReceiverStream<Result<pb::Run, Status>>;
-
     async fn watch_run(
         &self,
         req: Request<pb::GetRunRequest>,
-    ) -> Result<Response<Self::WatchRunStream>, Status> {
+    ) -> Result<Response<BoxStream<pb::Run>>, Status> {
         let run_id = req.into_inner().run_id;
         // Subscribe before the first snapshot so no change between the two is missed.
         let changes = self.engine.subscribe();
         let first = self.engine.get_run(&run_id).await?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(watch_run(self.engine.clone(), run_id, first, changes, tx));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
-
-    type FollowLogsStream = ReceiverStream<Result<pb::LogEvent, Status>>;
 
     async fn follow_logs(
         &self,
         req: Request<pb::FollowLogsRequest>,
-    ) -> Result<Response<Self::FollowLogsStream>, Status> {
-        let r = req.into_inner();
-        let changes = self.engine.subscribe();
-        let view = self.engine.job_view(&r.run_id, &r.job).await?;
-        let steps: Vec<u32> = if r.step.is_empty() {
-            (0..view.steps.len() as u32).collect()
-        } else {
-            let i = view
-                .steps
-                .iter()
-                .position(|(n, _)| *n == r.step)
-                .ok_or_else(|| {
-                    CoordError::NotFound(format!(
-                        "job {:?} of run {} has no step {:?}",
-                        r.job, r.run_id, r.step
-                    ))
-                })?;
-            vec![i as u32]
-        };
-        let (tx, rx) = mpsc::channel(16);
-        let engine = self.engine.clone();
-        tokio::spawn(async move {
-            if let Err(e) = follow_logs(&engine, &r, &steps, changes, &tx).await {
-                let _ = tx.send(Err(e.into())).await;
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+    ) -> Result<Response<BoxStream<pb::LogEvent>>, Status> {
+        let rx = start_follow_logs(&self.engine, req.into_inner()).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn cancel_run(
@@ -170,12 +142,10 @@ impl ControlService for ControlApi {
         Ok(Response::new(pb::ListArtifactsResponse { artifacts }))
     }
 
-    type GetArtifactStream = BoxStream<pb::BlobChunk>;
-
     async fn get_artifact(
         &self,
         req: Request<pb::GetArtifactRequest>,
-    ) -> Result<Response<Self::GetArtifactStream>, Status> {
+    ) -> Result<Response<BoxStream<pb::BlobChunk>>, Status> {
         let r = req.into_inner();
         let a = self.engine.artifact(&r.run_id, &r.job, &r.path).await?;
         let s = self
@@ -210,6 +180,50 @@ impl ControlService for ControlApi {
         let (token, expires_ms) = self.engine.create_token(r.uses, ttl, labels).await?;
         Ok(Response::new(pb::CreateTokenResponse { token, expires_ms }))
     }
+
+    async fn explain_job(
+        &self,
+        req: Request<pb::ExplainJobRequest>,
+    ) -> Result<Response<pb::ExplainJobResponse>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.engine.explain_job(&r.run_id, &r.job).await?,
+        ))
+    }
+}
+
+/// Start streaming a job's logs (the FollowLogs rpc; also the dashboard's log endpoint): checks the run,
+/// job and step now, then pumps events into a bounded channel from a task that stops when the receiver is
+/// dropped.
+pub(crate) async fn start_follow_logs(
+    engine: &Engine,
+    r: pb::FollowLogsRequest,
+) -> CoordResult<mpsc::Receiver<Result<pb::LogEvent, Status>>> {
+    let changes = engine.subscribe();
+    let view = engine.job_view(&r.run_id, &r.job).await?;
+    let steps: Vec<u32> = if r.step.is_empty() {
+        (0..view.steps.len() as u32).collect()
+    } else {
+        let i = view
+            .steps
+            .iter()
+            .position(|(n, _)| *n == r.step)
+            .ok_or_else(|| {
+                CoordError::NotFound(format!(
+                    "job {:?} of run {} has no step {:?}",
+                    r.job, r.run_id, r.step
+                ))
+            })?;
+        vec![i as u32]
+    };
+    let (tx, rx) = mpsc::channel(16);
+    let engine = engine.clone();
+    tokio::spawn(async move {
+        if let Err(e) = follow_logs(&engine, &r, &steps, changes, &tx).await {
+            let _ = tx.send(Err(e.into())).await;
+        }
+    });
+    Ok(rx)
 }
 
 /// Wait for the next change of `run_id`. Returns false when the coordinator is closing.

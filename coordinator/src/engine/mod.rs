@@ -8,6 +8,7 @@
 
 pub mod machine;
 pub mod model;
+pub mod why;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +26,7 @@ use tonic::Status as GrpcStatus;
 use crate::artifacts::BlobStore;
 use crate::config::Config;
 use crate::error::{CoordError, CoordResult};
+use crate::http::metrics::Metrics;
 use crate::logs::LogStore;
 use crate::scheduler::{self, AgentSlots, QueuedJob};
 use crate::store::{EnrollRefusal, Store, Write};
@@ -79,6 +81,7 @@ struct Inner {
     changes: broadcast::Sender<String>,
     closing: watch::Sender<bool>,
     next_session: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, Default)]
@@ -208,6 +211,7 @@ impl Engine {
                 changes,
                 closing,
                 next_session: AtomicU64::new(1),
+                metrics: Arc::new(Metrics::new()),
             }),
         })
     }
@@ -225,6 +229,73 @@ impl Engine {
     /// The blob store.
     pub fn blobs(&self) -> &BlobStore {
         &self.inner.blobs
+    }
+
+    /// The Prometheus metrics, updated by every committed change.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Readiness: the store is open and answers a query.
+    pub async fn ready(&self) -> CoordResult<()> {
+        self.inner.store.list_runs(1).await?;
+        Ok(())
+    }
+
+    /// A consistent snapshot of unfinished runs (oldest first) and every agent, for the scheduler's
+    /// explanations, metrics and the dashboard.
+    pub fn fleet_view(&self) -> why::FleetView {
+        let st = self.lock();
+        let mut runs: Vec<RunRec> = st.runs.values().cloned().collect();
+        runs.sort_by_key(|r| r.seq);
+        let mut agents: Vec<why::AgentView> = st
+            .agents
+            .values()
+            .map(|a| {
+                let mut running: Vec<why::RunningView> = st
+                    .attempts
+                    .values()
+                    .filter(|at| at.agent_id == a.rec.id)
+                    .map(|at| why::RunningView {
+                        attempt_id: at.id.clone(),
+                        run_id: at.run_id.clone(),
+                        job: at.job.clone(),
+                    })
+                    .collect();
+                running.sort_by(|x, y| x.attempt_id.cmp(&y.attempt_id));
+                why::AgentView {
+                    id: a.rec.id.clone(),
+                    hostname: a.rec.hostname.clone(),
+                    labels: a.rec.labels.clone(),
+                    capacity: a.rec.capacity,
+                    connected: a.session.is_some(),
+                    revoked: a.rec.revoked,
+                    running,
+                    last_seen_ms: a.last_seen_ms,
+                }
+            })
+            .collect();
+        agents.sort_by(|x, y| x.id.cmp(&y.id));
+        why::FleetView { runs, agents }
+    }
+
+    /// Why job `job` of `run_id` is in its state, and what would let it run.
+    pub async fn explain_job(
+        &self,
+        run_id: &str,
+        job: &str,
+    ) -> CoordResult<pb::ExplainJobResponse> {
+        let run = self.run_rec(run_id).await?;
+        let fleet = self.fleet_view();
+        // An active run is re-read from the same snapshot so the job and the queue agree.
+        let run = fleet
+            .runs
+            .iter()
+            .find(|r| r.id == run_id)
+            .cloned()
+            .unwrap_or(run);
+        why::explain(&run, job, &fleet)
+            .ok_or_else(|| CoordError::NotFound(format!("run {run_id} has no job {job:?}")))
     }
 
     /// Notifications carrying the id of every run that changed (after the change is durable).
@@ -272,11 +343,15 @@ impl Engine {
         writes.extend(tx.agents.values().cloned().map(Write::Agent));
         writes.extend(tx.runs.values().cloned().map(Write::Run));
         writes.extend(tx.attempts.values().cloned().map(Write::Attempt));
+        let began = std::time::Instant::now();
         self.inner.store.commit(writes).await?;
+        self.inner.metrics.store_commit(began.elapsed());
         let changed: Vec<String> = tx.runs.keys().cloned().collect();
         {
             let mut st = self.lock();
+            let now = now_ms();
             for (id, r) in tx.runs {
+                self.inner.metrics.run_changed(st.runs.get(&id), &r, now);
                 if r.state == RunStatus::Running {
                     st.runs.insert(id, r);
                 } else {
