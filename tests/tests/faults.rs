@@ -25,7 +25,8 @@ async fn killed_agent_job_moves_to_another_agent_within_ttl() {
         .unwrap();
     let first = cluster
         .wait_until(&run_id, Duration::from_secs(60), |r| {
-            job(r, "slow").state() == JobState::Running && !job(r, "slow").steps.is_empty()
+            job(r, "slow").state() == JobState::Running
+                && !job(r, "slow").steps.is_empty()
                 && job(r, "slow").steps[0].state() == JobState::Running
         })
         .await
@@ -72,7 +73,10 @@ async fn killed_agent_job_moves_to_another_agent_within_ttl() {
     assert_eq!(slow.attempts, 2);
     assert_eq!(slow.agent_id, second_id);
     let log = cluster.log(&run_id, "slow", "work").await.unwrap();
-    assert_eq!(log, b"started\ndone\n", "the committed log is the second attempt's, whole");
+    assert_eq!(
+        log, b"started\ndone\n",
+        "the committed log is the second attempt's, whole"
+    );
 }
 
 /// Canceling a run stops its running container (SIGTERM, then SIGKILL after the grace period), ends
@@ -100,7 +104,11 @@ async fn cancel_stops_running_containers() {
         .unwrap();
     let asked = Instant::now();
     let out = cluster.drover(&["cancel", &run_id]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let run = cluster
         .wait_run(&run_id, Duration::from_secs(30))
         .await
@@ -117,7 +125,9 @@ async fn cancel_stops_running_containers() {
         .client()
         .await
         .unwrap()
-        .cancel_run(CancelRunRequest { run_id: run_id.clone() })
+        .cancel_run(CancelRunRequest {
+            run_id: run_id.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -165,7 +175,10 @@ async fn coordinator_kill_keeps_running_and_queued_jobs() {
         .unwrap();
     assert_eq!(done.state(), RunState::Succeeded, "{done:#?}");
     let running = job(&done, "running");
-    assert_eq!(running.attempt_id, attempt, "the running attempt carried on");
+    assert_eq!(
+        running.attempt_id, attempt,
+        "the running attempt carried on"
+    );
     assert_eq!(running.attempts, 1);
     assert_eq!(job(&done, "queued").attempts, 1);
     assert_eq!(

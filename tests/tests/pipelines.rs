@@ -76,7 +76,10 @@ jobs:
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "drover run failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "drover run failed:\n{stdout}\n{stderr}"
+    );
     // The live log reached the follower, prefixed with job/step.
     assert!(
         stdout.contains("train/step-1 | hello from the source tree"),
@@ -240,7 +243,10 @@ jobs:
     }
     assert_eq!(body.len(), 3000 * 1024);
     let digest = hex::encode(Sha256::digest(&body));
-    assert_eq!(digest, in_container, "artifact differs from the file in the container");
+    assert_eq!(
+        digest, in_container,
+        "artifact differs from the file in the container"
+    );
 
     // The CLI fetches the same bytes to a file.
     let dest = cluster.scratch().join("random.bin");
@@ -253,7 +259,11 @@ jobs:
         "-o",
         dest.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(std::fs::read(&dest).unwrap(), body);
     cluster.assert_no_leftovers(Duration::from_secs(10)).await;
 }
@@ -285,7 +295,11 @@ jobs:
     let log = cluster.log(&run_id, "one", "say").await.unwrap();
     assert_eq!(log, b"kept across restarts\n");
     let out = cluster.drover(&["artifacts", "get", &run_id, "one", "f.txt", "-o", "-"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(out.stdout, b"data\n");
 }
 
@@ -318,7 +332,9 @@ async fn bad_pipelines_are_rejected_with_their_reason() {
         ),
     ];
     for (name, yaml, needle) in cases {
-        let file = cluster.scratch().join(format!("{}.yml", name.replace(' ', "-")));
+        let file = cluster
+            .scratch()
+            .join(format!("{}.yml", name.replace(' ', "-")));
         std::fs::write(&file, yaml).unwrap();
         let out = cluster.drover(&["run", file.to_str().unwrap()]);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -342,7 +358,11 @@ async fn bad_pipelines_are_rejected_with_their_reason() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().contains("line 5, column 9"), "{}", err.message());
+    assert!(
+        err.message().contains("line 5, column 9"),
+        "{}",
+        err.message()
+    );
     let runs = cluster
         .client()
         .await
