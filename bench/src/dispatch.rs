@@ -1,0 +1,148 @@
+//! `dispatch`: job enqueued -> assignment received by an idle simulated agent, sequential jobs, beside a
+//! raw tonic echo round trip.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use drover_proto::v1::control_service_client::ControlServiceClient;
+use drover_proto::v1::{GetRunRequest, RunState, SubmitRunRequest};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+use crate::cluster::Coordinator;
+use crate::echo;
+use crate::report::{Figure, Line, Samples};
+use crate::sim_agent::{SimAgent, SimReport};
+use crate::Opts;
+
+/// A one-job, one-step pipeline; simulated agents never run its command.
+pub(crate) const NOOP_PIPELINE: &str = "jobs:\n  noop:\n    steps:\n      - image: drover-busybox:latest\n        commands: [\"true\"]\n";
+
+/// Jobs run before measuring (SQLite page cache, connection warm-up).
+const WARMUP: usize = 50;
+
+/// Longest a single job may take before the benchmark gives up.
+const JOB_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Latencies of sequential one-job runs on one idle simulated agent.
+#[derive(Debug)]
+pub(crate) struct Sequential {
+    /// Just before SubmitRun -> the assignment at the agent.
+    pub(crate) dispatch: Samples,
+    /// Just before SubmitRun -> WatchRun shows the run succeeded.
+    pub(crate) e2e: Samples,
+}
+
+/// Starts a coordinator and one simulated agent, then runs `n` jobs one after the other: each is submitted
+/// only after the previous run was seen succeeded, so the agent is idle at every submit.
+pub(crate) async fn sequential_jobs(n: usize) -> Result<Sequential> {
+    let coord = Coordinator::start(&[]).await?;
+    let token = coord.token(1).await?;
+    let (tx, mut assignments) = mpsc::channel(4);
+    let mut agent = SimAgent::start(
+        &coord.url,
+        &token,
+        "sim-0",
+        SimReport {
+            assignments: Some(tx),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let mut client = coord.control().await?;
+    let mut dispatch = Vec::with_capacity(n);
+    let mut e2e = Vec::with_capacity(n);
+    for i in 0..WARMUP + n {
+        let r = one_job(&mut client, &mut assignments).await;
+        let (d, e) = r.with_context(|| {
+            let alive = agent
+                .check_alive()
+                .err()
+                .map(|e| format!("; {e}"))
+                .unwrap_or_default();
+            format!("job {i}{alive}; coordinator said:\n{}", coord.tail())
+        })?;
+        if i >= WARMUP {
+            dispatch.push(d);
+            e2e.push(e);
+        }
+    }
+    Ok(Sequential {
+        dispatch: Samples::new(dispatch),
+        e2e: Samples::new(e2e),
+    })
+}
+
+async fn one_job(
+    client: &mut ControlServiceClient<Channel>,
+    assignments: &mut mpsc::Receiver<Instant>,
+) -> Result<(Duration, Duration)> {
+    let t0 = Instant::now();
+    let run_id = client
+        .submit_run(SubmitRunRequest {
+            pipeline: NOOP_PIPELINE.to_string(),
+            context_digest: String::new(),
+            name: "bench".to_string(),
+        })
+        .await
+        .context("SubmitRun")?
+        .into_inner()
+        .run_id;
+    let assigned = tokio::time::timeout(JOB_TIMEOUT, assignments.recv())
+        .await
+        .map_err(|_| anyhow!("run {run_id}: no assignment within {JOB_TIMEOUT:?}"))?
+        .ok_or_else(|| anyhow!("the simulated agent's session ended"))?;
+    let dispatch = assigned.saturating_duration_since(t0);
+    let state = tokio::time::timeout(JOB_TIMEOUT, watch_until_finished(client, &run_id))
+        .await
+        .map_err(|_| anyhow!("run {run_id} not finished within {JOB_TIMEOUT:?}"))??;
+    let e2e = t0.elapsed();
+    if state != RunState::Succeeded {
+        bail!("run {run_id} ended {state:?}, expected Succeeded");
+    }
+    Ok((dispatch, e2e))
+}
+
+/// Follows WatchRun until the run is no longer running; returns its final state.
+pub(crate) async fn watch_until_finished(
+    client: &mut ControlServiceClient<Channel>,
+    run_id: &str,
+) -> Result<RunState> {
+    let mut stream = client
+        .watch_run(GetRunRequest {
+            run_id: run_id.to_string(),
+        })
+        .await
+        .context("WatchRun")?
+        .into_inner();
+    while let Some(run) = stream.message().await.context("WatchRun stream failed")? {
+        if run.state() != RunState::Running {
+            return Ok(run.state());
+        }
+    }
+    bail!("WatchRun of {run_id} ended while the run was still running")
+}
+
+/// The benchmark: echo floor first, then the sequential jobs.
+pub(crate) async fn run(opts: &Opts) -> Result<Vec<Line>> {
+    let n = if opts.quick { 1_000 } else { 10_000 };
+    let echo = echo::round_trips(n).await.context("echo floor")?;
+    let seq = sequential_jobs(n).await?;
+    eprintln!(
+        "dispatch: {} jobs, echo {} round trips",
+        seq.dispatch.len(),
+        echo.len()
+    );
+    Ok(vec![
+        Line::new(
+            Figure::us("dispatch.p50", seq.dispatch.p50()),
+            Figure::us("echo.p50", echo.p50()),
+            "<= 2.0x",
+        ),
+        Line::new(
+            Figure::us("dispatch.p99", seq.dispatch.p99()),
+            Figure::us("echo.p99", echo.p99()),
+            "<= 500 us",
+        ),
+    ])
+}

@@ -1,0 +1,124 @@
+//! `drover-bench`: Drover's benchmarks. Each prints one line per result, beside a floor measured in the
+//! same run: `name value unit (floor X unit, ratio R, target T)`. See BENCHMARKS.md.
+
+mod cluster;
+mod container_step;
+mod dispatch;
+mod e2e_noop;
+mod echo;
+mod failure_detection;
+mod fleet;
+mod report;
+mod sim_agent;
+mod throughput;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// The benchmarks, in the order they run.
+const BENCHMARKS: [&str; 6] = [
+    "failure_detection",
+    "dispatch",
+    "e2e_noop",
+    "throughput",
+    "container_step",
+    "fleet",
+];
+
+/// Drover's benchmarks, each beside its floor.
+#[derive(Debug, Parser)]
+#[command(name = "drover-bench", version)]
+struct Cli {
+    /// Run only this benchmark (failure_detection, dispatch, e2e_noop, throughput, container_step, fleet).
+    #[arg(long, value_name = "NAME")]
+    only: Option<String>,
+    /// Smaller counts, for a quick look.
+    #[arg(long)]
+    quick: bool,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// The other end of the echo floor (spawned by the dispatch benchmark).
+    #[command(hide = true)]
+    EchoServer,
+}
+
+/// Options every benchmark reads.
+#[derive(Debug, Clone)]
+pub(crate) struct Opts {
+    /// Smaller counts.
+    pub(crate) quick: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("drover-bench: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(Cmd::EchoServer) = cli.cmd {
+        return match runtime.block_on(echo::serve()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("drover-bench echo-server: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let selected: Vec<&str> = match &cli.only {
+        Some(name) if BENCHMARKS.contains(&name.as_str()) => vec![name.as_str()],
+        Some(name) => {
+            eprintln!(
+                "drover-bench: unknown benchmark {name:?}; expected one of {}",
+                BENCHMARKS.join(", ")
+            );
+            return ExitCode::from(2);
+        }
+        None => BENCHMARKS.to_vec(),
+    };
+    let opts = Opts { quick: cli.quick };
+    let mut failed = Vec::new();
+    for name in selected {
+        eprintln!("==> {name}");
+        match runtime.block_on(run_one(name, &opts)) {
+            Ok(lines) => {
+                let mut out = std::io::stdout().lock();
+                for l in lines {
+                    let _ = writeln!(out, "{l}");
+                }
+                let _ = out.flush();
+            }
+            Err(e) => {
+                eprintln!("drover-bench: {name} failed: {e:#}");
+                failed.push(name);
+            }
+        }
+    }
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("drover-bench: failed: {}", failed.join(", "));
+        ExitCode::FAILURE
+    }
+}
+
+async fn run_one(name: &str, opts: &Opts) -> Result<Vec<report::Line>> {
+    match name {
+        "failure_detection" => failure_detection::run(opts).await,
+        "dispatch" => dispatch::run(opts).await,
+        "e2e_noop" => e2e_noop::run(opts).await,
+        "throughput" => throughput::run(opts).await,
+        "container_step" => container_step::run(opts).await,
+        "fleet" => fleet::run(opts).await,
+        other => anyhow::bail!("unknown benchmark {other:?}"),
+    }
+}

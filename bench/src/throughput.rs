@@ -1,0 +1,195 @@
+//! `throughput`: completed jobs per second with 1, 8 and 64 simulated agents (capacity 1, one connection
+//! each), runs submitted by concurrent clients; beside bare SQLite group commits on the same disk.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use drover_proto::v1::{GetRunRequest, RunState, SubmitRunRequest};
+use futures::StreamExt;
+
+use crate::cluster::Coordinator;
+use crate::dispatch::NOOP_PIPELINE;
+use crate::report::{Figure, Line};
+use crate::sim_agent::{start_many, SimReport};
+use crate::Opts;
+
+/// Concurrent submitting clients, each on its own connection.
+const CLIENTS: usize = 16;
+
+/// Jobs per transaction of the SQLite floor.
+const SQLITE_BATCH: usize = 64;
+
+/// Longest the whole load may take to finish.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The benchmark.
+pub(crate) async fn run(opts: &Opts) -> Result<Vec<Line>> {
+    let jobs = if opts.quick { 600 } else { 3_000 };
+    let mut lines = Vec::new();
+    for agents in [1usize, 8, 64] {
+        let coord = Coordinator::start(&[]).await?;
+        let floor_dir = coord.scratch("sqlite-floor")?;
+        let floor_jobs = jobs.max(10_000);
+        let floor = tokio::task::spawn_blocking(move || sqlite_floor(&floor_dir, floor_jobs))
+            .await
+            .context("the SQLite floor panicked")??;
+        let rate = load(&coord, agents, jobs)
+            .await
+            .with_context(|| format!("{agents} agents; coordinator said:\n{}", coord.tail()))?;
+        eprintln!("throughput: {agents} agents, {jobs} jobs: {rate:.0} jobs/s");
+        let target = if agents == 64 {
+            ">= 10000 jobs/s"
+        } else {
+            "n/a (64 agents: >= 10000 jobs/s)"
+        };
+        lines.push(Line::new(
+            Figure::new(format!("throughput.{agents}_agents"), rate, "jobs/s"),
+            Figure::new("sqlite.group_commit", floor, "jobs/s"),
+            target,
+        ));
+    }
+    Ok(lines)
+}
+
+/// Attaches `agents` simulated agents, submits `jobs` one-job runs from [`CLIENTS`] clients at once and
+/// returns completed jobs per second (first submit -> last JobResult sent), after checking every run
+/// succeeded.
+async fn load(coord: &Coordinator, agents: usize, jobs: usize) -> Result<f64> {
+    let token = coord.token(agents as u32).await?;
+    let completed = Arc::new(AtomicU64::new(0));
+    let report = SimReport {
+        assignments: None,
+        completed: completed.clone(),
+    };
+    let mut fleet = start_many(&coord.url, &token, agents, 16, report).await?;
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let mut submitters = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut client = coord.control().await?;
+        let next = next.clone();
+        submitters.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < jobs {
+                let id = client
+                    .submit_run(SubmitRunRequest {
+                        pipeline: NOOP_PIPELINE.to_string(),
+                        context_digest: String::new(),
+                        name: "bench".to_string(),
+                    })
+                    .await
+                    .context("SubmitRun")?
+                    .into_inner()
+                    .run_id;
+                ids.push(id);
+            }
+            Ok::<_, anyhow::Error>(ids)
+        }));
+    }
+    let mut run_ids = Vec::with_capacity(jobs);
+    for s in submitters {
+        run_ids.extend(s.await.context("a submitting client panicked")??);
+    }
+    let deadline = t0 + LOAD_TIMEOUT;
+    // The agents count results as they send them; a short sleep keeps this loop off the CPU they need.
+    while completed.load(Ordering::Relaxed) < jobs as u64 {
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {jobs} jobs completed within {LOAD_TIMEOUT:?}",
+                completed.load(Ordering::Relaxed)
+            );
+        }
+        for a in &mut fleet {
+            a.check_alive()?;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = t0.elapsed();
+    verify_succeeded(coord, &run_ids).await?;
+    Ok(jobs as f64 / elapsed.as_secs_f64())
+}
+
+/// Every run must end succeeded (the last results may still be in flight when the clock stops).
+async fn verify_succeeded(coord: &Coordinator, run_ids: &[String]) -> Result<()> {
+    let client = coord.control().await?;
+    let results: Vec<Result<()>> = futures::stream::iter(run_ids.iter().cloned())
+        .map(|id| {
+            let mut client = client.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    let run = client
+                        .get_run(GetRunRequest { run_id: id.clone() })
+                        .await
+                        .context("GetRun")?
+                        .into_inner();
+                    match run.state() {
+                        RunState::Succeeded => return Ok(()),
+                        RunState::Running if Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(20)).await
+                        }
+                        s => bail!("run {id} is {s:?}, expected Succeeded"),
+                    }
+                }
+            }
+        })
+        .buffer_unordered(CLIENTS)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+/// The floor: per job one insert and one update, committed in transactions of [`SQLITE_BATCH`] jobs
+/// (WAL, `synchronous=FULL`, as the coordinator's store), on the coordinator's disk. Returns jobs/s.
+fn sqlite_floor(dir: &Path, jobs: usize) -> Result<f64> {
+    let mut conn =
+        rusqlite::Connection::open(dir.join("floor.db")).context("opening the floor DB")?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.execute_batch(
+        "CREATE TABLE jobs (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, name TEXT NOT NULL, \
+         state INTEGER NOT NULL, updated_ms INTEGER NOT NULL)",
+    )?;
+    let t0 = Instant::now();
+    let mut id = 0i64;
+    while (id as usize) < jobs {
+        let tx = conn.transaction()?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO jobs (id, run_id, name, state, updated_ms) VALUES (?1, ?2, 'noop', 1, ?3)",
+            )?;
+            let mut update =
+                tx.prepare_cached("UPDATE jobs SET state = 3, updated_ms = ?2 WHERE id = ?1")?;
+            for _ in 0..SQLITE_BATCH.min(jobs - id as usize) {
+                insert.execute(rusqlite::params![id, format!("run-{id}"), id])?;
+                update.execute(rusqlite::params![id, id + 1])?;
+                id += 1;
+            }
+        }
+        tx.commit()?;
+    }
+    Ok(jobs as f64 / t0.elapsed().as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sqlite_floor;
+
+    #[test]
+    fn sqlite_floor_commits_every_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let rate = sqlite_floor(dir.path(), 200).unwrap();
+        assert!(rate > 0.0);
+        let conn = rusqlite::Connection::open(dir.path().join("floor.db")).unwrap();
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM jobs WHERE state = 3", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(n, 200);
+    }
+}
