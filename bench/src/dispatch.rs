@@ -31,6 +31,10 @@ pub(crate) struct Sequential {
     pub(crate) dispatch: Samples,
     /// Just before SubmitRun -> WatchRun shows the run succeeded.
     pub(crate) e2e: Samples,
+    /// Assignment at the agent -> its JobResult sent (the agent's share: protocol messages, log ack).
+    pub(crate) agent: Samples,
+    /// JobResult sent -> WatchRun shows the run succeeded (the coordinator's share after the result).
+    pub(crate) settle: Samples,
 }
 
 /// Starts a coordinator and one simulated agent, then runs `n` jobs one after the other: each is submitted
@@ -38,13 +42,19 @@ pub(crate) struct Sequential {
 pub(crate) async fn sequential_jobs(n: usize) -> Result<Sequential> {
     let coord = Coordinator::start(&[]).await?;
     let token = coord.token(1).await?;
-    let (tx, mut assignments) = mpsc::channel(4);
+    let (tx, assignments) = mpsc::channel(4);
+    let (results_tx, results) = mpsc::channel(4);
+    let mut events = AgentEvents {
+        assignments,
+        results,
+    };
     let mut agent = SimAgent::start(
         &coord.url,
         &token,
         "sim-0",
         SimReport {
             assignments: Some(tx),
+            results: Some(results_tx),
             ..Default::default()
         },
     )
@@ -52,9 +62,11 @@ pub(crate) async fn sequential_jobs(n: usize) -> Result<Sequential> {
     let mut client = coord.control().await?;
     let mut dispatch = Vec::with_capacity(n);
     let mut e2e = Vec::with_capacity(n);
+    let mut agent_share = Vec::with_capacity(n);
+    let mut settle = Vec::with_capacity(n);
     for i in 0..WARMUP + n {
-        let r = one_job(&mut client, &mut assignments).await;
-        let (d, e) = r.with_context(|| {
+        let r = one_job(&mut client, &mut events).await;
+        let t = r.with_context(|| {
             let alive = agent
                 .check_alive()
                 .err()
@@ -63,20 +75,38 @@ pub(crate) async fn sequential_jobs(n: usize) -> Result<Sequential> {
             format!("job {i}{alive}; coordinator said:\n{}", coord.tail())
         })?;
         if i >= WARMUP {
-            dispatch.push(d);
-            e2e.push(e);
+            dispatch.push(t.assigned - t.submit);
+            e2e.push(t.seen - t.submit);
+            agent_share.push(t.result_sent.saturating_duration_since(t.assigned));
+            settle.push(t.seen.saturating_duration_since(t.result_sent));
         }
     }
     Ok(Sequential {
         dispatch: Samples::new(dispatch),
         e2e: Samples::new(e2e),
+        agent: Samples::new(agent_share),
+        settle: Samples::new(settle),
     })
+}
+
+/// What the simulated agent reports, in order, for each job.
+struct AgentEvents {
+    assignments: mpsc::Receiver<Instant>,
+    results: mpsc::Receiver<Instant>,
+}
+
+/// The instants of one job's life.
+struct Timeline {
+    submit: Instant,
+    assigned: Instant,
+    result_sent: Instant,
+    seen: Instant,
 }
 
 async fn one_job(
     client: &mut ControlServiceClient<Channel>,
-    assignments: &mut mpsc::Receiver<Instant>,
-) -> Result<(Duration, Duration)> {
+    events: &mut AgentEvents,
+) -> Result<Timeline> {
     let t0 = Instant::now();
     let run_id = client
         .submit_run(SubmitRunRequest {
@@ -88,19 +118,28 @@ async fn one_job(
         .context("SubmitRun")?
         .into_inner()
         .run_id;
-    let assigned = tokio::time::timeout(JOB_TIMEOUT, assignments.recv())
+    let assigned = tokio::time::timeout(JOB_TIMEOUT, events.assignments.recv())
         .await
         .map_err(|_| anyhow!("run {run_id}: no assignment within {JOB_TIMEOUT:?}"))?
         .ok_or_else(|| anyhow!("the simulated agent's session ended"))?;
-    let dispatch = assigned.saturating_duration_since(t0);
     let state = tokio::time::timeout(JOB_TIMEOUT, watch_until_finished(client, &run_id))
         .await
         .map_err(|_| anyhow!("run {run_id} not finished within {JOB_TIMEOUT:?}"))??;
-    let e2e = t0.elapsed();
+    let seen = Instant::now();
     if state != RunState::Succeeded {
         bail!("run {run_id} ended {state:?}, expected Succeeded");
     }
-    Ok((dispatch, e2e))
+    // The agent sent its result before the run could succeed, so this is already queued.
+    let result_sent = tokio::time::timeout(JOB_TIMEOUT, events.results.recv())
+        .await
+        .map_err(|_| anyhow!("run {run_id}: succeeded but the agent reported no result"))?
+        .ok_or_else(|| anyhow!("the simulated agent's session ended"))?;
+    Ok(Timeline {
+        submit: t0,
+        assigned: assigned.max(t0),
+        result_sent,
+        seen,
+    })
 }
 
 /// Follows WatchRun until the run is no longer running; returns its final state.

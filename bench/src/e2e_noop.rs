@@ -13,7 +13,14 @@ pub(crate) async fn run(opts: &Opts) -> Result<Vec<Line>> {
     let n = if opts.quick { 300 } else { 2_000 };
     let echo = echo::round_trips(n).await.context("echo floor")?;
     let seq = sequential_jobs(n).await?;
-    eprintln!("e2e_noop: {} runs", seq.e2e.len());
+    eprintln!(
+        "e2e_noop: {} runs; p50 shares: submit->assignment {:?}, assignment->result sent {:?}, \
+         result sent->WatchRun succeeded {:?}",
+        seq.e2e.len(),
+        seq.dispatch.p50(),
+        seq.agent.p50(),
+        seq.settle.p50()
+    );
     Ok(vec![Line::new(
         Figure::ms("e2e_noop.p50", seq.e2e.p50()),
         Figure::ms("echo.p50", echo.p50()),

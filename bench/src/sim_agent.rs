@@ -47,6 +47,8 @@ type Client = AgentServiceClient<InterceptedService<Channel, Bearer>>;
 pub(crate) struct SimReport {
     /// Receives the arrival time of every assignment, when set (bounded: the benchmark must keep up).
     pub(crate) assignments: Option<mpsc::Sender<Instant>>,
+    /// Receives the time each JobResult was sent, when set (bounded, like `assignments`).
+    pub(crate) results: Option<mpsc::Sender<Instant>>,
     /// Incremented after each JobResult is sent.
     pub(crate) completed: Arc<AtomicU64>,
 }
@@ -229,6 +231,11 @@ impl Session {
         }))
         .await?;
         self.report.completed.fetch_add(1, Ordering::Relaxed);
+        if let Some(tx) = &self.report.results {
+            tx.send(Instant::now())
+                .await
+                .map_err(|_| anyhow!("the benchmark stopped listening for results"))?;
+        }
         Ok(())
     }
 

@@ -61,8 +61,8 @@ async fn load(coord: &Coordinator, agents: usize, jobs: usize) -> Result<f64> {
     let token = coord.token(agents as u32).await?;
     let completed = Arc::new(AtomicU64::new(0));
     let report = SimReport {
-        assignments: None,
         completed: completed.clone(),
+        ..Default::default()
     };
     let mut fleet = start_many(&coord.url, &token, agents, 16, report).await?;
 
