@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
 
 use crate::logs::{LogStream, LogTransport};
@@ -94,6 +94,13 @@ impl ClientError {
 /// A lazily connecting channel to `url` with timeouts, keepalive and explicit HTTP/2 windows.
 /// It reconnects by itself on the next call after a failure.
 pub fn channel(url: &str) -> Result<Channel, ClientError> {
+    channel_with_ca(url, None)
+}
+
+/// [`channel`], trusting `ca_pem` (a PEM CA certificate) for an `https://` URL; without it an
+/// `https://` coordinator must present a certificate the system's roots trust. TLS 1.3 is what the
+/// coordinator speaks.
+pub fn channel_with_ca(url: &str, ca_pem: Option<&[u8]>) -> Result<Channel, ClientError> {
     let invalid = |reason: String| ClientError::InvalidUrl {
         url: url.to_string(),
         reason,
@@ -110,6 +117,17 @@ pub fn channel(url: &str) -> Result<Channel, ClientError> {
         .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW);
+    let endpoint = if url.starts_with("https://") {
+        let tls = match ca_pem {
+            Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+            None => ClientTlsConfig::new().with_native_roots(),
+        };
+        endpoint
+            .tls_config(tls)
+            .map_err(|e| invalid(format!("TLS: {e}")))?
+    } else {
+        endpoint
+    };
     Ok(endpoint.connect_lazy())
 }
 
@@ -272,6 +290,7 @@ pub async fn upload_artifact(
             {
                 return Ok(());
             }
+            crate::metrics::metrics().artifact_uploaded(n as u64);
         }
     });
     let mut c = client.clone();

@@ -1,7 +1,9 @@
 //! Agent configuration: a TOML file, overridden by flags and `DROVER_*` environment variables.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::Parser;
 use serde::Deserialize;
@@ -40,6 +42,29 @@ pub struct Cli {
     /// Name shown to operators (defaults to the host name).
     #[arg(long, env = "DROVER_NAME")]
     pub name: Option<String>,
+    /// Per-step log cap in bytes (default 100 MiB, 0 for none): output past it is dropped behind
+    /// a `[drover] log truncated at N bytes` line while the step runs on.
+    #[arg(long, env = "DROVER_MAX_LOG_BYTES")]
+    pub max_log_bytes: Option<u64>,
+    /// Run one job, then exit 0 (for autoscaled, throw-away build hosts).
+    #[arg(long, env = "DROVER_EPHEMERAL")]
+    pub ephemeral: bool,
+    /// Exit 0 after this long without a job, e.g. 5m (default: never).
+    #[arg(long, env = "DROVER_IDLE_TIMEOUT", value_name = "DURATION", value_parser = crate::ops::parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// Format of the agent's own log lines on stderr.
+    #[arg(long, env = "DROVER_LOG_FORMAT", value_enum)]
+    pub log_format: Option<crate::ops::LogFormat>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9464 (default: off).
+    #[arg(long, env = "DROVER_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Export OpenTelemetry spans over OTLP/gRPC to this URL, e.g. http://127.0.0.1:4317 (default: off).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// CA certificate (PEM) to trust for an https:// coordinator, e.g. the coordinator's
+    /// `<data>/tls/ca.pem`; kept in the state directory at enrollment and used from then on.
+    #[arg(long, env = "DROVER_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The TOML configuration file.
@@ -59,6 +84,20 @@ pub struct FileConfig {
     pub state_dir: Option<PathBuf>,
     /// Display name.
     pub name: Option<String>,
+    /// Per-step log cap in bytes (0: none).
+    pub max_log_bytes: Option<u64>,
+    /// Run one job, then exit.
+    pub ephemeral: Option<bool>,
+    /// Exit after this long without a job (e.g. "5m").
+    pub idle_timeout: Option<String>,
+    /// "text" or "json".
+    pub log_format: Option<crate::ops::LogFormat>,
+    /// Address for the Prometheus `/metrics` listener.
+    pub metrics_listen: Option<SocketAddr>,
+    /// OTLP/gRPC endpoint for traces.
+    pub otlp_endpoint: Option<String>,
+    /// CA certificate (PEM) to trust for an https:// coordinator.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Invalid configuration.
@@ -86,6 +125,9 @@ pub enum ConfigError {
     /// Capacity is zero.
     #[error("capacity must be at least 1")]
     Capacity,
+    /// `idle_timeout` in the file is not a duration.
+    #[error("idle_timeout: {0}")]
+    Duration(String),
 }
 
 /// The effective configuration.
@@ -103,6 +145,20 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// Display name (host name).
     pub name: String,
+    /// Per-step log cap in bytes (0: none).
+    pub max_log_bytes: u64,
+    /// Run one job, then exit 0.
+    pub ephemeral: bool,
+    /// Exit 0 after this long without a job.
+    pub idle_timeout: Option<Duration>,
+    /// Format of the agent's own log lines.
+    pub log_format: crate::ops::LogFormat,
+    /// Where to serve `/metrics`, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Where to export spans (OTLP/gRPC), if anywhere.
+    pub otlp_endpoint: Option<String>,
+    /// CA certificate (PEM) to trust for an https:// coordinator, if given.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Parses `os=linux,queue=default`.
@@ -159,6 +215,11 @@ impl AgentConfig {
         if capacity == 0 {
             return Err(ConfigError::Capacity);
         }
+        let idle_timeout = match (cli.idle_timeout, &file.idle_timeout) {
+            (Some(t), _) => Some(t),
+            (None, Some(s)) => Some(crate::ops::parse_duration(s).map_err(ConfigError::Duration)?),
+            (None, None) => None,
+        };
         Ok(Self {
             coordinator: cli.coordinator.or(file.coordinator),
             token: cli.token.or(file.token).filter(|t| !t.is_empty()),
@@ -169,6 +230,19 @@ impl AgentConfig {
                 .or(file.state_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             name: cli.name.or(file.name).unwrap_or_else(hostname),
+            max_log_bytes: cli
+                .max_log_bytes
+                .or(file.max_log_bytes)
+                .unwrap_or(crate::logs::DEFAULT_MAX_LOG_BYTES),
+            ephemeral: cli.ephemeral || file.ephemeral.unwrap_or(false),
+            idle_timeout,
+            log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
+            metrics_listen: cli.metrics_listen.or(file.metrics_listen),
+            otlp_endpoint: cli
+                .otlp_endpoint
+                .or(file.otlp_endpoint)
+                .filter(|e| !e.is_empty()),
+            ca_file: cli.ca_file.or(file.ca_file),
         })
     }
 }

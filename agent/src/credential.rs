@@ -85,6 +85,38 @@ pub fn store(state_dir: &Path, cred: &Credential) -> Result<(), CredentialError>
     Ok(())
 }
 
+/// Path of the CA certificate the agent enrolled with, in `state_dir`.
+pub fn ca_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("ca.pem")
+}
+
+/// The CA certificate (PEM) to trust: `ca_file` when given, else the one kept at enrollment, else none
+/// (plaintext, or an https:// coordinator the system roots trust).
+pub fn load_ca(
+    state_dir: &Path,
+    ca_file: Option<&Path>,
+) -> Result<Option<Vec<u8>>, CredentialError> {
+    let p = match ca_file {
+        Some(p) => p.to_path_buf(),
+        None => ca_path(state_dir),
+    };
+    match std::fs::read(&p) {
+        Ok(pem) if pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") => Ok(Some(pem)),
+        Ok(_) => Err(CredentialError::Invalid {
+            path: p,
+            message: "no PEM CERTIFICATE block".into(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && ca_file.is_none() => Ok(None),
+        Err(source) => Err(CredentialError::Io { path: p, source }),
+    }
+}
+
+/// Keeps the CA certificate the agent enrolled with beside its credential.
+pub fn store_ca(state_dir: &Path, pem: &[u8]) -> Result<(), CredentialError> {
+    let p = ca_path(state_dir);
+    std::fs::write(&p, pem).map_err(|source| CredentialError::Io { path: p, source })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,6 +19,7 @@ use tonic::{Code, Status};
 
 use crate::backoff::Backoff;
 use crate::executor::OutputSink;
+use crate::logtimes::{self, LineClock};
 
 /// What the shipper knows of one step's spool.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -27,6 +28,8 @@ pub struct StepLogState {
     pub len: u64,
     /// The step will write no more.
     pub finished: bool,
+    /// The step passed the log cap; its later output was dropped.
+    pub truncated: bool,
 }
 
 /// What the shipper knows of an attempt's spools.
@@ -38,12 +41,18 @@ pub struct LogState {
     pub closed: bool,
 }
 
-/// The spool directory of one attempt: `<state>/spool/<attempt>/<step>.log`.
+/// The spool directory of one attempt: `<state>/spool/<attempt>/<step>.log`, with the line
+/// times of each step in `<step>.times` (see [`crate::logtimes`]).
 #[derive(Debug)]
 pub struct AttemptSpool {
     dir: PathBuf,
     state: watch::Sender<LogState>,
+    /// Per-step log cap in bytes; output past it is dropped behind a marker line.
+    max_log_bytes: u64,
 }
+
+/// Default per-step log cap: 100 MiB.
+pub const DEFAULT_MAX_LOG_BYTES: u64 = 100 * 1024 * 1024;
 
 impl AttemptSpool {
     /// Creates (or empties) the spool directory of `attempt_id` under `spool_root`.
@@ -56,7 +65,84 @@ impl AttemptSpool {
         Ok(Self {
             dir,
             state: watch::Sender::new(LogState::default()),
+            max_log_bytes: DEFAULT_MAX_LOG_BYTES,
         })
+    }
+
+    /// Sets the per-step log cap (0 means no cap).
+    pub fn with_max_log_bytes(mut self, max_log_bytes: u64) -> Self {
+        self.max_log_bytes = if max_log_bytes == 0 {
+            u64::MAX
+        } else {
+            max_log_bytes
+        };
+        self
+    }
+
+    /// Opens the spool an earlier run of the agent left for `attempt_id` (after a crash), keeping
+    /// its bytes: steps before `current` are finished at their spool's length; step `current` is
+    /// reopened for appending (it is created if missing). The shipper resends from offset 0 and
+    /// the coordinator's idempotent append skips what it already has.
+    pub async fn reopen(
+        spool_root: &Path,
+        attempt_id: &str,
+        current: u32,
+    ) -> io::Result<(Self, StepSpool)> {
+        let dir = spool_root.join(safe_file_name(attempt_id));
+        tokio::fs::create_dir_all(&dir).await?;
+        let mut state = LogState::default();
+        for index in 0..current {
+            let len = match tokio::fs::metadata(step_path(&dir, index)).await {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+                Err(e) => return Err(e),
+            };
+            state.steps.insert(
+                index,
+                StepLogState {
+                    len,
+                    finished: true,
+                    ..Default::default()
+                },
+            );
+        }
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(step_path(&dir, current))
+            .await?;
+        let len = file.metadata().await?.len();
+        state.steps.insert(
+            current,
+            StepLogState {
+                len,
+                finished: false,
+                ..Default::default()
+            },
+        );
+        let times = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(times_path(&dir, current))
+            .await?;
+        let spool = Self {
+            dir,
+            state: watch::Sender::new(state),
+            max_log_bytes: DEFAULT_MAX_LOG_BYTES,
+        };
+        let step = StepSpool {
+            file,
+            len,
+            index: current,
+            state: spool.state.clone(),
+            times,
+            // Where the earlier run stopped is unknown: the next read is stamped as a line start.
+            clock: LineClock::default(),
+            cap: spool.max_log_bytes,
+            truncated: len >= spool.max_log_bytes,
+            ends_line: true,
+        };
+        Ok((spool, step))
     }
 
     /// The spool directory.
@@ -72,6 +158,7 @@ impl AttemptSpool {
     /// Creates the spool of step `index` and announces it to the shipper.
     pub async fn open_step(&self, index: u32) -> io::Result<StepSpool> {
         let file = File::create(self.step_path(index)).await?;
+        let times = File::create(times_path(&self.dir, index)).await?;
         self.state.send_modify(|s| {
             s.steps.insert(index, StepLogState::default());
         });
@@ -80,6 +167,11 @@ impl AttemptSpool {
             len: 0,
             index,
             state: self.state.clone(),
+            times,
+            clock: LineClock::default(),
+            cap: self.max_log_bytes,
+            truncated: false,
+            ends_line: true,
         })
     }
 
@@ -109,6 +201,15 @@ pub struct StepSpool {
     len: u64,
     index: u32,
     state: watch::Sender<LogState>,
+    /// The line-time sidecar.
+    times: File,
+    clock: LineClock,
+    /// Bytes of step output kept at most.
+    cap: u64,
+    /// The cap was reached and the marker written: everything further is dropped.
+    truncated: bool,
+    /// The last byte written was a newline (or nothing was written).
+    ends_line: bool,
 }
 
 impl StepSpool {
@@ -123,18 +224,50 @@ impl StepSpool {
     }
 }
 
-impl OutputSink for StepSpool {
-    async fn write(&mut self, data: &[u8]) -> io::Result<()> {
+impl StepSpool {
+    /// Appends `data` to the spool, its line time (if it starts a line) to the sidecar first, so
+    /// the shipper never reads bytes whose times are not written yet.
+    async fn append(&mut self, data: &[u8]) -> io::Result<()> {
         if data.is_empty() {
             return Ok(());
+        }
+        if let Some(t) = self.clock.observe(self.len, data, logtimes::now_ms()) {
+            self.times.write_all(&logtimes::encode(&t)).await?;
+            self.times.flush().await?;
         }
         self.file.write_all(data).await?;
         // tokio's File finishes writes in the background; flush so the shipper can read them.
         self.file.flush().await?;
         self.len += data.len() as u64;
-        let (index, len) = (self.index, self.len);
+        self.ends_line = data.last() == Some(&b'\n');
+        Ok(())
+    }
+}
+
+impl OutputSink for StepSpool {
+    async fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        if data.is_empty() || self.truncated {
+            return Ok(());
+        }
+        let room = self.cap.saturating_sub(self.len);
+        if (data.len() as u64) <= room {
+            self.append(data).await?;
+        } else {
+            // Keep what fits, then say (in the log itself) that the rest is dropped: the job runs on.
+            self.append(&data[..room as usize]).await?;
+            let marker = format!(
+                "{}[drover] log truncated at {} bytes\n",
+                if self.ends_line { "" } else { "\n" },
+                self.cap
+            );
+            self.append(marker.as_bytes()).await?;
+            self.truncated = true;
+        }
+        let (index, len, truncated) = (self.index, self.len, self.truncated);
         self.state.send_modify(|s| {
-            s.steps.entry(index).or_default().len = len;
+            let st = s.steps.entry(index).or_default();
+            st.len = len;
+            st.truncated = truncated;
         });
         Ok(())
     }
@@ -151,6 +284,10 @@ impl Drop for StepSpool {
 
 fn step_path(dir: &Path, index: u32) -> PathBuf {
     dir.join(format!("{index}.log"))
+}
+
+fn times_path(dir: &Path, index: u32) -> PathBuf {
+    dir.join(format!("{index}.times"))
 }
 
 /// A file name made of the safe characters of `s` (attempt ids come from the coordinator).
@@ -319,13 +456,14 @@ impl<T: LogTransport> Shipper<T> {
                 .collect();
             let mut files: HashMap<u32, File> = HashMap::new();
             loop {
-                let (next, finished) = {
+                let (next, finished, truncated) = {
                     let s = self.state.borrow_and_update();
                     let closed = s.closed || !spool_alive;
-                    (
-                        next_chunk(&s, &sent, &acked),
-                        all_complete(&s, closed, &acked),
-                    )
+                    let next = next_chunk(&s, &sent, &acked);
+                    let truncated = next
+                        .and_then(|(step, ..)| s.steps.get(&step))
+                        .is_some_and(|st| st.truncated);
+                    (next, all_complete(&s, closed, &acked), truncated)
                 };
                 if finished {
                     return Ok(());
@@ -354,6 +492,7 @@ impl<T: LogTransport> Shipper<T> {
                         let Ok(permit) = permit else { break };
                         let Some((step, offset, len, eof)) = next else { continue };
                         let data = self.read_at(&mut files, step, offset, len).await?;
+                        let times = self.times_in(step, offset, len).await?;
                         permit.send(LogChunk {
                             attempt_id: self.attempt_id.clone(),
                             epoch: self.epoch,
@@ -361,7 +500,10 @@ impl<T: LogTransport> Shipper<T> {
                             offset,
                             data,
                             eof,
+                            times,
+                            truncated,
                         });
+                        crate::metrics::metrics().log_shipped(len as u64);
                         sent.insert(step, Sent { next: offset + len as u64, eof });
                     },
                     changed = self.state.changed(), if spool_alive => {
@@ -373,6 +515,26 @@ impl<T: LogTransport> Shipper<T> {
             }
             tokio::time::sleep(backoff.next_delay()).await;
         }
+    }
+
+    /// The line times recorded for `[offset, offset + len)` of a step.
+    async fn times_in(
+        &self,
+        step: u32,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<drover_proto::v1::LineTime>, ShipError> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let path = times_path(&self.dir, step);
+        tokio::task::spawn_blocking(move || {
+            logtimes::read_range(&path, offset, offset + len as u64)
+        })
+        .await
+        .map_err(io::Error::other)
+        .and_then(|r| r)
+        .map_err(|source| ShipError::Spool { step, source })
     }
 
     async fn read_at(
@@ -591,6 +753,35 @@ mod tests {
         assert!(matches!(err, ShipError::Rejected(_)), "{err}");
     }
 
+    #[tokio::test]
+    async fn the_cap_keeps_the_first_bytes_then_one_marker_and_ships_times() {
+        let coord = MemoryCoordinator::default();
+        let root = tempfile::tempdir().unwrap();
+        let spool = AttemptSpool::create(root.path(), "cap")
+            .await
+            .unwrap()
+            .with_max_log_bytes(10);
+        let handle = tokio::spawn(Shipper::new(coord.clone(), "cap", 1, &spool).run());
+        let mut step = spool.open_step(0).await.unwrap();
+        step.write(b"12345\n").await.unwrap();
+        assert!(!spool.subscribe().borrow().steps[&0].truncated);
+        step.write(b"abcdefgh").await.unwrap();
+        step.write(b"dropped\n").await.unwrap();
+        assert!(spool.subscribe().borrow().steps[&0].truncated);
+        drop(step);
+        spool.close();
+        handle.await.unwrap().unwrap();
+        let (log, complete) = coord.log(0);
+        assert!(complete);
+        assert_eq!(
+            log,
+            b"12345\nabcd\n[drover] log truncated at 10 bytes\n".to_vec()
+        );
+        // Line starts of the log were timed in the sidecar (the first line at offset 0 at least).
+        let times = logtimes::read_range(&times_path(spool.dir(), 0), 0, u64::MAX).unwrap();
+        assert_eq!(times.first().map(|t| t.offset), Some(0));
+    }
+
     #[test]
     fn next_chunk_walks_steps_in_order() {
         let mut state = LogState::default();
@@ -599,6 +790,7 @@ mod tests {
             StepLogState {
                 len: 10,
                 finished: true,
+                truncated: false,
             },
         );
         state.steps.insert(
@@ -606,6 +798,7 @@ mod tests {
             StepLogState {
                 len: 0,
                 finished: false,
+                truncated: false,
             },
         );
         let mut sent = BTreeMap::new();

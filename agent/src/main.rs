@@ -1,6 +1,6 @@
 //! `drover-agent`: enrolls once, attaches to the coordinator and runs job steps in Docker.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,29 +23,51 @@ const ENROLL_PATIENCE: Duration = Duration::from_secs(60);
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    match run().await {
+    // One TLS crypto provider for the whole process, chosen here rather than by feature unification.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // The configuration decides the log format, so it is read before logging starts.
+    let cfg = match AgentConfig::resolve(Cli::parse()) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("drover-agent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let telemetry = match drover_telemetry::init(drover_telemetry::TelemetryConfig {
+        service: "drover-agent",
+        json_logs: cfg.log_format == drover_agent::ops::LogFormat::Json,
+        otlp_endpoint: cfg.otlp_endpoint.clone(),
+    }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("drover-agent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match run(cfg).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("drover-agent: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Flush buffered spans; the batch exporter blocks, so off the async workers.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    code
 }
 
-async fn run() -> anyhow::Result<()> {
-    let cfg = AgentConfig::resolve(Cli::parse())?;
+async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating state directory {}", cfg.state_dir.display()))?;
     let drain = CancellationToken::new();
     tokio::spawn(watch_signals(drain.clone()));
+    // Stopped when `run` returns (success or error), so the process can exit.
+    let metrics_stop = CancellationToken::new();
+    let _metrics_stop_guard = metrics_stop.clone().drop_guard();
+    if let Some(addr) = cfg.metrics_listen {
+        let (bound, _handle) = drover_agent::metrics::serve(addr, metrics_stop.clone()).await?;
+        tracing::info!(%bound, "serving Prometheus metrics at /metrics");
+    }
 
     let labels: HashMap<String, String> = cfg.labels.clone().into_iter().collect();
     let (cred, url) = match credential::load(&cfg.state_dir)? {
@@ -70,42 +92,56 @@ async fn run() -> anyhow::Result<()> {
                 .coordinator
                 .clone()
                 .unwrap_or_else(|| drover_proto::DEFAULT_COORDINATOR.to_string());
-            let cred = enroll(&url, &token, labels.clone(), &cfg.name, &drain).await?;
+            let ca = credential::load_ca(&cfg.state_dir, cfg.ca_file.as_deref())?;
+            let cred = enroll(
+                &url,
+                &token,
+                ca.as_deref(),
+                labels.clone(),
+                &cfg.name,
+                &drain,
+            )
+            .await?;
             credential::store(&cfg.state_dir, &cred)?;
+            if let Some(ca) = &ca {
+                // Kept beside the credential: later starts trust the CA this agent enrolled with.
+                credential::store_ca(&cfg.state_dir, ca)?;
+            }
             tracing::info!(agent = %cred.agent_id, "enrolled");
             (cred, url)
         }
     };
 
     let executor = DockerExecutor::connect().await?;
-    reaper::clear_state_dirs(&cfg.state_dir)
+    // Attempts whose step container survived an earlier run are re-adopted; the rest is reaped.
+    let adopted = reaper::recover(&executor, &cred.agent_id, &cfg.state_dir)
         .await
         .context("clearing spools of an earlier run")?;
-    match reaper::reap(&executor, &cred.agent_id, &HashSet::new()).await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(removed = n, "removed leftovers of an earlier run"),
-        Err(e) => tracing::warn!(error = %e, "could not remove every leftover of an earlier run"),
-    }
 
-    let channel = client::channel(&url)?;
+    let ca = credential::load_ca(&cfg.state_dir, cfg.ca_file.as_deref())?;
+    let channel = client::channel_with_ca(&url, ca.as_deref())?;
     let agent_client = client::agent_client(channel, &cred.credential)?;
     let ctx = Arc::new(RunnerContext {
         executor: Arc::new(executor),
         client: agent_client.clone(),
         agent_id: cred.agent_id.clone(),
         state_dir: cfg.state_dir.clone(),
+        max_log_bytes: cfg.max_log_bytes,
     });
     let session = Session::new(
         SessionConfig {
             agent_id: cred.agent_id.clone(),
             labels,
-            capacity: cfg.capacity,
+            // An ephemeral agent takes exactly one job, so it offers one slot.
+            capacity: if cfg.ephemeral { 1 } else { cfg.capacity },
             hostname: cfg.name.clone(),
             coordinator_url: url,
         },
         agent_client,
         ctx,
-    );
+    )
+    .with_lifecycle(cfg.ephemeral, cfg.idle_timeout)
+    .adopting(adopted);
     session.run(drain).await?;
     tracing::info!("drained; exiting");
     Ok(())
@@ -115,11 +151,12 @@ async fn run() -> anyhow::Result<()> {
 async fn enroll(
     url: &str,
     token: &str,
+    ca: Option<&[u8]>,
     labels: HashMap<String, String>,
     hostname: &str,
     drain: &CancellationToken,
 ) -> anyhow::Result<Credential> {
-    let channel = client::channel(url)?;
+    let channel = client::channel_with_ca(url, ca)?;
     let started = tokio::time::Instant::now();
     let mut backoff = Backoff::default();
     loop {

@@ -15,7 +15,9 @@ use tokio::time::Instant;
 use crate::artifacts::{self, ArtifactError};
 use crate::client::{self, AgentClient};
 use crate::executor::{ExecError, Executor, OutputSink, Pull, StepEnd, StepRun, Workspace};
+use crate::journal::{Journal, JournalEntry};
 use crate::logs::{safe_file_name, AttemptSpool, Shipper, StepSpool};
+use crate::mask::{Masker, MaskingSink};
 use crate::workspace::{self, LocalInput, SeedError};
 
 /// Why the session wants an attempt to stop.
@@ -56,6 +58,8 @@ pub struct RunnerContext<E> {
     pub agent_id: String,
     /// The agent's state directory (spools and scratch files live under it).
     pub state_dir: PathBuf,
+    /// Per-step log cap in bytes (0: none).
+    pub max_log_bytes: u64,
 }
 
 impl<E> RunnerContext<E> {
@@ -184,9 +188,21 @@ async fn interruptible<T>(
 struct StepSink {
     spool: StepSpool,
     started: Option<(mpsc::Sender<agent_message::Msg>, StepUpdate)>,
+    /// Written with the container id once the container runs, so a restarted agent can re-adopt it.
+    journal: Option<(Journal, JournalEntry)>,
 }
 
 impl OutputSink for StepSink {
+    async fn container_started(&mut self, container_id: &str) {
+        if let Some((journal, mut entry)) = self.journal.take() {
+            entry.container_id = container_id.to_string();
+            if let Err(e) = journal.write(&entry).await {
+                // Not fatal: the attempt runs on, it just cannot be re-adopted after a crash.
+                tracing::warn!(attempt = %entry.attempt_id, error = %e, "journaling the step");
+            }
+        }
+    }
+
     async fn started(&mut self) {
         if let Some((events, update)) = self.started.take() {
             let _ = events.send(agent_message::Msg::Step(update)).await;
@@ -206,6 +222,32 @@ struct Attempt<'a, E> {
     stop: watch::Receiver<Option<StopRequest>>,
     scratch: PathBuf,
     job_deadline: Option<Instant>,
+    /// Unix milliseconds when the attempt started (journaled for a restarted agent).
+    started_ms: i64,
+    /// Set when this run of the agent picks up an attempt an earlier run started.
+    resume: Option<Resume>,
+}
+
+/// An attempt picked up after an agent restart: its journal entry and the reopened spool of the
+/// step whose container still runs.
+struct Resume {
+    entry: JournalEntry,
+    // std Mutex: taken once, never held across an await.
+    step: std::sync::Mutex<Option<StepSpool>>,
+}
+
+/// Unix milliseconds now.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The instant `ms` (unix milliseconds, in the past) corresponds to, on the monotonic clock.
+fn instant_of(ms: i64) -> Instant {
+    let ago = Duration::from_millis(u64::try_from(now_ms().saturating_sub(ms)).unwrap_or(0));
+    Instant::now().checked_sub(ago).unwrap_or_else(Instant::now)
 }
 
 impl<E: Executor> Attempt<'_, E> {
@@ -313,32 +355,75 @@ impl<E: Executor> Attempt<'_, E> {
             finished: false,
             ..Default::default()
         };
-        let mut sink = StepSink {
-            spool: step_spool,
-            started: Some((self.events.clone(), update.clone())),
-        };
-        let run = StepRun {
+        let mut entry = JournalEntry::new(a, self.started_ms, &ws.volume);
+        entry.step_index = index;
+        entry.step_started_ms = now_ms();
+        entry.spool_offsets = spool
+            .subscribe()
+            .borrow()
+            .steps
+            .iter()
+            .map(|(k, v)| (*k, v.len))
+            .collect();
+        let mut sink = MaskingSink::new(
+            StepSink {
+                spool: step_spool,
+                started: Some((self.events.clone(), update.clone())),
+                journal: Some((Journal::new(&self.ctx.state_dir), entry)),
+            },
+            self.masker(),
+        );
+        // Child of the attempt's span (current here); its context is handed to the step's processes.
+        let step_span = tracing::info_span!(
+            "step",
+            index,
+            name = %step.name,
+            image = %step.image,
+            result = tracing::field::Empty,
+        );
+        let mut run = StepRun {
             index,
             image: step.image.clone(),
             commands: step.commands.clone(),
             env: step
                 .env
                 .iter()
+                // A secret of the same name wins over a plain variable.
+                .filter(|(k, _)| !a.secrets.contains_key(*k))
+                .chain(a.secrets.iter())
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             workdir: step.workdir.clone(),
+            nano_cpus: step.nano_cpus,
+            memory_bytes: step.memory_bytes,
         };
         let grace = {
             let stop = self.stop.clone();
             async move { stop_requested(stop).await.grace() }
         };
-        let end = self
-            .ctx
-            .executor
-            .run_step(ws, &run, &mut sink, deadline, grace)
-            .await;
-        let was_started = sink.started.is_none();
+        if let Some(tp) = drover_telemetry::traceparent(&step_span) {
+            // W3C's environment-variable carrier: tools in the step can continue the trace.
+            run.env.push(("TRACEPARENT".to_string(), tp));
+        }
+        let step_began = std::time::Instant::now();
+        let end = tracing::Instrument::instrument(
+            self.ctx
+                .executor
+                .run_step(ws, &run, &mut sink, deadline, grace),
+            step_span.clone(),
+        )
+        .await;
+        let step_elapsed = step_began.elapsed();
+        // The output has ended: write what the masker held back (a possible start of a secret).
+        let flushed = sink.finish().await;
+        let was_started = sink.inner.started.is_none();
         drop(sink);
+        if let Err(e) = flushed {
+            return Err(Outcome::failed(
+                FailureClass::Infra,
+                format!("writing the log spool: {e}"),
+            ));
+        }
         let (outcome, exit_code) = match end {
             Ok(StepEnd::Exited {
                 code: 0,
@@ -387,11 +472,158 @@ impl<E: Executor> Attempt<'_, E> {
             Err(e) => (Some(exec_failure(e)), -1),
         };
         let exit_code = i32::try_from(exit_code).unwrap_or(-1);
+        let step_result = match outcome.as_ref().map(|o| o.state) {
+            None | Some(JobState::Succeeded) => "succeeded",
+            Some(JobState::TimedOut) => "timed_out",
+            Some(JobState::Canceled) => "canceled",
+            Some(_) => "failed",
+        };
+        crate::metrics::metrics().step_finished(step_result, step_elapsed);
+        step_span.record("result", step_result);
+        drop(step_span);
         if !was_started {
             // The container never ran: still tell the coordinator the step started so its
             // finished update is not an orphan.
             self.step_update(update.clone()).await;
         }
+        let (failure, reason) = outcome
+            .as_ref()
+            .map(|o| (o.failure, o.reason.clone()))
+            .unwrap_or((FailureClass::None, String::new()));
+        self.step_update(StepUpdate {
+            finished: true,
+            exit_code,
+            failure: failure as i32,
+            reason,
+            ..update
+        })
+        .await;
+        match outcome {
+            None => Ok(()),
+            Some(mut o) => {
+                o.exit_code = exit_code;
+                Err(o)
+            }
+        }
+    }
+
+    /// A masker for this attempt's secret values.
+    fn masker(&self) -> Masker {
+        Masker::new(self.a.secrets.values().map(String::as_str))
+    }
+
+    /// Finishes the step whose container an earlier run of the agent started: re-sends the step
+    /// updates that may have been lost with that run, marks the gap in the log, re-attaches.
+    async fn resume_current(&self, resume: &Resume) -> Result<(), Outcome> {
+        let a = self.a;
+        let entry = &resume.entry;
+        let index = entry.step_index;
+        let step = a.steps.get(index as usize).ok_or_else(|| {
+            Outcome::failed(
+                FailureClass::Infra,
+                format!("journal names step {index}, the job has {}", a.steps.len()),
+            )
+        })?;
+        let name = &step.name;
+        let taken = resume.step.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let mut step_spool = taken.ok_or_else(|| {
+            Outcome::failed(FailureClass::Infra, "the resumed step's spool is gone")
+        })?;
+        let update = StepUpdate {
+            attempt_id: a.attempt_id.clone(),
+            epoch: a.epoch,
+            step_index: index,
+            finished: false,
+            ..Default::default()
+        };
+        // Earlier steps all exited 0 (the attempt went on); updates are idempotent.
+        for i in 0..index {
+            self.step_update(StepUpdate {
+                step_index: i,
+                finished: true,
+                ..update.clone()
+            })
+            .await;
+        }
+        self.step_update(update.clone()).await;
+        // Never silently: the reader of the log learns that bytes may be missing here.
+        let marker = format!(
+            "\n[drover] agent restarted: output the step wrote after byte {} while no agent was attached may be missing\n",
+            step_spool.len()
+        );
+        step_spool.write(marker.as_bytes()).await.map_err(|e| {
+            Outcome::failed(FailureClass::Infra, format!("writing the log spool: {e}"))
+        })?;
+        let step_deadline = (step.timeout_secs > 0)
+            .then(|| instant_of(entry.step_started_ms) + Duration::from_secs(step.timeout_secs));
+        let deadline = match (step_deadline, self.job_deadline) {
+            (Some(s), Some(j)) => Some(s.min(j)),
+            (s, j) => s.or(j),
+        };
+        let grace = {
+            let stop = self.stop.clone();
+            async move { stop_requested(stop).await.grace() }
+        };
+        let mut step_spool = MaskingSink::new(step_spool, self.masker());
+        let end = self
+            .ctx
+            .executor
+            .resume_step(&entry.container_id, &mut step_spool, deadline, grace)
+            .await;
+        if let Err(e) = step_spool.finish().await {
+            tracing::warn!(error = %e, "writing the end of the resumed step's log");
+        }
+        drop(step_spool);
+        let (outcome, exit_code) = match end {
+            Ok(StepEnd::Exited {
+                code: 0,
+                oom_killed: false,
+            }) => (None, 0),
+            Ok(StepEnd::Exited {
+                code,
+                oom_killed: true,
+            }) => (
+                Some(Outcome::failed(
+                    FailureClass::Oom,
+                    format!("step {name:?} was killed: out of memory"),
+                )),
+                code,
+            ),
+            Ok(StepEnd::Exited { code, .. }) => (
+                Some(Outcome::failed(
+                    FailureClass::Script,
+                    format!("step {name:?} exited with code {code}"),
+                )),
+                code,
+            ),
+            Ok(StepEnd::TimedOut { code }) => (
+                Some(Outcome::timed_out(
+                    if step_deadline == deadline && step_deadline.is_some() {
+                        format!(
+                            "step {name:?} exceeded its timeout of {}s",
+                            step.timeout_secs
+                        )
+                    } else {
+                        format!(
+                            "job {:?} exceeded its timeout of {}s",
+                            a.job, a.timeout_secs
+                        )
+                    },
+                )),
+                code,
+            ),
+            Ok(StepEnd::Stopped { code }) => {
+                let reason = match self.stop.borrow().clone() {
+                    Some(StopRequest::Cancel { reason, .. } | StopRequest::Abandon { reason }) => {
+                        reason
+                    }
+                    None => "stopped".to_string(),
+                };
+                (Some(Outcome::canceled(reason)), code)
+            }
+            Err(e) => (Some(exec_failure(e)), -1),
+        };
+        let exit_code = i32::try_from(exit_code).unwrap_or(-1);
         let (failure, reason) = outcome
             .as_ref()
             .map(|o| (o.failure, o.reason.clone()))
@@ -458,6 +690,22 @@ impl<E: Executor> Attempt<'_, E> {
             return Outcome::succeeded();
         };
         let exec = self.ctx.executor.as_ref();
+        let mut first_step = 0;
+        if let Some(resume) = &self.resume {
+            let ws = Workspace {
+                agent_id: self.ctx.agent_id.clone(),
+                attempt_id: a.attempt_id.clone(),
+                volume: resume.entry.volume.clone(),
+            };
+            *ws_out = Some(ws.clone());
+            if let Err(o) = self.resume_current(resume).await {
+                return o;
+            }
+            first_step = resume.entry.step_index as usize + 1;
+            return self
+                .steps_and_artifacts(&ws, spool, first, first_step)
+                .await;
+        }
         let prepared = interruptible(
             async {
                 exec.ensure_image(&first.image, pull_policy(first.pull))
@@ -484,7 +732,22 @@ impl<E: Executor> Attempt<'_, E> {
             Ok(Err(o)) => return o,
             Err(i) => return self.interrupted(i),
         }
-        for (i, step) in a.steps.iter().enumerate() {
+        self.steps_and_artifacts(&ws, spool, first, first_step)
+            .await
+    }
+
+    /// Runs the steps from `first_step` on, then collects the artifacts.
+    async fn steps_and_artifacts(
+        &self,
+        ws: &Workspace,
+        spool: &AttemptSpool,
+        first: &StepSpec,
+        first_step: usize,
+    ) -> Outcome {
+        let a = self.a;
+        let exec = self.ctx.executor.as_ref();
+        let ws = ws.clone();
+        for (i, step) in a.steps.iter().enumerate().skip(first_step) {
             let index = u32::try_from(i).unwrap_or(u32::MAX);
             if i > 0 {
                 let ensured = interruptible(
@@ -534,24 +797,88 @@ pub async fn run_attempt<E: Executor>(
     events: mpsc::Sender<agent_message::Msg>,
     stop: watch::Receiver<Option<StopRequest>>,
 ) -> Option<JobResult> {
+    run_or_resume(ctx, assignment, None, events, stop).await
+}
+
+/// Picks up an attempt an earlier run of this agent started (after a crash or `kill -9`), from its
+/// journal entry: the step whose container still runs is re-attached and finished, the remaining
+/// steps run, then artifacts and the result as in [`run_attempt`]. An entry whose assignment cannot
+/// be decoded ends the attempt with an infrastructure failure.
+pub async fn resume_attempt<E: Executor>(
+    ctx: Arc<RunnerContext<E>>,
+    entry: JournalEntry,
+    events: mpsc::Sender<agent_message::Msg>,
+    stop: watch::Receiver<Option<StopRequest>>,
+) -> Option<JobResult> {
+    match entry.assignment() {
+        Ok(a) => run_or_resume(ctx, a, Some(entry), events, stop).await,
+        Err(e) => {
+            // Cannot run it: stop what is left of it and let the coordinator retry the job.
+            let ws = Workspace {
+                agent_id: ctx.agent_id.clone(),
+                attempt_id: entry.attempt_id.clone(),
+                volume: entry.volume.clone(),
+            };
+            let spool = AttemptSpool::reopen(&ctx.spool_root(), &entry.attempt_id, 0)
+                .await
+                .ok()
+                .map(|(s, _)| s);
+            let scratch = ctx.work_root().join(safe_file_name(&entry.attempt_id));
+            cleanup(&ctx, Some(&ws), spool.as_ref(), &scratch, &entry.attempt_id).await;
+            if matches!(&*stop.borrow(), Some(StopRequest::Abandon { .. })) {
+                return None;
+            }
+            Some(JobResult {
+                attempt_id: entry.attempt_id.clone(),
+                epoch: entry.epoch,
+                state: JobState::Failed as i32,
+                failure: FailureClass::Infra as i32,
+                reason: format!("the agent restarted and could not resume the attempt: {e}"),
+                exit_code: 0,
+            })
+        }
+    }
+}
+
+async fn run_or_resume<E: Executor>(
+    ctx: Arc<RunnerContext<E>>,
+    assignment: Assignment,
+    resume: Option<JournalEntry>,
+    events: mpsc::Sender<agent_message::Msg>,
+    stop: watch::Receiver<Option<StopRequest>>,
+) -> Option<JobResult> {
     let a = &assignment;
-    let started = Instant::now();
+    let started_ms = resume.as_ref().map_or_else(now_ms, |e| e.started_ms);
+    let started = instant_of(started_ms);
     let job_deadline = (a.timeout_secs > 0).then(|| started + Duration::from_secs(a.timeout_secs));
     let scratch = ctx.work_root().join(safe_file_name(&a.attempt_id));
-    let attempt = Attempt {
-        ctx: &ctx,
-        a,
-        events,
-        stop: stop.clone(),
-        scratch: scratch.clone(),
-        job_deadline,
-    };
     let mut ws = None;
     let mut spool_opt = None;
-    let outcome = match prepare_dirs(&ctx.spool_root(), &scratch, &a.attempt_id).await {
+    let opened = match &resume {
+        None => prepare_dirs(&ctx.spool_root(), &scratch, &a.attempt_id)
+            .await
+            .map(|s| (s, None)),
+        Some(entry) => reopen_dirs(&ctx.spool_root(), &scratch, entry)
+            .await
+            .map(|(s, step)| (s, Some(step))),
+    };
+    let outcome = match opened {
         Err(e) => Outcome::failed(FailureClass::Infra, e),
-        Ok(spool) => {
-            let spool = spool_opt.insert(spool);
+        Ok((spool, resumed_step)) => {
+            let attempt = Attempt {
+                ctx: &ctx,
+                a,
+                events,
+                stop: stop.clone(),
+                scratch: scratch.clone(),
+                job_deadline,
+                started_ms,
+                resume: resume.map(|entry| Resume {
+                    entry,
+                    step: std::sync::Mutex::new(resumed_step),
+                }),
+            };
+            let spool = spool_opt.insert(spool.with_max_log_bytes(ctx.max_log_bytes));
             let shipper =
                 tokio::spawn(Shipper::new(ctx.client.clone(), &a.attempt_id, a.epoch, spool).run());
             let outcome = attempt.body(spool, &mut ws).await;
@@ -578,7 +905,14 @@ pub async fn run_attempt<E: Executor>(
             outcome
         }
     };
-    cleanup(&ctx, ws.as_ref(), spool_opt.as_ref(), &scratch).await;
+    cleanup(
+        &ctx,
+        ws.as_ref(),
+        spool_opt.as_ref(),
+        &scratch,
+        &a.attempt_id,
+    )
+    .await;
     if matches!(&*stop.borrow(), Some(StopRequest::Abandon { .. })) {
         tracing::info!(attempt = %a.attempt_id, "attempt abandoned; its result is dropped");
         return None;
@@ -609,12 +943,31 @@ async fn prepare_dirs(
         .map_err(|e| format!("creating the log spool: {e}"))
 }
 
+async fn reopen_dirs(
+    spool_root: &Path,
+    scratch: &Path,
+    entry: &JournalEntry,
+) -> Result<(AttemptSpool, StepSpool), String> {
+    tokio::fs::create_dir_all(scratch)
+        .await
+        .map_err(|e| format!("creating {}: {e}", scratch.display()))?;
+    AttemptSpool::reopen(spool_root, &entry.attempt_id, entry.step_index)
+        .await
+        .map_err(|e| format!("reopening the log spool: {e}"))
+}
+
 async fn cleanup<E: Executor>(
     ctx: &RunnerContext<E>,
     ws: Option<&Workspace>,
     spool: Option<&AttemptSpool>,
     scratch: &Path,
+    attempt_id: &str,
 ) {
+    // The journal entry goes first: once the workspace is being removed the attempt cannot be
+    // resumed, and a crash from here on must lead to reaping, not re-adoption.
+    if let Err(e) = Journal::new(&ctx.state_dir).remove(attempt_id).await {
+        tracing::warn!(attempt = %attempt_id, error = %e, "removing the attempt journal entry");
+    }
     if let Some(ws) = ws {
         if let Err(e) = ctx.executor.remove_workspace(ws).await {
             tracing::warn!(attempt = %ws.attempt_id, error = %e, "removing the workspace");

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use drover_proto::v1::{
     agent_message, coordinator_message, Accepted, AgentMessage, Assignment, CoordinatorMessage,
-    FailureClass, Heartbeat, Hello, JobResult, JobState, RunningAttempt,
+    Draining, FailureClass, Heartbeat, Hello, JobResult, JobState, RunningAttempt,
 };
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
@@ -25,7 +25,8 @@ use tonic::{Code, Status, Streaming};
 use crate::backoff::Backoff;
 use crate::client::AgentClient;
 use crate::executor::Executor;
-use crate::runner::{run_attempt, RunnerContext, StopRequest};
+use crate::journal::JournalEntry;
+use crate::runner::{resume_attempt, run_attempt, RunnerContext, StopRequest};
 
 /// Heartbeat interval until the coordinator says otherwise.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
@@ -106,7 +107,16 @@ pub struct Session<E: Executor> {
     heartbeat: Duration,
     lease_ttl: Duration,
     last_contact: Instant,
+    /// The coordinator of this session acknowledges heartbeats: silence from it then means the
+    /// lease is running out (a silent partition), not just a quiet coordinator.
+    acks_heartbeats: bool,
     announced: bool,
+    /// `--ephemeral`: take one job, then exit once it is done.
+    ephemeral: bool,
+    /// `--idle-timeout`: exit after this long without running any job.
+    idle_timeout: Option<Duration>,
+    /// Since when no attempt runs (reset by each assignment).
+    idle_since: Instant,
 }
 
 impl<E: Executor> std::fmt::Debug for Session<E> {
@@ -124,7 +134,9 @@ fn attempt_of(msg: &AgentMessage) -> Option<&str> {
         agent_message::Msg::Accepted(a) => Some(&a.attempt_id),
         agent_message::Msg::Step(s) => Some(&s.attempt_id),
         agent_message::Msg::Result(r) => Some(&r.attempt_id),
-        agent_message::Msg::Hello(_) | agent_message::Msg::Heartbeat(_) => None,
+        agent_message::Msg::Hello(_)
+        | agent_message::Msg::Heartbeat(_)
+        | agent_message::Msg::Draining(_) => None,
     }
 }
 
@@ -157,8 +169,76 @@ impl<E: Executor> Session<E> {
             heartbeat: DEFAULT_HEARTBEAT,
             lease_ttl: DEFAULT_LEASE_TTL,
             last_contact: Instant::now(),
+            acks_heartbeats: false,
             announced: false,
+            ephemeral: false,
+            idle_timeout: None,
+            idle_since: Instant::now(),
         }
+    }
+
+    /// Scale-to-zero behaviour: with `ephemeral` the session takes one job and ends once it is
+    /// finished and reported; with `idle_timeout` it ends after that long without any job. Either
+    /// way `run` returns `Ok` (the agent exits 0), as an autoscaler expects of a worker it may retire.
+    pub fn with_lifecycle(mut self, ephemeral: bool, idle_timeout: Option<Duration>) -> Self {
+        self.ephemeral = ephemeral;
+        self.idle_timeout = idle_timeout.filter(|t| !t.is_zero());
+        self
+    }
+
+    /// When the idle timeout fires, if it is armed (no attempt running, not already exiting).
+    fn idle_deadline(&self) -> Option<Instant> {
+        let timeout = self.idle_timeout?;
+        (!self.exiting && self.attempts.is_empty() && self.runners.is_empty())
+            .then(|| self.idle_since + timeout)
+    }
+
+    fn on_idle_timeout(&mut self) {
+        if let Some(t) = self.idle_timeout {
+            tracing::info!(
+                idle_secs = t.as_secs_f64(),
+                "no job for the idle timeout: exiting"
+            );
+        }
+        self.exiting = true;
+        // So the coordinator stops dispatching here before the session closes.
+        self.pending.push_back(draining_msg());
+    }
+
+    /// Attempts an earlier run of this agent left running (found by [`crate::reaper::recover`]):
+    /// they are resumed at once and listed in every hello, so the coordinator re-adopts those whose
+    /// lease is still valid; the others come back in `Welcome.stale_attempts` and are stopped.
+    pub fn adopting(mut self, entries: Vec<JournalEntry>) -> Self {
+        for entry in entries {
+            tracing::info!(attempt = %entry.attempt_id, step = entry.step_index, "resuming an attempt of an earlier run");
+            let (stop_tx, stop_rx) = watch::channel(None);
+            self.attempts.insert(
+                entry.attempt_id.clone(),
+                AttemptHandle {
+                    epoch: entry.epoch,
+                    stop: stop_tx,
+                },
+            );
+            let ctx = self.ctx.clone();
+            let events = self.events_tx.clone();
+            let slots = self.slots.clone();
+            let span = tracing::info_span!("attempt", id = %entry.attempt_id);
+            let id = entry.attempt_id.clone();
+            self.runners.spawn(tracing::Instrument::instrument(
+                async move {
+                    // Its container already runs: take a slot if there is one, never wait for it.
+                    let _slot = slots.try_acquire_owned().ok();
+                    let result = resume_attempt(ctx, entry, events.clone(), stop_rx).await;
+                    if let Some(result) = result {
+                        tracing::info!(state = ?JobState::try_from(result.state).ok(), reason = %result.reason, "resumed attempt finished");
+                        let _ = events.send(agent_message::Msg::Result(result)).await;
+                    }
+                    id
+                },
+                span,
+            ));
+        }
+        self
     }
 
     /// Runs until drained: `drain` (a signal) or a coordinator `Drain{exit}` stops new work; the
@@ -252,6 +332,7 @@ impl<E: Executor> Session<E> {
             }
         };
         self.last_contact = Instant::now();
+        self.acks_heartbeats = false;
         self.paused = false;
         if welcome.heartbeat_interval_ms > 0 {
             self.heartbeat = Duration::from_millis(welcome.heartbeat_interval_ms.max(50));
@@ -266,6 +347,7 @@ impl<E: Executor> Session<E> {
             self.abandon(stale, "the coordinator did not re-adopt this attempt");
         }
         if self.announced {
+            crate::metrics::metrics().reconnected();
             tracing::info!(agent = %self.cfg.agent_id, url = %self.cfg.coordinator_url, "re-attached");
         } else {
             self.announced = true;
@@ -284,6 +366,10 @@ impl<E: Executor> Session<E> {
             .collect();
         resend.append(&mut self.pending);
         self.pending = resend;
+        if self.exiting {
+            // Still draining after a reconnect: the coordinator must not dispatch here meanwhile.
+            self.pending.push_front(draining_msg());
+        }
         Ok(Connection { tx, inbound })
     }
 
@@ -303,6 +389,7 @@ impl<E: Executor> Session<E> {
                 self.close(conn).await;
                 return Ok(Ended::Exit);
             }
+            let idle = self.idle_deadline();
             tokio::select! {
                 msg = conn.inbound.message() => match msg {
                     Ok(Some(m)) => {
@@ -314,6 +401,12 @@ impl<E: Executor> Session<E> {
                     Err(status) => return Ok(Ended::Broken(status.to_string())),
                 },
                 _ = heartbeat.tick() => {
+                    if self.acks_heartbeats && self.last_contact.elapsed() > self.lease_ttl {
+                        // Our heartbeats have gone unanswered for the whole lease: the coordinator
+                        // has declared our attempts lost and may run them elsewhere.
+                        self.check_lease();
+                        return Ok(Ended::Broken("no answer from the coordinator for longer than the lease TTL".into()));
+                    }
                     let beat = AgentMessage {
                         msg: Some(agent_message::Msg::Heartbeat(Heartbeat { running: self.running() })),
                     };
@@ -328,7 +421,9 @@ impl<E: Executor> Session<E> {
                 () = drain.cancelled(), if !self.exiting => {
                     tracing::info!("draining: finishing running jobs, taking no new ones");
                     self.exiting = true;
+                    self.pending.push_front(draining_msg());
                 }
+                () = sleep_until_some(idle), if idle.is_some() => self.on_idle_timeout(),
             }
             if let Err(why) = self.flush(&conn).await {
                 return Ok(Ended::Broken(why));
@@ -385,11 +480,13 @@ impl<E: Executor> Session<E> {
             if self.should_exit() {
                 return true;
             }
+            let idle = self.idle_deadline();
             tokio::select! {
                 () = &mut sleep => return false,
                 Some(event) = self.events_rx.recv() => self.enqueue(event),
                 Some(joined) = self.runners.join_next(), if !self.runners.is_empty() => self.on_joined(joined),
                 () = drain.cancelled(), if !self.exiting => self.exiting = true,
+                () = sleep_until_some(idle), if idle.is_some() => self.on_idle_timeout(),
             }
         }
     }
@@ -413,6 +510,7 @@ impl<E: Executor> Session<E> {
     }
 
     fn on_joined(&mut self, joined: Result<String, tokio::task::JoinError>) {
+        self.idle_since = Instant::now();
         match joined {
             Ok(attempt) => {
                 self.attempts.remove(&attempt);
@@ -477,6 +575,9 @@ impl<E: Executor> Session<E> {
                 self.paused = true;
                 self.exiting |= d.exit;
             }
+            Some(coordinator_message::Msg::HeartbeatAck(_)) => {
+                self.acks_heartbeats = true;
+            }
             Some(coordinator_message::Msg::Welcome(_)) => {
                 tracing::debug!("ignoring a second welcome");
             }
@@ -529,12 +630,24 @@ impl<E: Executor> Session<E> {
         let ctx = self.ctx.clone();
         let events = self.events_tx.clone();
         let slots = self.slots.clone();
-        let span = tracing::info_span!("attempt", id = %a.attempt_id, job = %a.job);
+        // A root here, joined to the coordinator's span for this attempt (and so to the run's trace).
+        let span = tracing::info_span!(parent: None, "attempt", id = %a.attempt_id, job = %a.job, run = %a.run_id);
+        drover_telemetry::set_parent(&span, &a.traceparent);
         let id = a.attempt_id.clone();
+        if self.ephemeral {
+            // One job per ephemeral agent: later assignments are refused (the coordinator retries
+            // them elsewhere) and the session ends once this one is reported.
+            tracing::info!(attempt = %a.attempt_id, "ephemeral agent: this is its only job");
+            self.exiting = true;
+            // After the acceptance (already queued): the coordinator keeps this attempt here but
+            // dispatches nothing more, so no second job is pushed and refused.
+            self.pending.push_back(draining_msg());
+        }
         self.runners.spawn(tracing::Instrument::instrument(
             async move {
                 // Held for the whole attempt: at most `capacity` run at once.
                 let _slot = slots.acquire_owned().await;
+                let _running = crate::metrics::metrics().job_started();
                 let result = run_attempt(ctx, a, events.clone(), stop_rx).await;
                 if let Some(result) = result {
                     tracing::info!(state = ?JobState::try_from(result.state).ok(), reason = %result.reason, "attempt finished");
@@ -544,5 +657,20 @@ impl<E: Executor> Session<E> {
             },
             span,
         ));
+    }
+}
+
+/// Tells the coordinator this agent drains and exits: no more assignments.
+fn draining_msg() -> AgentMessage {
+    AgentMessage {
+        msg: Some(agent_message::Msg::Draining(Draining { exit: true })),
+    }
+}
+
+/// Sleeps until `deadline`; never resolves for `None` (the select branch is disabled then anyway).
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }

@@ -57,6 +57,8 @@ impl Fixture {
             commands: vec![script.to_string()],
             env: vec![("GREETING".to_string(), "hello there".to_string())],
             workdir: String::new(),
+            nano_cpus: 0,
+            memory_bytes: 0,
         }
     }
 

@@ -315,6 +315,7 @@ async fn runs_jobs_ships_logs_and_artifacts_then_drains() {
         client: agent_client.clone(),
         agent_id: agent_id.clone(),
         state_dir: state_dir.path().to_path_buf(),
+        max_log_bytes: drover_agent::logs::DEFAULT_MAX_LOG_BYTES,
     });
     let session = Session::new(
         SessionConfig {
@@ -369,6 +370,7 @@ async fn runs_jobs_ships_logs_and_artifacts_then_drains() {
             }],
             artifacts: vec!["out/".into()],
             timeout_secs: 120,
+            ..Default::default()
         }))
         .await;
     // A failing job, a job whose artifact is missing, and one that is canceled.
@@ -552,6 +554,7 @@ async fn reconnects_and_resends_after_the_connection_drops() {
         client: agent_client.clone(),
         agent_id: agent_id.clone(),
         state_dir: state_dir.path().to_path_buf(),
+        max_log_bytes: drover_agent::logs::DEFAULT_MAX_LOG_BYTES,
     });
     let session = Session::new(
         SessionConfig {

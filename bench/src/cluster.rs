@@ -13,6 +13,8 @@ use drover_proto::v1::CreateTokenRequest;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
 
 /// How long a process may take to print its announcement line.
@@ -129,7 +131,23 @@ pub(crate) struct Coordinator {
     proc: Proc,
     /// `http://127.0.0.1:PORT`.
     pub(crate) url: String,
+    /// The admin API token the coordinator wrote at first start.
+    admin_token: String,
     dir: tempfile::TempDir,
+}
+
+/// A ControlService client sending the coordinator's admin token.
+pub(crate) type Control = ControlServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// Adds `authorization: Bearer TOKEN` to every call.
+#[derive(Debug, Clone)]
+pub(crate) struct BearerToken(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
 }
 
 impl Coordinator {
@@ -143,6 +161,8 @@ impl Coordinator {
         let mut cmd = Command::new(sibling_bin("drover-coordinator")?);
         cmd.arg("--listen")
             .arg("127.0.0.1:0")
+            .arg("--http-listen")
+            .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(&data)
             .args(args)
@@ -155,9 +175,16 @@ impl Coordinator {
             .nth(1)
             .and_then(|s| s.split_whitespace().next())
             .with_context(|| format!("no address in the coordinator's line {line:?}"))?;
+        // Written by the coordinator's first start, before it listens.
+        let token_file = data.join("admin.token");
+        let admin_token = std::fs::read_to_string(&token_file)
+            .with_context(|| format!("reading {}", token_file.display()))?
+            .trim()
+            .to_string();
         Ok(Coordinator {
             proc,
             url: format!("http://{addr}"),
+            admin_token,
             dir,
         })
     }
@@ -175,10 +202,13 @@ impl Coordinator {
     }
 
     /// A new connection for a ControlService client.
-    pub(crate) async fn control(&self) -> Result<ControlServiceClient<Channel>> {
+    pub(crate) async fn control(&self) -> Result<Control> {
         let ch = connect(&self.url).await?;
+        let token = format!("Bearer {}", self.admin_token)
+            .parse()
+            .context("admin token is not a valid header value")?;
         Ok(
-            ControlServiceClient::new(ch)
+            ControlServiceClient::with_interceptor(ch, BearerToken(token))
                 .max_decoding_message_size(drover_proto::MAX_MESSAGE_BYTES),
         )
     }

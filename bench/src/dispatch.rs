@@ -4,10 +4,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use drover_proto::v1::control_service_client::ControlServiceClient;
 use drover_proto::v1::{GetRunRequest, RunState, SubmitRunRequest};
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 
 use crate::cluster::Coordinator;
 use crate::echo;
@@ -104,7 +102,7 @@ struct Timeline {
 }
 
 async fn one_job(
-    client: &mut ControlServiceClient<Channel>,
+    client: &mut crate::cluster::Control,
     events: &mut AgentEvents,
 ) -> Result<Timeline> {
     let t0 = Instant::now();
@@ -144,7 +142,7 @@ async fn one_job(
 
 /// Follows WatchRun until the run is no longer running; returns its final state.
 pub(crate) async fn watch_until_finished(
-    client: &mut ControlServiceClient<Channel>,
+    client: &mut crate::cluster::Control,
     run_id: &str,
 ) -> Result<RunState> {
     let mut stream = client

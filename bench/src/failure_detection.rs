@@ -4,9 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use drover_proto::v1::control_service_client::ControlServiceClient;
 use drover_proto::v1::{CancelRunRequest, GetRunRequest, Job, JobState, SubmitRunRequest};
-use tonic::transport::Channel;
 
 use crate::cluster::Coordinator;
 use crate::container_step::IMAGE;
@@ -99,7 +97,7 @@ async fn once() -> Result<Duration> {
 
 /// Polls GetRun until the run's (only) job satisfies `pred`; returns that job.
 async fn wait_job(
-    client: &mut ControlServiceClient<Channel>,
+    client: &mut crate::cluster::Control,
     run_id: &str,
     timeout: Duration,
     pred: impl Fn(&Job) -> bool,

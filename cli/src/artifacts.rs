@@ -140,6 +140,7 @@ async fn get_artifact(
         .into_inner();
     let mut hasher = Sha256::new();
     let mut received: u64 = 0;
+    let bar = crate::progress::transfer(path, artifact.size);
     while let Some(chunk) = stream
         .message()
         .await
@@ -147,6 +148,7 @@ async fn get_artifact(
     {
         hasher.update(&chunk.data);
         received += chunk.data.len() as u64;
+        bar.set_position(received);
         match &mut sink {
             // Local-disk writes of 128 KiB chunks; blocking briefly is cheaper than a thread hop.
             Sink::File(f) => f
@@ -159,6 +161,7 @@ async fn get_artifact(
                 .map_err(|e| anyhow::anyhow!("cannot write to stdout: {e}"))?,
         }
     }
+    bar.finish_and_clear();
     let digest = hex::encode(hasher.finalize());
     if received != artifact.size || digest != artifact.digest {
         anyhow::bail!(

@@ -5,14 +5,33 @@ use std::fmt::Display;
 use std::time::Duration;
 
 use drover_proto::v1::control_service_client::ControlServiceClient;
-use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Status};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Request, Status};
+
+/// The generated ControlService client over a channel that carries the API token.
+pub(crate) type ControlClient = ControlServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// Adds `authorization: Bearer <token>` to every call when a token is configured.
+#[derive(Debug, Clone)]
+pub(crate) struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
 
 /// A connected `ControlService` client that remembers where it is connected, for error messages.
 #[derive(Debug, Clone)]
 pub(crate) struct Coordinator {
     /// The generated client; cheap to clone (shares the channel).
-    pub(crate) client: ControlServiceClient<Channel>,
+    pub(crate) client: ControlClient,
     url: String,
 }
 
@@ -53,17 +72,40 @@ impl Coordinator {
             .initial_connection_window_size(Some(8 * 1024 * 1024))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
+        let settings = crate::settings::current();
+        let endpoint = if url.starts_with("https://") {
+            let tls = match &settings.ca_file {
+                Some(path) => {
+                    let pem = std::fs::read(path).map_err(|e| {
+                        anyhow::anyhow!("cannot read CA file {}: {e}", path.display())
+                    })?;
+                    ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
+                }
+                None => ClientTlsConfig::new().with_native_roots(),
+            };
+            endpoint
+                .tls_config(tls)
+                .map_err(|e| anyhow::anyhow!("TLS setup for {url}: {}", error_chain(&e)))?
+        } else {
+            endpoint
+        };
+        let token = match &settings.token {
+            Some(t) => Some(format!("Bearer {}", t.trim()).parse().map_err(|_| {
+                anyhow::anyhow!("the API token contains characters not allowed in a header")
+            })?),
+            None => None,
+        };
         let channel = endpoint.connect().await.map_err(|e| {
             anyhow::anyhow!("cannot reach coordinator at {url}: {}", error_chain(&e))
         })?;
-        let client = ControlServiceClient::new(channel)
+        let client = ControlServiceClient::with_interceptor(channel, BearerToken(token))
             .max_decoding_message_size(drover_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(drover_proto::MAX_MESSAGE_BYTES);
         Ok(Self { client, url })
     }
 
     /// A fresh handle to the same connection, for concurrent streams.
-    pub(crate) fn client(&self) -> ControlServiceClient<Channel> {
+    pub(crate) fn client(&self) -> ControlClient {
         self.client.clone()
     }
 

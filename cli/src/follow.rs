@@ -137,6 +137,7 @@ async fn stream_job_logs(
         step: String::new(),
         offset: 0,
         follow: true,
+        ..Default::default()
     };
     let mut stream = match coordinator.client().follow_logs(request).await {
         Ok(r) => r.into_inner(),

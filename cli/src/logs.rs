@@ -23,6 +23,9 @@ pub(crate) struct LogsArgs {
     /// Start at this byte offset of the (first) step's log.
     #[arg(long, default_value_t = 0)]
     pub(crate) offset: u64,
+    /// Prefix each line with the time it started, e.g. `2026-12-03T08:00:00.123Z` (UTC).
+    #[arg(long, short = 't')]
+    pub(crate) timestamps: bool,
 }
 
 /// Runs `drover logs`.
@@ -40,11 +43,13 @@ pub(crate) async fn logs(url: &str, args: &LogsArgs) -> anyhow::Result<ExitCode>
             step: args.step.clone().unwrap_or_default(),
             offset: args.offset,
             follow: args.follow,
+            timestamps: args.timestamps,
         })
         .await
         .map_err(|s| coordinator.error(s, &what))?
         .into_inner();
     let mut stdout = tokio::io::stdout();
+    let mut stamper = crate::timestamps::Stamper::default();
     while let Some(event) = stream
         .message()
         .await
@@ -53,7 +58,14 @@ pub(crate) async fn logs(url: &str, args: &LogsArgs) -> anyhow::Result<ExitCode>
         if event.data.is_empty() {
             continue;
         }
-        if let Err(e) = stdout.write_all(&event.data).await {
+        let stamped;
+        let bytes = if args.timestamps {
+            stamped = stamper.stamp(&event);
+            &stamped
+        } else {
+            &event.data
+        };
+        if let Err(e) = stdout.write_all(bytes).await {
             // A closed pipe (`drover logs ... | head`) is the reader being done, not an error.
             if e.kind() == std::io::ErrorKind::BrokenPipe {
                 return Ok(ExitCode::SUCCESS);

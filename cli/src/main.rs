@@ -7,13 +7,19 @@
 mod agents;
 mod artifacts;
 mod client;
+mod completion;
 mod context;
 mod follow;
 mod logs;
 mod output;
+mod progress;
 mod runs;
+mod secrets;
+mod settings;
+mod timestamps;
 mod tokens;
 mod validate;
+mod why;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,6 +50,14 @@ pub(crate) struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Text)]
     output: OutputFormat,
 
+    /// API token (else `token` in ~/.config/drover/config.toml).
+    #[arg(long, global = true, env = "DROVER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+
+    /// CA certificate (PEM) to trust for an https:// coordinator, e.g. its `<data>/tls/ca.pem`.
+    #[arg(long, global = true, env = "DROVER_CA_FILE", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -71,19 +85,38 @@ enum Command {
     },
     /// Print a job's step logs, raw, to stdout.
     Logs(logs::LogsArgs),
-    /// Cancel a run's unfinished jobs.
+    /// Cancel a run's unfinished jobs, or one job of it (`drover cancel RUN JOB`).
     Cancel {
         /// Run id.
         run: String,
+        /// Job name: cancel only this job (jobs needing it are skipped).
+        job: Option<String>,
     },
     /// List and download artifacts.
     #[command(subcommand)]
     Artifacts(artifacts::ArtifactsCommand),
-    /// List the agents known to the coordinator.
-    Agents,
+    /// List the agents known to the coordinator (`drover agents [list]`), or drain, pause or
+    /// resume one.
+    Agents(agents::AgentsArgs),
     /// Manage enrollment tokens.
     #[command(subcommand)]
     Tokens(tokens::TokensCommand),
+    /// Manage secrets pipelines name in `secrets:` (set from stdin, list, delete; admin token).
+    #[command(subcommand)]
+    Secrets(secrets::SecretsCommand),
+    /// Explain why a job is not running yet: verdict, remedy, needs, place in line, every agent's fit.
+    Why {
+        /// Run id.
+        run: String,
+        /// Job name.
+        job: String,
+    },
+    /// Print a shell completion script (bash, zsh or fish) to stdout.
+    Completion {
+        /// Shell to complete for.
+        #[arg(value_enum)]
+        shell: completion::CompletionShell,
+    },
 }
 
 /// `drover run`: either the submit form (a FILE) or the `show` subcommand.
@@ -132,6 +165,8 @@ pub(crate) struct SubmitArgs {
 }
 
 fn main() -> ExitCode {
+    // One TLS crypto provider for the whole process, chosen here rather than by feature unification.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -154,7 +189,28 @@ fn main() -> ExitCode {
 
 /// Runs one parsed command line.
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    let url = cli.coordinator;
+    let file = match settings::config_path() {
+        Some(p) => settings::read_file(&p)?,
+        None => settings::FileSettings::default(),
+    };
+    settings::set(settings::ConnectSettings {
+        token: cli
+            .token
+            .clone()
+            .or(file.token)
+            .filter(|t| !t.trim().is_empty()),
+        ca_file: cli.ca_file.clone().or(file.ca_file),
+    });
+    // The flag has a default, so the file's coordinator applies only when neither flag nor env chose one.
+    let url = match file.coordinator {
+        Some(u)
+            if cli.coordinator == drover_proto::DEFAULT_COORDINATOR
+                && std::env::var_os("DROVER_COORDINATOR").is_none() =>
+        {
+            u
+        }
+        _ => cli.coordinator,
+    };
     let out = cli.output;
     match cli.command {
         Command::Validate { file } => validate::validate(&url, &file).await,
@@ -169,10 +225,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }) => runs::submit(&url, &submit).await,
         Command::Runs { limit } => runs::list(&url, out, limit).await,
         Command::Logs(args) => logs::logs(&url, &args).await,
-        Command::Cancel { run } => runs::cancel(&url, &run).await,
+        Command::Cancel { run, job: None } => runs::cancel(&url, &run).await,
+        Command::Cancel {
+            run,
+            job: Some(job),
+        } => agents::cancel_job(&url, &run, &job).await,
         Command::Artifacts(cmd) => artifacts::artifacts(&url, out, cmd).await,
-        Command::Agents => agents::list(&url, out).await,
+        Command::Agents(args) => agents::agents(&url, out, args).await,
         Command::Tokens(cmd) => tokens::tokens(&url, out, cmd).await,
+        Command::Secrets(cmd) => secrets::secrets(&url, out, cmd).await,
+        Command::Why { run, job } => why::why(&url, out, &run, &job).await,
+        Command::Completion { shell } => completion::completion(shell),
     }
 }
 

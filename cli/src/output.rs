@@ -217,6 +217,7 @@ pub(crate) fn step_json(step: &Step) -> Value {
         "state": job_state_name(step.state),
         "exit_code": step.exit_code,
         "log_bytes": step.log_bytes,
+        "truncated": step.truncated,
     })
 }
 
@@ -261,6 +262,7 @@ pub(crate) fn agent_json(agent: &Agent) -> Value {
         "state": agent.state,
         "running": agent.running,
         "last_seen_ms": agent.last_seen_ms,
+        "availability": agent.availability,
     })
 }
 
@@ -381,7 +383,12 @@ pub(crate) fn run_details(run: &Run) -> String {
                 } else {
                     "-".to_string()
                 },
-                format_bytes(step.log_bytes),
+                if step.truncated {
+                    // The log cap cut this step's output: say so where the size is shown.
+                    format!("{} (truncated)", format_bytes(step.log_bytes))
+                } else {
+                    format_bytes(step.log_bytes)
+                },
                 step.image.clone(),
             ]);
         }
@@ -407,7 +414,11 @@ pub(crate) fn agents_table(agents: &[Agent]) -> String {
             agent.hostname.clone(),
             format_labels(&agent.labels),
             agent.capacity.to_string(),
-            agent.state.clone(),
+            // Paused or draining agents say so; active ones (or an older coordinator) show the state alone.
+            match agent.availability.as_str() {
+                "" | "active" => agent.state.clone(),
+                other => format!("{} ({other})", agent.state),
+            },
             agent.running.len().to_string(),
             format_time(agent.last_seen_ms),
         ]);

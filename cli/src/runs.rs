@@ -96,6 +96,8 @@ async fn upload_context(
     let read_error: Arc<Mutex<Option<std::io::Error>>> = Arc::default();
     let (tx, rx) = tokio::sync::mpsc::channel::<ContextChunk>(4);
     let reader_error = Arc::clone(&read_error);
+    let bar = crate::progress::transfer("context", size);
+    let reader_bar = bar.clone();
     let reader = tokio::task::spawn_blocking(move || {
         let mut file = file;
         loop {
@@ -120,6 +122,8 @@ async fn upload_context(
                 return;
             }
             buf.truncate(filled);
+            // Counted when handed to the stream: with a 4-chunk buffer that is within 512 KiB of the wire.
+            reader_bar.inc(filled as u64);
             if tx.blocking_send(ContextChunk { data: buf }).is_err() {
                 // The call ended (error or early reply); its result says why.
                 return;
@@ -131,6 +135,7 @@ async fn upload_context(
         .upload_context(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await;
     let _ = reader.await;
+    bar.finish_and_clear();
     if let Some(e) = read_error.lock().ok().and_then(|mut slot| slot.take()) {
         anyhow::bail!("cannot read the packed context: {e}");
     }

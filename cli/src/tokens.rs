@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use drover_proto::v1::CreateTokenRequest;
+use drover_proto::v1::{CreateApiTokenRequest, CreateTokenRequest};
 
 use crate::client::Coordinator;
 use crate::output::{self, OutputFormat};
@@ -28,6 +28,24 @@ pub(crate) struct CreateArgs {
     /// Labels an enrolling agent must have: k=v,k2=v2.
     #[arg(long, value_parser = parse_labels, default_value = "")]
     pub(crate) labels: Labels,
+    /// `enroll` (for a new agent) or `api` (for clients: the CLI, CI systems; needs --role).
+    #[arg(long, value_enum, default_value_t = TokenKind::Enroll)]
+    pub(crate) kind: TokenKind,
+    /// Role of an API token: read (runs, logs, artifacts), submit (read + submit, cancel) or admin.
+    #[arg(long, value_parser = ["read", "submit", "admin"], required_if_eq("kind", "api"))]
+    pub(crate) role: Option<String>,
+    /// Name of an API token, for operators.
+    #[arg(long, default_value = "cli")]
+    pub(crate) name: String,
+}
+
+/// What a token is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum TokenKind {
+    /// Enrollment of a new agent.
+    Enroll,
+    /// A client's API token with a role.
+    Api,
 }
 
 /// A token lifetime in seconds.
@@ -92,6 +110,32 @@ pub(crate) async fn tokens(
 ) -> anyhow::Result<ExitCode> {
     let TokensCommand::Create(args) = command;
     let coordinator = Coordinator::connect(url).await?;
+    if args.kind == TokenKind::Api {
+        let role = args.role.clone().unwrap_or_default();
+        let r = coordinator
+            .client()
+            .create_api_token(CreateApiTokenRequest {
+                role: role.clone(),
+                name: args.name.clone(),
+            })
+            .await
+            .map_err(|s| coordinator.error(s, "create API token"))?
+            .into_inner();
+        match out {
+            OutputFormat::Text => {
+                println!("{}", r.token);
+                eprintln!(
+                    "API token with role {}; it is shown only once (use it as DROVER_TOKEN)",
+                    r.role
+                );
+            }
+            OutputFormat::Json => print!(
+                "{}",
+                output::to_json_text(&serde_json::json!({"token": r.token, "role": r.role}))
+            ),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let response = coordinator
         .client()
         .create_token(CreateTokenRequest {

@@ -42,6 +42,7 @@ fn step(name: &str, state: JobState, exit: i32) -> Step {
         state: state as i32,
         exit_code: exit,
         log_bytes: 0,
+        ..Default::default()
     }
 }
 
@@ -129,6 +130,7 @@ fn log_event(job: &str, step: &str, index: u32, offset: u64, data: &[u8], eof: b
         offset,
         data: data.to_vec(),
         eof,
+        ..Default::default()
     }
 }
 
@@ -351,6 +353,7 @@ impl ControlService for Scripted {
                 state: "connected".into(),
                 running: vec!["att-1".into()],
                 last_seen_ms: 1_700_000_000_000,
+                availability: "active".into(),
             }],
         }))
     }

@@ -82,6 +82,24 @@ pub struct Cli {
     /// Log format.
     #[arg(long, env = "DROVER_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// TLS on the gRPC listener: auto (TLS beyond loopback), on, off [default: auto].
+    #[arg(long, env = "DROVER_TLS", value_enum)]
+    pub tls: Option<crate::tls::TlsMode>,
+    /// Allow plaintext gRPC beyond loopback (logged as a warning).
+    #[arg(long, env = "DROVER_INSECURE")]
+    pub insecure: bool,
+    /// Server certificate chain (PEM) to use instead of the coordinator's own CA.
+    #[arg(long, env = "DROVER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "DROVER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Extra DNS names or IP addresses for the generated server certificate (repeatable, or comma-separated).
+    #[arg(long, env = "DROVER_TLS_SAN", value_delimiter = ',')]
+    pub tls_san: Vec<String>,
+    /// Export OpenTelemetry spans over OTLP/gRPC to this URL, e.g. http://127.0.0.1:4317 [default: off].
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The TOML file: the same settings as the flags, all optional.
@@ -104,6 +122,18 @@ pub struct FileConfig {
     pub cancel_grace: Option<String>,
     /// Log format.
     pub log_format: Option<LogFormat>,
+    /// TLS mode: "auto", "on" or "off".
+    pub tls: Option<crate::tls::TlsMode>,
+    /// Allow plaintext beyond loopback.
+    pub insecure: Option<bool>,
+    /// Server certificate chain (PEM).
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of `tls-cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Extra names/addresses for the generated server certificate.
+    pub tls_san: Option<Vec<String>>,
+    /// OTLP/gRPC endpoint for traces.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The resolved settings the coordinator runs with.
@@ -125,6 +155,10 @@ pub struct Config {
     pub cancel_grace: Duration,
     /// Log format of the binary.
     pub log_format: LogFormat,
+    /// TLS on the gRPC listener (see [`crate::tls::resolve`]).
+    pub tls: crate::tls::TlsSettings,
+    /// Where spans are exported (OTLP/gRPC); `None`: tracing off.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for Config {
@@ -138,6 +172,8 @@ impl Default for Config {
             max_retries: 2,
             cancel_grace: Duration::from_secs(10),
             log_format: LogFormat::Text,
+            tls: crate::tls::TlsSettings::default(),
+            otlp_endpoint: None,
         }
     }
 }
@@ -207,6 +243,22 @@ impl Config {
                 d.cancel_grace,
             )?,
             log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
+            tls: crate::tls::TlsSettings {
+                mode: cli.tls.or(file.tls).unwrap_or_default(),
+                insecure: cli.insecure || file.insecure.unwrap_or(false),
+                cert: cli.tls_cert.clone().or(file.tls_cert),
+                key: cli.tls_key.clone().or(file.tls_key),
+                sans: if cli.tls_san.is_empty() {
+                    file.tls_san.unwrap_or_default()
+                } else {
+                    cli.tls_san.clone()
+                },
+            },
+            otlp_endpoint: cli
+                .otlp_endpoint
+                .clone()
+                .or(file.otlp_endpoint)
+                .filter(|e| !e.is_empty()),
         };
         config.validate()?;
         Ok(config)

@@ -5,6 +5,7 @@
 //! [`scheduler`], the durable [`store`], the step [`logs`] and the content-addressed [`artifacts`]. The [`http`] side serves
 //! operators: probes, Prometheus metrics and the dashboard.
 
+pub mod access;
 pub mod api;
 pub mod artifacts;
 pub mod config;
@@ -14,8 +15,10 @@ pub mod http;
 pub mod logs;
 pub mod pipeline;
 pub mod scheduler;
+pub mod secrets;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 pub use config::Config;
 pub use engine::Engine;

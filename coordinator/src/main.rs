@@ -7,9 +7,10 @@ use anyhow::Context;
 use clap::Parser;
 use drover_coordinator::config::{Cli, Config, LogFormat};
 use drover_coordinator::Server;
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // One TLS crypto provider for the whole process, chosen here rather than by feature unification.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -26,14 +27,67 @@ fn main() -> ExitCode {
     }
 }
 
+/// `drover-coordinator rotate-secrets-key`: re-encrypts every secret under a new key (coordinator stopped).
+#[derive(Debug, Parser)]
+#[command(name = "drover-coordinator rotate-secrets-key")]
+struct RotateSecretsKey {
+    /// The coordinator's data directory.
+    #[arg(long, env = "DROVER_DATA_DIR", default_value = "./drover-data")]
+    data_dir: std::path::PathBuf,
+}
+
+async fn rotate_secrets_key() -> anyhow::Result<()> {
+    let args = RotateSecretsKey::parse_from(std::env::args().skip(1));
+    let db = args.data_dir.join("drover.sqlite");
+    anyhow::ensure!(db.exists(), "no coordinator database at {}", db.display());
+    let store = drover_coordinator::store::Store::open(&db)
+        .with_context(|| format!("opening {}", db.display()))?;
+    let msg = drover_coordinator::secrets::rotate_key(&store, &args.data_dir).await?;
+    eprintln!("drover-coordinator: {msg}");
+    Ok(())
+}
+
 async fn run() -> anyhow::Result<()> {
+    // A maintenance subcommand, kept apart from the server's flags.
+    if std::env::args().nth(1).as_deref() == Some("rotate-secrets-key") {
+        return rotate_secrets_key().await;
+    }
     let cli = Cli::parse();
     let config = Config::from_cli(&cli)?;
-    init_tracing(config.log_format);
+    let telemetry = drover_telemetry::init(drover_telemetry::TelemetryConfig {
+        service: "drover-coordinator",
+        json_logs: config.log_format == LogFormat::Json,
+        otlp_endpoint: config.otlp_endpoint.clone(),
+    })?;
+    if let Some(endpoint) = &config.otlp_endpoint {
+        tracing::info!(%endpoint, "exporting traces over OTLP");
+    }
+    let result = serve(config).await;
+    // Flush buffered spans; the batch exporter blocks, so off the async workers.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    result
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
     let server = Server::bind(config)
         .await
         .context("drover-coordinator failed to start")?;
+    if let Some(p) = server.admin_token_created() {
+        eprintln!(
+            "drover-coordinator created an admin API token in {} (mode 0600): export DROVER_TOKEN=$(cat {})",
+            p.display(),
+            p.display()
+        );
+    }
+    if let Some(ca) = server.tls_ca_file() {
+        eprintln!(
+            "drover-coordinator TLS 1.3 with its own CA: clients use --ca-file {}",
+            ca.display()
+        );
+    } else if server.is_tls() {
+        eprintln!("drover-coordinator TLS 1.3 with the operator's certificate");
+    }
     // Tests and scripts wait for this exact line.
     eprintln!(
         "drover-coordinator listening on {} (data {})",
@@ -68,16 +122,4 @@ async fn shutdown_signal() -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     Ok(())
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }

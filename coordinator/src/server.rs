@@ -11,7 +11,6 @@ use drover_proto::MAX_MESSAGE_BYTES;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::{AgentApi, ControlApi};
 use crate::config::Config;
@@ -38,6 +37,9 @@ pub enum ServerError {
     /// The reflection service could not be built from the descriptor sets.
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// TLS could not be set up, or plaintext was refused beyond loopback.
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// The HTTP server failed.
     #[error("HTTP server on {addr}: {source}")]
     Http {
@@ -56,6 +58,9 @@ pub struct Server {
     addr: SocketAddr,
     http_listener: TcpListener,
     http_addr: SocketAddr,
+    tls: Option<crate::tls::ServerTls>,
+    access: crate::access::AccessControl,
+    admin_token_created: Option<std::path::PathBuf>,
 }
 
 impl Server {
@@ -63,7 +68,18 @@ impl Server {
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
         let listen = config.listen;
         let http_listen = config.http_listen;
+        // Decided before anything is opened: a refused plaintext listener must change nothing.
+        let tls = crate::tls::resolve(listen, &config.tls, &config.data_dir)?;
+        if tls.is_none() && !listen.ip().is_loopback() {
+            tracing::warn!(
+                %listen,
+                "--insecure: serving plaintext gRPC beyond loopback; credentials, tokens and secrets cross the network in the clear"
+            );
+        }
+        let data_dir = config.data_dir.clone();
         let engine = Engine::open(config).await?;
+        let (access, admin_token_created) =
+            crate::access::AccessControl::open(engine.store().clone(), &data_dir).await?;
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|source| ServerError::Bind {
@@ -95,7 +111,30 @@ impl Server {
             addr,
             http_listener,
             http_addr,
+            tls,
+            access,
+            admin_token_created,
         })
+    }
+
+    /// The API tokens (roles on the ControlService).
+    pub fn access(&self) -> &crate::access::AccessControl {
+        &self.access
+    }
+
+    /// Where the first start wrote the bootstrap admin token (`None` when tokens already existed).
+    pub fn admin_token_created(&self) -> Option<&std::path::Path> {
+        self.admin_token_created.as_deref()
+    }
+
+    /// True when the gRPC listener speaks TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// The CA certificate clients should trust (`--ca-file`), when the coordinator made its own.
+    pub fn tls_ca_file(&self) -> Option<&std::path::Path> {
+        self.tls.as_ref().and_then(|t| t.ca_file.as_deref())
     }
 
     /// The HTTP address actually bound (dashboard, `/metrics`, probes).
@@ -125,9 +164,13 @@ impl Server {
         let agent = AgentServiceServer::new(AgentApi::new(engine.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let control = ControlServiceServer::new(ControlApi::new(engine.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let control = ControlServiceServer::new(
+            ControlApi::new(engine.clone()).with_access(self.access.clone()),
+        )
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        // Every ControlService call needs an API token with the method's role.
+        let control = crate::api::guard::RoleGuard::new(control, self.access.clone());
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(drover_proto::FILE_DESCRIPTOR_SET)
@@ -146,7 +189,12 @@ impl Server {
             },
         ));
         let closing = engine.clone();
-        let result = tonic::transport::Server::builder()
+        let shutdown = async move {
+            shutdown.await;
+            // Long-lived streams (Attach, WatchRun, FollowLogs) end so the graceful shutdown can finish.
+            closing.shutdown();
+        };
+        let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(1 << 20))
             .initial_connection_window_size(Some(8 << 20))
@@ -155,13 +203,28 @@ impl Server {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(agent)
-            .add_service(control)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), async move {
-                shutdown.await;
-                // Long-lived streams (Attach, WatchRun, FollowLogs) end so the graceful shutdown can finish.
-                closing.shutdown();
-            })
-            .await;
+            .add_service(control);
+        let result = match self.tls {
+            Some(tls) => {
+                router
+                    .serve_with_incoming_shutdown(
+                        crate::tls::incoming(self.listener, tls.config),
+                        shutdown,
+                    )
+                    .await
+            }
+            None => {
+                router
+                    // `tcp_nodelay` above is ignored for a caller-supplied listener: set it on each
+                    // accepted socket, or Nagle holds small replies (results, acks) for up to 40 ms.
+                    .serve_with_incoming_shutdown(
+                        tonic::transport::server::TcpIncoming::from(self.listener)
+                            .with_nodelay(Some(true)),
+                        shutdown,
+                    )
+                    .await
+            }
+        };
         engine.shutdown();
         leases.abort();
         // Open log streams end with the engine; give the HTTP side a bounded grace to finish.
@@ -183,14 +246,18 @@ impl Server {
     /// Serve on a background task; for tests and embedding.
     pub fn spawn(self) -> RunningServer {
         let addr = self.addr;
+        let scheme = if self.is_tls() { "https" } else { "http" };
         let http_addr = self.http_addr;
         let engine = self.engine.clone();
+        let access = self.access.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(self.serve(async move {
             let _ = stopped.await;
         }));
         RunningServer {
             addr,
+            scheme,
+            access,
             http_addr,
             engine,
             stop: Some(stop),
@@ -203,6 +270,8 @@ impl Server {
 #[derive(Debug)]
 pub struct RunningServer {
     addr: SocketAddr,
+    scheme: &'static str,
+    access: crate::access::AccessControl,
     http_addr: SocketAddr,
     engine: Engine,
     stop: Option<oneshot::Sender<()>>,
@@ -220,14 +289,27 @@ impl RunningServer {
         self.http_addr
     }
 
-    /// `http://ADDR`, for clients.
+    /// `http://ADDR`, or `https://ADDR` when the listener speaks TLS, for clients.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// The domain core.
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The API tokens: tests and embedders create their clients' tokens here.
+    pub fn access(&self) -> &crate::access::AccessControl {
+        &self.access
+    }
+
+    /// A ControlService client of this server carrying a new token with `role`.
+    pub async fn control_client(
+        &self,
+        role: crate::access::Role,
+    ) -> Result<crate::access::ControlClient, CoordError> {
+        crate::access::connect_with_role(&self.url(), &self.access, role).await
     }
 
     /// Stop serving and wait (at most 5 s) for the server to finish.

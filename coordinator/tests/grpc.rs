@@ -7,7 +7,6 @@ use drover_coordinator::config::Config;
 use drover_coordinator::{RunningServer, Server};
 use drover_proto::v1 as pb;
 use drover_proto::v1::agent_service_client::AgentServiceClient;
-use drover_proto::v1::control_service_client::ControlServiceClient;
 use drover_proto::v1::coordinator_message::Msg as CMsg;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
@@ -28,8 +27,10 @@ async fn start(dir: &std::path::Path, lease_ttl: Duration) -> RunningServer {
     Server::bind(config).await.unwrap().spawn()
 }
 
-async fn control(s: &RunningServer) -> ControlServiceClient<Channel> {
-    ControlServiceClient::connect(s.url()).await.unwrap()
+async fn control(s: &RunningServer) -> drover_coordinator::access::ControlClient {
+    s.control_client(drover_coordinator::access::Role::Admin)
+        .await
+        .unwrap()
 }
 
 fn authed<T>(cred: &str, msg: T) -> Request<T> {
@@ -132,12 +133,18 @@ impl FakeAgent {
 
     async fn recv(&mut self) -> CMsg {
         let inbox = self.inbox.as_mut().expect("attached");
-        let m = tokio::time::timeout(T, inbox.message())
-            .await
-            .expect("message in time")
-            .unwrap()
-            .unwrap();
-        m.msg.unwrap()
+        loop {
+            let m = tokio::time::timeout(T, inbox.message())
+                .await
+                .expect("message in time")
+                .unwrap()
+                .unwrap();
+            // Heartbeat acknowledgements come whenever the test heartbeats; tests look past them.
+            match m.msg.unwrap() {
+                CMsg::HeartbeatAck(_) => continue,
+                other => return other,
+            }
+        }
     }
 
     async fn assignment(&mut self) -> pb::Assignment {
@@ -173,6 +180,7 @@ impl FakeAgent {
             offset: offset as u64,
             data: data[offset..end].to_vec(),
             eof,
+            ..Default::default()
         };
         let chunks = vec![
             chunk(0, half, false),
@@ -275,7 +283,7 @@ fn result(a: &pb::Assignment, epoch: u64) -> pb::JobResult {
     }
 }
 
-async fn wait_run(c: &mut ControlServiceClient<Channel>, run_id: &str) -> pb::Run {
+async fn wait_run(c: &mut drover_coordinator::access::ControlClient, run_id: &str) -> pb::Run {
     let mut s = c
         .watch_run(pb::GetRunRequest {
             run_id: run_id.into(),
@@ -301,7 +309,7 @@ async fn wait_run(c: &mut ControlServiceClient<Channel>, run_id: &str) -> pb::Ru
 }
 
 async fn logs(
-    c: &mut ControlServiceClient<Channel>,
+    c: &mut drover_coordinator::access::ControlClient,
     run: &str,
     job: &str,
     follow: bool,
@@ -312,6 +320,7 @@ async fn logs(
         step: String::new(),
         offset: 0,
         follow,
+        ..Default::default()
     };
     let mut s = c.follow_logs(req).await.unwrap().into_inner();
     let mut out = Vec::new();
@@ -622,6 +631,7 @@ async fn lease_expiry_requeues_to_another_agent_and_fences_the_old_one() {
         offset: 0,
         data: b"x".to_vec(),
         eof: false,
+        ..Default::default()
     };
     let mut acks = a
         .client

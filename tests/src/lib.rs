@@ -7,6 +7,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod chromium;
 pub mod proxy;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -22,7 +23,52 @@ use drover_proto::v1::{
     CreateTokenRequest, FailureClass, FollowLogsRequest, GetRunRequest, JobState, Run, RunState,
 };
 use futures::StreamExt;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::transport::Channel;
+
+/// Adds `authorization: Bearer TOKEN` (an API token) to every ControlService call.
+#[derive(Debug, Clone)]
+pub struct ApiToken(MetadataValue<Ascii>);
+
+impl ApiToken {
+    /// An interceptor sending `token`.
+    pub fn new(token: &str) -> Result<Self> {
+        Ok(ApiToken(
+            format!("Bearer {}", token.trim())
+                .parse()
+                .context("token is not a valid header value")?,
+        ))
+    }
+}
+
+impl Interceptor for ApiToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+/// A ControlService client carrying an API token.
+pub type Control = ControlServiceClient<InterceptedService<Channel, ApiToken>>;
+
+/// Connects a ControlService client to `addr` (`http://...`) sending `token`.
+pub async fn connect_control(addr: &str, token: &str) -> Result<Control> {
+    let channel = Channel::from_shared(addr.to_string())?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    Ok(
+        ControlServiceClient::with_interceptor(channel, ApiToken::new(token)?)
+            .max_decoding_message_size(drover_proto::MAX_MESSAGE_BYTES),
+    )
+}
 
 /// Image the tests' steps run in (built by `scripts/build-image`).
 pub const IMAGE: &str = "drover-busybox:latest";
@@ -96,6 +142,8 @@ pub struct ClusterBuilder {
     coordinator_args: Vec<String>,
     /// Names of the agents that reach the coordinator through a [`proxy::Proxy`].
     proxied: BTreeSet<String>,
+    /// Extra flags of every agent.
+    agent_args: Vec<String>,
 }
 
 impl ClusterBuilder {
@@ -126,6 +174,12 @@ impl ClusterBuilder {
         self.agent_with_capacity(name, labels, capacity)
     }
 
+    /// Extra flags for every agent (e.g. `--max-log-bytes 1000`).
+    pub fn agent_args(mut self, args: &[&str]) -> Self {
+        self.agent_args.extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+
     /// Extra coordinator flags (e.g. `--lease-ttl 3s`).
     pub fn coordinator_args(mut self, args: &[&str]) -> Self {
         self.coordinator_args
@@ -140,9 +194,12 @@ impl ClusterBuilder {
             dir,
             coordinator: None,
             addr: String::new(),
+            admin_token: String::new(),
+            http_addr: String::new(),
             agents: BTreeMap::new(),
             coordinator_args: self.coordinator_args,
             proxies: BTreeMap::new(),
+            agent_args: self.agent_args,
         };
         cluster.start_coordinator(None)?;
         if !self.proxied.is_empty() {
@@ -187,11 +244,17 @@ pub struct Cluster {
     coordinator: Option<Child>,
     /// `http://127.0.0.1:PORT`.
     pub addr: String,
+    /// The coordinator's bootstrap admin API token (from `<data>/admin.token`).
+    pub admin_token: String,
+    /// The coordinator's HTTP side (dashboard, probes, metrics): `http://127.0.0.1:PORT`.
+    pub http_addr: String,
     /// Agents by name.
     pub agents: BTreeMap<String, AgentProc>,
     coordinator_args: Vec<String>,
     /// Proxies of the agents attached through one, by agent name.
     proxies: BTreeMap<String, proxy::Proxy>,
+    /// Extra flags of every agent.
+    agent_args: Vec<String>,
 }
 
 impl Cluster {
@@ -202,6 +265,7 @@ impl Cluster {
             agents: Vec::new(),
             coordinator_args: Vec::new(),
             proxied: BTreeSet::new(),
+            agent_args: Vec::new(),
         }
     }
 
@@ -231,6 +295,14 @@ impl Cluster {
             .env("RUST_LOG", "info");
         let (child, rx) = spawn_logged(cmd, "coordinator".into())?;
         self.coordinator = Some(child);
+        // Printed while binding, before the "listening on" line.
+        let http = wait_line(&rx, "http on ", Duration::from_secs(30))?;
+        let http = http
+            .split("http on ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .context("address in the http line")?;
+        self.http_addr = format!("http://{http}");
         let line = wait_line(&rx, "listening on", Duration::from_secs(30))?;
         let addr = line
             .split("listening on ")
@@ -238,6 +310,12 @@ impl Cluster {
             .and_then(|s| s.split_whitespace().next())
             .context("address in the listening line")?;
         self.addr = format!("http://{addr}");
+        // Written by the first start (before it listens); kept across restarts.
+        let token_file = self.data_dir().join("admin.token");
+        self.admin_token = std::fs::read_to_string(&token_file)
+            .with_context(|| format!("reading {}", token_file.display()))?
+            .trim()
+            .to_string();
         Ok(())
     }
 
@@ -256,11 +334,8 @@ impl Cluster {
     }
 
     /// A ControlService client.
-    pub async fn client(&self) -> Result<ControlServiceClient<Channel>> {
-        let c = ControlServiceClient::connect(self.addr.clone())
-            .await
-            .with_context(|| format!("connecting to {}", self.addr))?;
-        Ok(c.max_decoding_message_size(drover_proto::MAX_MESSAGE_BYTES))
+    pub async fn client(&self) -> Result<Control> {
+        connect_control(&self.addr, &self.admin_token).await
     }
 
     /// Creates an enrollment token.
@@ -307,6 +382,7 @@ impl Cluster {
             .arg(proc.spec.capacity.to_string())
             .arg("--state-dir")
             .arg(&proc.state_dir)
+            .args(&self.agent_args)
             .env("RUST_LOG", "info");
         if let Some(t) = token {
             cmd.arg("--token").arg(t);
@@ -410,6 +486,7 @@ impl Cluster {
         Command::new(bin("drover"))
             .args(args)
             .env("DROVER_COORDINATOR", &self.addr)
+            .env("DROVER_TOKEN", &self.admin_token)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .output()
@@ -486,6 +563,7 @@ impl Cluster {
                 step: step.into(),
                 offset: 0,
                 follow: true,
+                ..Default::default()
             })
             .await?
             .into_inner();

@@ -28,6 +28,9 @@ use super::{
     Workspace, LABEL_AGENT, LABEL_ATTEMPT, LABEL_STEP, WORKSPACE_DIR,
 };
 
+/// After a re-attached container exited, how long its last output may take to arrive before the
+/// attach stream is abandoned (the engine may not end it).
+const RESUME_LINGER: Duration = Duration::from_secs(1);
 /// Go's `os.ModeDir`, as reported in Docker's path stat.
 const GO_MODE_DIR: u32 = 1 << 31;
 /// Go's `os.ModeSymlink`.
@@ -186,6 +189,30 @@ impl DockerExecutor {
         let state = inspect.state.unwrap_or_default();
         let code = code.or(state.exit_code).unwrap_or(-1);
         Ok((code, state.oom_killed.unwrap_or(false)))
+    }
+
+    /// Resolves `linger` after the container stopped running (at once plus `linger` if it is not
+    /// running or gone, or if the engine cannot say).
+    async fn exited_then(&self, id: &str, linger: Duration) {
+        let options = WaitContainerOptionsBuilder::default()
+            .condition("not-running")
+            .build();
+        let mut wait = self.docker.wait_container(id, Some(options));
+        while wait.next().await.is_some() {}
+        tokio::time::sleep(linger).await;
+    }
+
+    /// True while the container runs (false when it exited or is gone).
+    async fn is_running(&self, id: &str) -> Result<bool, ExecError> {
+        match self
+            .docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(c) => Ok(c.state.and_then(|s| s.running).unwrap_or(false)),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(ExecError::Docker(format!("inspecting container {id}: {e}"))),
+        }
     }
 
     async fn list_containers(
@@ -459,6 +486,18 @@ impl Executor for DockerExecutor {
         );
         body.working_dir = Some(step.working_dir());
         body.env = Some(step.env.iter().map(|(k, v)| format!("{k}={v}")).collect());
+        if let Some(hc) = body.host_config.as_mut() {
+            if step.nano_cpus > 0 {
+                hc.nano_cpus = i64::try_from(step.nano_cpus).ok();
+            }
+            if step.memory_bytes > 0 {
+                let bytes = i64::try_from(step.memory_bytes).unwrap_or(i64::MAX);
+                hc.memory = Some(bytes);
+                // Swap equal to memory means no swap on top: the limit is a real limit, and exceeding
+                // it is an OOM kill rather than a slow swap storm.
+                hc.memory_swap = Some(bytes);
+            }
+        }
         let id = self.create(&name, body).await?;
 
         let result = async {
@@ -478,12 +517,73 @@ impl Executor for DockerExecutor {
                 .start_container(&id, None)
                 .await
                 .map_err(|e| ExecError::Docker(format!("starting the step container: {e}")))?;
+            sink.container_started(&id).await;
             sink.started().await;
             self.run_started(&id, &mut output, sink, deadline, stop)
                 .await
         }
         .await;
         let removed = self.remove_container(&id).await;
+        let end = result?;
+        removed?;
+        Ok(end)
+    }
+
+    async fn resume_step<S, F>(
+        &self,
+        container_id: &str,
+        sink: &mut S,
+        deadline: Option<Instant>,
+        stop: F,
+    ) -> Result<StepEnd, ExecError>
+    where
+        S: OutputSink,
+        F: Future<Output = Duration> + Send,
+    {
+        let id = container_id;
+        let result = async {
+            // The engine never ends an attach to a container that is not running: it would hang
+            // forever. So attach only to a running one, and stop reading a little after it exits
+            // (it may exit between the check and the attach).
+            if !self.is_running(id).await? {
+                let (code, oom_killed) = self.exit_state(id).await?;
+                return Ok(StepEnd::Exited { code, oom_killed });
+            }
+            let options = AttachContainerOptionsBuilder::default()
+                .stream(true)
+                .stdout(true)
+                .stderr(true)
+                .logs(false)
+                .build();
+            let attached = tokio::select! {
+                r = self.docker.attach_container(id, Some(options)) => Some(r),
+                () = self.exited_then(id, RESUME_LINGER) => None,
+            };
+            match attached {
+                Some(Ok(attached)) => {
+                    let mut output = attached
+                        .output
+                        .take_until(Box::pin(self.exited_then(id, RESUME_LINGER)));
+                    self.run_started(id, &mut output, sink, deadline, stop)
+                        .await
+                }
+                // It ended before we could attach: only its exit state is left.
+                None => {
+                    let (code, oom_killed) = self.exit_state(id).await?;
+                    Ok(StepEnd::Exited { code, oom_killed })
+                }
+                Some(Err(e)) if !self.is_running(id).await? => {
+                    tracing::debug!(container = %id, error = %e, "step ended before re-attach");
+                    let (code, oom_killed) = self.exit_state(id).await?;
+                    Ok(StepEnd::Exited { code, oom_killed })
+                }
+                Some(Err(e)) => Err(ExecError::Docker(format!(
+                    "re-attaching to the step container: {e}"
+                ))),
+            }
+        }
+        .await;
+        let removed = self.remove_container(id).await;
         let end = result?;
         removed?;
         Ok(end)

@@ -109,6 +109,10 @@ pub struct StepRun {
     pub env: Vec<(String, String)>,
     /// Working directory: empty = workspace root, relative = under the workspace, absolute = as is.
     pub workdir: String,
+    /// CPU limit in billionths of a CPU; 0 = unlimited.
+    pub nano_cpus: u64,
+    /// Memory limit in bytes (no extra swap); 0 = unlimited.
+    pub memory_bytes: u64,
 }
 
 impl StepRun {
@@ -160,6 +164,12 @@ pub struct PathInfo {
 pub trait OutputSink: Send {
     /// Called once the step's process has been started (before any output).
     fn started(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
+    /// Called with the engine id of the step's container right after it started (before
+    /// [`OutputSink::started`]), so the runner can journal it for re-adoption after a restart.
+    fn container_started(&mut self, _container_id: &str) -> impl Future<Output = ()> + Send {
         async {}
     }
 
@@ -260,6 +270,21 @@ pub trait Executor: Send + Sync + 'static {
         &self,
         ws: &Workspace,
         step: &StepRun,
+        sink: &mut S,
+        deadline: Option<Instant>,
+        stop: F,
+    ) -> impl Future<Output = Result<StepEnd, ExecError>> + Send
+    where
+        S: OutputSink,
+        F: Future<Output = Duration> + Send;
+
+    /// Picks up a step container started by an earlier run of the agent (after a crash): attaches
+    /// to it if it still runs, copies what it writes from now on into `sink`, waits for its end
+    /// (same deadline and stop rules as [`Executor::run_step`]) and removes it. Output written
+    /// while nobody was attached is gone (the log driver is `none`).
+    fn resume_step<S, F>(
+        &self,
+        container_id: &str,
         sink: &mut S,
         deadline: Option<Instant>,
         stop: F,

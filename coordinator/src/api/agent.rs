@@ -40,6 +40,9 @@ impl AgentApi {
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// A workspace-relative artifact path: not empty, not absolute, no `..`, no NUL.
+/// Largest artifact an agent may upload (one file): 16 GiB.
+pub const MAX_ARTIFACT_BYTES: u64 = 16 << 30;
+
 fn check_artifact_path(path: &str) -> Result<(), CoordError> {
     let bad = path.is_empty()
         || path.starts_with('/')
@@ -111,6 +114,13 @@ impl AgentService for AgentApi {
         };
         check_artifact_path(&header.path)?;
         crate::artifacts::validate_digest(&header.digest).map_err(CoordError::from)?;
+        if header.size > MAX_ARTIFACT_BYTES {
+            return Err(CoordError::ResourceExhausted(format!(
+                "artifact {:?} has {} bytes; the limit is {MAX_ARTIFACT_BYTES}",
+                header.path, header.size
+            ))
+            .into());
+        }
         self.engine
             .check_attempt(&agent_id, &header.attempt_id, header.epoch)?;
         let mut w = self
@@ -122,6 +132,14 @@ impl AgentService for AgentApi {
         while let Some(chunk) = inbound.message().await? {
             match chunk.part {
                 Some(Part::Data(d)) => {
+                    // Stop at the first byte past the header's size: an agent cannot stream without end.
+                    if w.size().saturating_add(d.len() as u64) > header.size {
+                        return Err(CoordError::InvalidArgument(format!(
+                            "artifact {:?}: more data than the {} bytes its header announced",
+                            header.path, header.size
+                        ))
+                        .into());
+                    }
                     self.engine.metrics().artifact_bytes(d.len() as u64);
                     w.write(&d).await.map_err(CoordError::from)?
                 }
@@ -211,7 +229,18 @@ async fn agent_session(
                 .await;
             return;
         }
-        Ok(Ok(None)) | Ok(Err(_)) => return,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            // An undecodable or oversized first message: say so instead of ending the stream silently.
+            tracing::warn!(agent = %agent_id, "attach refused: {}", e.message());
+            let _ = tx
+                .send(Err(Status::new(
+                    e.code(),
+                    format!("attach refused: {}", e.message()),
+                )))
+                .await;
+            return;
+        }
         Err(_) => {
             let _ = tx
                 .send(Err(Status::deadline_exceeded("no hello within 10 s")))
@@ -241,12 +270,37 @@ async fn agent_session(
             Ok(None) => break,
             Err(e) => {
                 tracing::info!(agent = %agent_id, "attach stream error: {e}");
+                if let Some(tx) = weak.upgrade() {
+                    let _ = tx.try_send(Err(Status::new(
+                        e.code(),
+                        format!("attach stream refused: {}", e.message()),
+                    )));
+                }
                 break;
             }
         };
         engine.touch(&agent_id);
         let stale = match msg.msg {
-            Some(Msg::Heartbeat(_)) | None => None,
+            Some(Msg::Heartbeat(_)) => {
+                // The agent's side of the lease: without these it cannot tell a silent partition
+                // from a quiet coordinator. A full channel skips one ack; the next heartbeat retries.
+                if let Some(tx) = weak.upgrade() {
+                    let ack = pb::CoordinatorMessage {
+                        msg: Some(pb::coordinator_message::Msg::HeartbeatAck(
+                            pb::HeartbeatAck {
+                                unix_ms: crate::engine::now_ms(),
+                            },
+                        )),
+                    };
+                    let _ = tx.try_send(Ok(ack));
+                }
+                None
+            }
+            Some(Msg::Draining(_)) => {
+                engine.agent_draining(&agent_id);
+                None
+            }
+            None => None,
             Some(Msg::Hello(_)) => {
                 tracing::warn!(agent = %agent_id, "ignoring a second hello on the same stream");
                 None
@@ -298,14 +352,25 @@ async fn ship_logs(
         };
         let first = match first {
             Some(Ok(c)) => c,
-            Some(Err(_)) | None => return,
+            Some(Err(e)) => {
+                // Say why (an undecodable or oversized chunk) rather than end the stream as if all was well.
+                let _ = tx.send(Err(bad_log_stream(&agent_id, e))).await;
+                return;
+            }
+            None => return,
         };
         let mut batch = vec![first];
         let mut ended = false;
+        let mut broken = None;
         while batch.len() < LOG_BATCH {
             match inbound.next().now_or_never() {
                 Some(Some(Ok(c))) => batch.push(c),
-                Some(Some(Err(_))) | Some(None) => {
+                Some(Some(Err(e))) => {
+                    ended = true;
+                    broken = Some(e);
+                    break;
+                }
+                Some(None) => {
                     ended = true;
                     break;
                 }
@@ -322,6 +387,17 @@ async fn ship_logs(
                         "step_index {} out of range: the job has {steps} steps",
                         c.step_index
                     )));
+                }
+                // Times first: a follower asking for them never sees bytes whose times are missing.
+                engine
+                    .logs()
+                    .record_times(&c.attempt_id, c.step_index, &c.times)
+                    .await?;
+                if c.truncated {
+                    engine
+                        .logs()
+                        .mark_truncated(&c.attempt_id, c.step_index)
+                        .await?;
                 }
                 engine
                     .logs()
@@ -360,10 +436,20 @@ async fn ship_logs(
                 return;
             }
         }
+        if let Some(e) = broken {
+            let _ = tx.send(Err(bad_log_stream(&agent_id, e))).await;
+        }
         if ended {
             return;
         }
     }
+}
+
+/// The status answering a PushLogs stream that broke on the agent's side (a message that does not decode
+/// or is over the size limit): its own code (OUT_OF_RANGE for size), a message saying where it happened.
+fn bad_log_stream(agent_id: &str, e: Status) -> Status {
+    tracing::warn!(agent = %agent_id, "log stream broken: {}", e.message());
+    Status::new(e.code(), format!("log stream refused: {}", e.message()))
 }
 
 #[cfg(test)]

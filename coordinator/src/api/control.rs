@@ -22,12 +22,22 @@ pub const MAX_CONTEXT_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 #[derive(Debug, Clone)]
 pub struct ControlApi {
     engine: Engine,
+    access: Option<crate::access::AccessControl>,
 }
 
 impl ControlApi {
     /// Serve clients from `engine`.
     pub fn new(engine: Engine) -> Self {
-        ControlApi { engine }
+        ControlApi {
+            engine,
+            access: None,
+        }
+    }
+
+    /// Also create API tokens in `access` (CreateApiToken).
+    pub fn with_access(mut self, access: crate::access::AccessControl) -> Self {
+        self.access = Some(access);
+        self
     }
 }
 
@@ -35,6 +45,58 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 
 #[tonic::async_trait]
 impl ControlService for ControlApi {
+    async fn create_api_token(
+        &self,
+        req: Request<pb::CreateApiTokenRequest>,
+    ) -> Result<Response<pb::CreateApiTokenResponse>, Status> {
+        let r = req.into_inner();
+        let role = crate::access::Role::parse(&r.role)?;
+        let access = self.access.as_ref().ok_or_else(|| {
+            CoordError::FailedPrecondition("this server has no API token store".into())
+        })?;
+        let token = access.create(role, &r.name).await?;
+        Ok(Response::new(pb::CreateApiTokenResponse {
+            token,
+            role: role.as_str().into(),
+        }))
+    }
+
+    async fn revoke_agent(
+        &self,
+        req: Request<pb::AgentRequest>,
+    ) -> Result<Response<pb::Agent>, Status> {
+        Ok(Response::new(
+            self.engine.revoke_agent(&req.into_inner().agent_id).await?,
+        ))
+    }
+
+    async fn set_secret(
+        &self,
+        req: Request<pb::SetSecretRequest>,
+    ) -> Result<Response<pb::SecretInfo>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.engine.set_secret(&r.name, &r.value).await?,
+        ))
+    }
+
+    async fn list_secrets(
+        &self,
+        _req: Request<pb::ListSecretsRequest>,
+    ) -> Result<Response<pb::ListSecretsResponse>, Status> {
+        Ok(Response::new(pb::ListSecretsResponse {
+            secrets: self.engine.list_secrets(),
+        }))
+    }
+
+    async fn delete_secret(
+        &self,
+        req: Request<pb::DeleteSecretRequest>,
+    ) -> Result<Response<pb::DeleteSecretResponse>, Status> {
+        let deleted = self.engine.delete_secret(&req.into_inner().name).await?;
+        Ok(Response::new(pb::DeleteSecretResponse { deleted }))
+    }
+
     async fn validate_pipeline(
         &self,
         req: Request<pb::ValidatePipelineRequest>,
@@ -190,6 +252,55 @@ impl ControlService for ControlApi {
             self.engine.explain_job(&r.run_id, &r.job).await?,
         ))
     }
+
+    async fn drain_agent(
+        &self,
+        req: Request<pb::AgentRequest>,
+    ) -> Result<Response<pb::Agent>, Status> {
+        let id = agent_id_of(req.into_inner())?;
+        Ok(Response::new(self.engine.drain_agent(&id).await?))
+    }
+
+    async fn pause_agent(
+        &self,
+        req: Request<pb::AgentRequest>,
+    ) -> Result<Response<pb::Agent>, Status> {
+        let id = agent_id_of(req.into_inner())?;
+        Ok(Response::new(self.engine.pause_agent(&id).await?))
+    }
+
+    async fn resume_agent(
+        &self,
+        req: Request<pb::AgentRequest>,
+    ) -> Result<Response<pb::Agent>, Status> {
+        let id = agent_id_of(req.into_inner())?;
+        Ok(Response::new(self.engine.resume_agent(&id).await?))
+    }
+
+    async fn cancel_job(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let r = req.into_inner();
+        if r.run_id.is_empty() || r.job.is_empty() {
+            return Err(CoordError::InvalidArgument(
+                "run_id and job: both required (the run id and a job name of that run)".into(),
+            )
+            .into());
+        }
+        let canceled = self.engine.cancel_job(&r.run_id, &r.job).await?;
+        Ok(Response::new(pb::CancelJobResponse { canceled }))
+    }
+}
+
+/// The agent id of an agent request, which must not be empty.
+fn agent_id_of(r: pb::AgentRequest) -> CoordResult<String> {
+    if r.agent_id.is_empty() {
+        return Err(CoordError::InvalidArgument(
+            "agent_id: empty; expected an agent id as `drover agents` lists them".into(),
+        ));
+    }
+    Ok(r.agent_id)
 }
 
 /// Start streaming a job's logs (the FollowLogs rpc; also the dashboard's log endpoint): checks the run,
@@ -341,6 +452,14 @@ async fn follow_logs(
             };
             let Some(piece) = piece else { break };
             let p = piece?;
+            let times = if r.timestamps {
+                engine
+                    .logs()
+                    .times(&att, step, p.offset, p.data.len() as u64)
+                    .await?
+            } else {
+                Vec::new()
+            };
             let ev = pb::LogEvent {
                 job: r.job.clone(),
                 step: name.clone(),
@@ -348,6 +467,7 @@ async fn follow_logs(
                 offset: p.offset,
                 data: p.data.to_vec(),
                 eof: p.eof,
+                times,
             };
             if tx.send(Ok(ev)).await.is_err() {
                 return Ok(());

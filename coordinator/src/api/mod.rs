@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod auth;
 pub mod control;
+pub mod guard;
 
 pub use agent::AgentApi;
 pub use control::ControlApi;

@@ -220,9 +220,11 @@ mod tests {
                     workdir: None,
                     timeout_secs: None,
                     pull: PullPolicy::IfNotPresent,
+                    resources: Default::default(),
                 }],
                 artifacts: vec![],
                 timeout_secs: None,
+                secrets: Vec::new(),
             },
             state: if needs.is_empty() {
                 Status::Queued

@@ -6,11 +6,15 @@
 //! sections and never across an `.await`), sends messages to agents and notifies watchers. So nothing is
 //! visible to anyone before it is durable.
 
+pub mod availability;
 pub mod machine;
 pub mod model;
+pub mod revoke;
+pub mod secrets;
+pub mod traces;
 pub mod why;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -82,6 +86,8 @@ struct Inner {
     closing: watch::Sender<bool>,
     next_session: AtomicU64,
     metrics: Arc<Metrics>,
+    /// Secrets, open in memory for assignments (sealed in the store).
+    secrets: crate::secrets::Secrets,
 }
 
 #[derive(Debug, Default)]
@@ -93,6 +99,16 @@ struct State {
     /// Every enrolled agent.
     agents: HashMap<String, AgentLive>,
     next_seq: i64,
+    /// Operators' pause/drain by agent id (absent: active); persisted.
+    availability: HashMap<String, String>,
+    /// Agents that announced they drain (SIGTERM), until their next hello.
+    self_draining: HashSet<String>,
+    /// Jobs canceled on their own (run id, job name): their attempts end canceled, never retried.
+    canceled_jobs: HashSet<(String, String)>,
+    /// W3C trace context of each active run's root span (tracing on only); persisted.
+    run_traces: HashMap<String, String>,
+    /// The open `job_attempt` span of each running attempt; dropping it ends the span.
+    attempt_spans: HashMap<String, tracing::Span>,
 }
 
 #[derive(Debug)]
@@ -178,6 +194,7 @@ impl Engine {
         let now = Instant::now();
         let mut state = State {
             next_seq: loaded.max_seq,
+            availability: store.availabilities().await?,
             ..State::default()
         };
         for a in loaded.agents {
@@ -195,11 +212,15 @@ impl Engine {
         for r in loaded.runs {
             state.runs.insert(r.id.clone(), r);
         }
+        state.run_traces = store
+            .run_traces(state.runs.keys().cloned().collect())
+            .await?;
         for a in loaded.attempts {
             state.attempts.insert(a.id.clone(), a);
         }
         let (changes, _) = broadcast::channel(1024);
         let (closing, _) = watch::channel(false);
+        let secrets = crate::secrets::Secrets::open(store.clone(), &config.data_dir).await?;
         Ok(Engine {
             inner: Arc::new(Inner {
                 config,
@@ -212,6 +233,7 @@ impl Engine {
                 closing,
                 next_session: AtomicU64::new(1),
                 metrics: Arc::new(Metrics::new()),
+                secrets,
             }),
         })
     }
@@ -355,6 +377,7 @@ impl Engine {
                 if r.state == RunStatus::Running {
                     st.runs.insert(id, r);
                 } else {
+                    st.run_traces.remove(&id);
                     st.runs.remove(&id);
                 }
             }
@@ -362,6 +385,10 @@ impl Engine {
                 if a.state == Status::Running {
                     st.attempts.insert(id, a);
                 } else {
+                    // Ends the attempt's span (it is exported when the last handle drops).
+                    if let Some(span) = st.attempt_spans.remove(&id) {
+                        span.record("state", a.state.as_str());
+                    }
                     st.attempts.remove(&id);
                 }
             }
@@ -436,7 +463,7 @@ impl Engine {
                         id: a.rec.id.clone(),
                         labels: a.rec.labels.clone(),
                         free: a.rec.capacity.saturating_sub(running.get(a.rec.id.as_str()).copied().unwrap_or(0)),
-                        accepting: a.session.is_some() && !a.rec.revoked,
+                        accepting: a.session.is_some() && !a.rec.revoked && st.accepts_work(&a.rec.id),
                     })
                     .collect();
                 agents.sort_by(|a, b| a.id.cmp(&b.id));
@@ -448,7 +475,16 @@ impl Engine {
                     let (job_name, epoch) = (run.jobs[idx].name.clone(), run.jobs[idx].epoch);
                     tracing::info!(run = %run_id, job = %job_name, agent = %p.agent, attempt = %attempt_id,
                         epoch, "dispatch");
-                    let assign = assignment(run, idx);
+                    let mut assign = assignment(run, idx);
+                    // Only this message carries the values: never the store, the logs or any API.
+                    assign.secrets = self.inner.secrets.values(&run.jobs[idx].spec.secrets).into_iter().collect();
+                    let run_trace = st.run_traces.get(&run_id).map(String::as_str);
+                    traces::schedule_span(run_trace, &run_id, &assign.job, &p.agent).in_scope(|| {
+                        tracing::debug!(attempt = %assign.attempt_id, "placed");
+                    });
+                    let span = traces::attempt_span(run_trace, &run_id, &assign.job, &assign.attempt_id, &p.agent, epoch);
+                    assign.traceparent = drover_telemetry::traceparent(&span).unwrap_or_default();
+                    st.attempt_spans.insert(assign.attempt_id.clone(), span);
                     tx.attempts.insert(
                         attempt_id.clone(),
                         AttemptRec {
@@ -494,8 +530,9 @@ impl Engine {
         a.state = Status::Lost;
         a.finished_ms = Some(now);
         let max_retries = self.inner.config.max_retries;
+        let job_cancel = st.job_canceled(&a.run_id, &a.job);
         let run = tx.run_mut(st, &a.run_id)?;
-        let cancel = run.cancel_requested;
+        let cancel = run.cancel_requested || job_cancel;
         let mut steps = 0;
         if let Some(idx) = run.job_index(&a.job) {
             let job = &mut run.jobs[idx];
@@ -655,6 +692,7 @@ impl Engine {
                 )));
             }
             let labels: BTreeMap<String, String> = hello.labels.clone().into_iter().collect();
+            Self::clear_self_draining(st, agent_id);
             let live = st
                 .agents
                 .get_mut(agent_id)
@@ -841,9 +879,10 @@ impl Engine {
             .get(attempt_id)
             .ok_or_else(|| stale("not a running attempt".into()))?;
         if a.agent_id != agent_id {
-            return Err(stale(format!(
-                "assigned to agent {}, not {agent_id}",
-                a.agent_id
+            // Attempt ids are never reused, so this is never a late write of a former holder: it is one
+            // agent reaching for another's attempt.
+            return Err(CoordError::PermissionDenied(format!(
+                "attempt {attempt_id} is not assigned to agent {agent_id}"
             )));
         }
         if a.epoch != epoch {
@@ -937,7 +976,7 @@ impl Engine {
         self.mutate(|st, tx, now| {
             let (run_id, idx, _) = Self::fence(st, agent_id, &r.attempt_id, r.epoch)?;
             let run = tx.run_mut(st, &run_id)?;
-            let cancel = run.cancel_requested;
+            let cancel = run.cancel_requested || st.job_canceled(&run_id, &run.jobs[idx].name);
             let job = &mut run.jobs[idx];
             let outcome =
                 machine::decide(state, failure, &r.reason, r.exit_code, cancel, job.attempts, max_retries)
@@ -1026,7 +1065,8 @@ impl Engine {
 
     /// Validate a pipeline; returns its errors (empty when valid).
     pub fn validate(&self, yaml: &str) -> Vec<crate::pipeline::PipelineError> {
-        match crate::pipeline::parse(yaml) {
+        let secrets = &self.inner.secrets;
+        match crate::pipeline::parse_with_secrets(yaml, &|n| secrets.contains(n)) {
             Ok(_) => Vec::new(),
             Err(errs) => errs,
         }
@@ -1039,10 +1079,12 @@ impl Engine {
         context_digest: &str,
         name: &str,
     ) -> CoordResult<String> {
-        let pipeline = crate::pipeline::parse(yaml).map_err(|errs| {
-            let lines: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
-            CoordError::InvalidArgument(format!("invalid pipeline:\n{}", lines.join("\n")))
-        })?;
+        let secrets = &self.inner.secrets;
+        let pipeline = crate::pipeline::parse_with_secrets(yaml, &|n| secrets.contains(n))
+            .map_err(|errs| {
+                let lines: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+                CoordError::InvalidArgument(format!("invalid pipeline:\n{}", lines.join("\n")))
+            })?;
         if !context_digest.is_empty() && !self.inner.blobs.exists(context_digest).await? {
             return Err(CoordError::InvalidArgument(format!(
                 "context_digest {context_digest} was not uploaded; upload it with UploadContext first"
@@ -1054,9 +1096,14 @@ impl Engine {
         } else {
             name.to_string()
         };
+        let root = traces::run_span(&id, &name, pipeline.jobs.len());
+        let trace = drover_telemetry::traceparent(&root);
         let _op = self.inner.op.lock().await;
         self.mutate(|st, tx, now| {
             st.next_seq += 1;
+            if let Some(tp) = &trace {
+                st.run_traces.insert(id.clone(), tp.clone());
+            }
             let jobs = pipeline
                 .jobs
                 .into_iter()
@@ -1106,7 +1153,14 @@ impl Engine {
             Ok(())
         })
         .await?;
-        tracing::info!(run = %id, "run submitted");
+        if let Some(tp) = &trace {
+            // Best effort: without it, spans after a restart start a new trace; the run is unaffected.
+            if let Err(e) = self.inner.store.put_run_trace(&id, tp).await {
+                tracing::warn!(run = %id, error = %e, "cannot store the run's trace context");
+            }
+        }
+        root.in_scope(|| tracing::info!(run = %id, "run submitted"));
+        drop(root);
         self.dispatch_locked().await;
         Ok(id)
     }
@@ -1201,12 +1255,23 @@ impl Engine {
                         .unwrap_or(0),
                     _ => 0,
                 };
+                // Only a step that wrote something can have passed the log cap.
+                let truncated = match &j.attempt_id {
+                    Some(att) if log_bytes > 0 => self
+                        .inner
+                        .logs
+                        .is_truncated(att, i as u32)
+                        .await
+                        .unwrap_or(false),
+                    _ => false,
+                };
                 steps.push(pb::Step {
                     name: spec.name.clone(),
                     image: spec.image.clone(),
                     state: s.state.to_proto() as i32,
                     exit_code: s.exit_code,
                     log_bytes,
+                    truncated,
                 });
             }
             jobs.push(pb::Job {
@@ -1314,6 +1379,7 @@ impl Engine {
                     state: state.into(),
                     running,
                     last_seen_ms: a.last_seen_ms,
+                    availability: st.availability_of(&a.rec.id).to_string(),
                 }
             })
             .collect();
@@ -1355,6 +1421,8 @@ fn assignment(run: &RunRec, idx: usize) -> pb::Assignment {
                     crate::pipeline::PullPolicy::Always => pb::PullPolicy::Always,
                     crate::pipeline::PullPolicy::Never => pb::PullPolicy::Never,
                 } as i32,
+                nano_cpus: s.resources.nano_cpus.unwrap_or(0),
+                memory_bytes: s.resources.memory_bytes.unwrap_or(0),
             }
         })
         .collect();
@@ -1381,5 +1449,9 @@ fn assignment(run: &RunRec, idx: usize) -> pb::Assignment {
         inputs,
         artifacts: job.spec.artifacts.clone(),
         timeout_secs: job.spec.timeout_secs.unwrap_or(0),
+        // Filled by dispatch when tracing is on (the attempt's span exists only there).
+        traceparent: String::new(),
+        // Filled by dispatch from the open secrets.
+        secrets: Default::default(),
     }
 }

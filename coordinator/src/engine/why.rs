@@ -356,6 +356,7 @@ mod tests {
             steps: Vec::new(),
             artifacts: Vec::new(),
             timeout_secs: None,
+            secrets: Vec::new(),
         };
         JobRec {
             name: name.into(),

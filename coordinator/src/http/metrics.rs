@@ -367,6 +367,7 @@ mod tests {
                 steps: Vec::new(),
                 artifacts: Vec::new(),
                 timeout_secs: None,
+                secrets: Vec::new(),
             },
             state,
             failure: 0,

@@ -134,6 +134,7 @@ async fn logs(
             step,
             offset: q.offset,
             follow,
+            ..Default::default()
         },
     )
     .await?;

@@ -121,6 +121,16 @@ fn load(paths: &LogPaths) -> io::Result<Loaded> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(e) => return Err(io_context(e, "read log marker", &paths.done)),
     };
+    if let (Some(end), None) = (marker, &file) {
+        // Compressed after completion: the plain file is gone, the marker still says the length.
+        if super::compress::zst_path(&paths.log).exists() {
+            return Ok(Loaded {
+                file: None,
+                len: end,
+                complete: true,
+            });
+        }
+    }
     let complete = match (marker, &file) {
         (Some(end), Some(f)) if len >= end => {
             // Bytes past the recorded end cannot have been acknowledged; drop them.

@@ -5,10 +5,12 @@
 //! (written atomically, after the bytes are synced) records that the log is complete and at which length.
 //! After a restart the status of a log is recovered from the file length and that marker.
 
+mod compress;
 mod entry;
 mod reader;
 #[cfg(test)]
 mod tests;
+mod times;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -75,6 +77,10 @@ struct Inner {
     /// Logs that someone is using right now, or that hold appended bytes not yet synced.
     /// A std Mutex: every section is a map lookup or insert/remove and never crosses an `.await`.
     live: Mutex<HashMap<LogKey, Arc<LogEntry>>>,
+    /// Serialises appends to `.times` sidecars (held on blocking threads only, never across an await).
+    times_lock: Arc<Mutex<()>>,
+    /// Logs being compressed now, so a repeated sync does not start a second compression.
+    compressing: Mutex<std::collections::HashSet<LogKey>>,
 }
 
 /// A reference to a live log; when the last one is dropped and the log holds nothing unsynced, the entry
@@ -134,6 +140,8 @@ impl LogStore {
             inner: Arc::new(Inner {
                 dir,
                 live: Mutex::new(HashMap::new()),
+                times_lock: Arc::new(Mutex::new(())),
+                compressing: Mutex::new(std::collections::HashSet::new()),
             }),
         })
     }
@@ -141,6 +149,10 @@ impl LogStore {
     /// The directory the store lives in.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    fn times_lock(&self) -> Arc<Mutex<()>> {
+        self.inner.times_lock.clone()
     }
 
     fn handle(&self, attempt: &str, step: u32) -> Result<EntryHandle, LogError> {
@@ -184,7 +196,45 @@ impl LogStore {
     /// every byte before `len` is on disk, and `complete` is true only once the completion itself is on disk.
     pub async fn sync(&self, attempt: &str, step: u32) -> Result<LogStatus, LogError> {
         let handle = self.handle(attempt, step)?;
-        handle.entry.sync().await
+        let status = handle.entry.sync().await?;
+        if status.complete {
+            self.compress_in_background(attempt, step, handle.entry.paths.log.clone());
+        }
+        Ok(status)
+    }
+
+    /// Stores a complete log compressed (`<step>.log.zst`), off the caller's path: the ack of the
+    /// last chunk does not wait for it. At most one compression per log runs at a time.
+    fn compress_in_background(&self, attempt: &str, step: u32, log: PathBuf) {
+        if !log.exists() {
+            return;
+        }
+        let key = (attempt.to_owned(), step);
+        {
+            let mut busy = self
+                .inner
+                .compressing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if !busy.insert(key.clone()) {
+                return;
+            }
+        }
+        let inner = self.inner.clone();
+        let span = tracing::debug_span!("compress_log", attempt, step);
+        // Detached on purpose: it owns everything it needs and ends by itself; a failure leaves
+        // the plain log in place, which reads the same.
+        tokio::task::spawn_blocking(move || {
+            let _enter = span.enter();
+            if let Err(e) = compress::compress(&log) {
+                tracing::warn!(error = %e, "could not compress a finished log; keeping it plain");
+            }
+            inner
+                .compressing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&key);
+        });
     }
 
     /// The current status of a log (what readers can read now, durable or not); `{0, false}` if it does not
@@ -204,7 +254,10 @@ impl LogStore {
         for step in 0..steps {
             let handle = self.handle(attempt, step)?;
             if handle.entry.abandon(marker.as_bytes()).await? {
-                handle.entry.sync().await?;
+                let status = handle.entry.sync().await?;
+                if status.complete {
+                    self.compress_in_background(attempt, step, handle.entry.paths.log.clone());
+                }
             }
         }
         Ok(())

@@ -1,16 +1,13 @@
 //! Reading and following a log.
 
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::Stream;
 use tokio::sync::watch;
 
-use super::entry::io_context;
+use super::compress::LogSource;
 use super::{EntryHandle, LogError, LogPiece, LogStatus, LogStore};
 
 /// A reader's progress through one log.
@@ -24,8 +21,8 @@ struct Reader {
     /// Keeps the log's entry (and so its watch sender) alive while we read.
     handle: Option<EntryHandle>,
     rx: Option<watch::Receiver<LogStatus>>,
-    /// A read-only handle of the log file, opened on first use.
-    file: Option<Arc<File>>,
+    /// The log file (plain or compressed), opened on first use.
+    file: Option<LogSource>,
     finished: bool,
 }
 
@@ -65,23 +62,23 @@ pub(super) fn read(
     })
 }
 
-/// Read exactly `len` bytes at `offset`, opening the file on first use.
+/// Read exactly `len` bytes at `offset`, opening the file (plain, or compressed once the log was
+/// compressed) on first use.
 async fn read_at(
-    file: &mut Option<Arc<File>>,
+    file: &mut Option<LogSource>,
     path: PathBuf,
     offset: u64,
     len: usize,
 ) -> Result<Bytes, LogError> {
-    let cached = file.clone();
+    let cached = file.take();
     let (opened, data) =
-        tokio::task::spawn_blocking(move || -> io::Result<(Arc<File>, Vec<u8>)> {
-            let f = match cached {
+        tokio::task::spawn_blocking(move || -> io::Result<(LogSource, Vec<u8>)> {
+            let mut f = match cached {
                 Some(f) => f,
-                None => Arc::new(File::open(&path).map_err(|e| io_context(e, "open log", &path))?),
+                None => LogSource::open(&path)?,
             };
             let mut buf = vec![0u8; len];
-            f.read_exact_at(&mut buf, offset)
-                .map_err(|e| io_context(e, "read log", &path))?;
+            f.read_exact_at(&path, &mut buf, offset)?;
             Ok((f, buf))
         })
         .await

@@ -4,9 +4,11 @@ mod error;
 mod model;
 mod parse;
 #[cfg(test)]
+mod secrets_tests;
+#[cfg(test)]
 mod tests;
 mod yaml;
 
 pub use error::PipelineError;
-pub use model::{JobSpec, Pipeline, PullPolicy, StepSpec};
-pub use parse::parse;
+pub use model::{JobSpec, Pipeline, PullPolicy, Resources, StepSpec};
+pub use parse::{parse, parse_with_secrets};

@@ -28,6 +28,9 @@ pub struct JobSpec {
     pub artifacts: Vec<String>,
     /// Job timeout in seconds, if any.
     pub timeout_secs: Option<u64>,
+    /// Names of coordinator secrets given to every step as environment variables (and masked in logs).
+    #[serde(default)]
+    pub secrets: Vec<String>,
 }
 
 /// One step: a container.
@@ -47,6 +50,20 @@ pub struct StepSpec {
     pub timeout_secs: Option<u64>,
     /// Pull policy.
     pub pull: PullPolicy,
+    /// CPU and memory limits of the step's container.
+    #[serde(default)]
+    pub resources: Resources,
+}
+
+/// Limits of a step's container (`resources: {cpus: 0.5, memory: 256Mi}`); none means the engine's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// CPU quota in billionths of a CPU (Docker's NanoCpus), if limited.
+    #[serde(default)]
+    pub nano_cpus: Option<u64>,
+    /// Memory limit in bytes, if limited.
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
 }
 
 /// When to pull a step image.

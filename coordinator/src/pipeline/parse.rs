@@ -6,25 +6,66 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::yaml::{self, Node, ScalarKind, Value};
-use super::{JobSpec, Pipeline, PipelineError, PullPolicy, StepSpec};
+use super::{JobSpec, Pipeline, PipelineError, PullPolicy, Resources, StepSpec};
 
 /// Keys allowed at the top level of a pipeline file.
 pub(super) const TOP_KEYS: &[&str] = &["env", "jobs"];
 /// Keys allowed in a job.
-pub(super) const JOB_KEYS: &[&str] = &["needs", "agents", "env", "timeout", "steps", "artifacts"];
+pub(super) const JOB_KEYS: &[&str] = &[
+    "needs",
+    "agents",
+    "env",
+    "timeout",
+    "steps",
+    "artifacts",
+    "secrets",
+];
 /// Keys allowed in a step.
 pub(super) const STEP_KEYS: &[&str] = &[
-    "name", "image", "commands", "env", "workdir", "timeout", "pull",
+    "name",
+    "image",
+    "commands",
+    "env",
+    "workdir",
+    "timeout",
+    "pull",
+    "resources",
 ];
+/// Keys allowed in a step's `resources`.
+const RESOURCE_KEYS: &[&str] = &["cpus", "memory"];
+/// Most CPUs a step may ask for.
+const MAX_CPUS: f64 = 1024.0;
+/// Least memory a step may be limited to: Docker refuses less than 6 MiB.
+const MIN_MEMORY: u64 = 6 * 1024 * 1024;
 
 /// Longest job name accepted.
 const MAX_JOB_NAME: usize = 64;
 
 /// Parse and validate a pipeline file. On failure, every problem found, each with its line and column.
 pub fn parse(src: &str) -> Result<Pipeline, Vec<PipelineError>> {
+    parse_with_secrets(src, &|_| true)
+}
+
+/// [`parse`], and also reports every `secrets:` entry naming a secret for which `known` is false, at
+/// its line and column (the coordinator checks names against its secrets at submit).
+pub fn parse_with_secrets(
+    src: &str,
+    known: &dyn Fn(&str) -> bool,
+) -> Result<Pipeline, Vec<PipelineError>> {
     let root = yaml::load(src).map_err(|err| vec![err])?;
     let mut checker = Checker::default();
     let pipeline = checker.pipeline(&root);
+    for (name, line, column) in std::mem::take(&mut checker.secret_refs) {
+        if !known(&name) {
+            checker.errors.push(PipelineError {
+                line,
+                column,
+                message: format!(
+                    "unknown secret {name:?}; expected a secret set with `drover secrets set {name}`"
+                ),
+            });
+        }
+    }
     if checker.errors.is_empty() {
         Ok(pipeline)
     } else {
@@ -40,6 +81,8 @@ pub fn parse(src: &str) -> Result<Pipeline, Vec<PipelineError>> {
 #[derive(Debug, Default)]
 struct Checker {
     errors: Vec<PipelineError>,
+    /// Every well-formed `secrets:` entry with its place, checked against the known secrets at the end.
+    secret_refs: Vec<(String, u32, u32)>,
 }
 
 /// A job as read, before the `needs` graph is checked.
@@ -163,6 +206,7 @@ impl Checker {
                 steps: Vec::new(),
                 artifacts: Vec::new(),
                 timeout_secs: None,
+                secrets: Vec::new(),
             },
             key,
             needs: Vec::new(),
@@ -213,7 +257,87 @@ impl Checker {
                 }
             }
         }
+        if let Some((_, v)) = fields.get("secrets") {
+            draft.spec.secrets = self.secrets(v, &what);
+        }
         draft
+    }
+
+    /// `secrets: [NAME, ...]`: names that become environment variables, each once.
+    fn secrets(&mut self, node: &Node, owner: &str) -> Vec<String> {
+        let what = format!("\"secrets\" of {owner}");
+        let mut names = Vec::new();
+        for item in self.string_list(node, &what) {
+            let Some(name) = self.string(item, &format!("an entry of {what}")) else {
+                continue;
+            };
+            if !valid_env_name(&name) || name.len() > 128 {
+                self.error(
+                    item,
+                    format!(
+                        "invalid secret name {name:?} in {what}; expected a letter or \"_\" followed by \
+                         letters, digits or \"_\" (at most 128)"
+                    ),
+                );
+            } else if names.contains(&name) {
+                self.error(
+                    item,
+                    format!("{what} lists {name:?} twice; expected each secret once"),
+                );
+            } else {
+                self.secret_refs
+                    .push((name.clone(), item.line, item.column));
+                names.push(name);
+            }
+        }
+        names
+    }
+
+    /// `resources: {cpus: 0.5, memory: 256Mi}`.
+    fn resources(&mut self, node: &Node, owner: &str) -> Resources {
+        let what = format!("\"resources\" of {owner}");
+        let mut r = Resources::default();
+        let Some(fields) = self.fields(node, &what, RESOURCE_KEYS) else {
+            return r;
+        };
+        if let Some((_, v)) = fields.get("cpus") {
+            let cpus = v.scalar_text().and_then(|t| t.trim().parse::<f64>().ok());
+            match cpus {
+                Some(c) if (0.001..=MAX_CPUS).contains(&c) => {
+                    r.nano_cpus = Some((c * 1e9).round() as u64);
+                }
+                _ => {
+                    let shown = v
+                        .scalar_text()
+                        .map_or_else(|| v.kind_name().to_owned(), |t| format!("{t:?}"));
+                    self.error(
+                        v,
+                        format!(
+                            "invalid cpus {shown} in {what}; expected a number of CPUs from 0.001 to \
+                             {MAX_CPUS}, such as 0.5 or 2"
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some((_, v)) = fields.get("memory") {
+            match v.scalar_text().and_then(parse_memory) {
+                Some(bytes) if bytes >= MIN_MEMORY => r.memory_bytes = Some(bytes),
+                _ => {
+                    let shown = v
+                        .scalar_text()
+                        .map_or_else(|| v.kind_name().to_owned(), |t| format!("{t:?}"));
+                    self.error(
+                        v,
+                        format!(
+                            "invalid memory {shown} in {what}; expected bytes or a size like 256Mi, \
+                             1Gi, 512M, at least 6Mi"
+                        ),
+                    );
+                }
+            }
+        }
+        r
     }
 
     fn steps(&mut self, key: &Node, node: &Node, job: &str) -> Vec<StepSpec> {
@@ -267,6 +391,7 @@ impl Checker {
             workdir: None,
             timeout_secs: None,
             pull: PullPolicy::default(),
+            resources: Resources::default(),
         };
         let Some(fields) = self.fields(
             node,
@@ -379,6 +504,9 @@ impl Checker {
                     }
                 };
             }
+        }
+        if let Some((_, v)) = fields.get("resources") {
+            step.resources = self.resources(v, &what);
         }
         step
     }
@@ -727,6 +855,35 @@ fn valid_env_name(name: &str) -> bool {
     let mut bytes = name.bytes();
     matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// A memory size: plain bytes, or a number with a suffix: Ki, Mi, Gi, Ti (powers of 1024) or k/K, M, G, T
+/// (powers of 1000); `b`/`B` after the suffix is allowed.
+fn parse_memory(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let t = t
+        .strip_suffix(['b', 'B'])
+        .filter(|r| r.ends_with(|c: char| c.is_ascii_alphabetic()))
+        .unwrap_or(t);
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit {
+        "" => 1,
+        "k" | "K" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        _ => return None,
+    };
+    let n: f64 = num.parse().ok()?;
+    let bytes = n * mult as f64;
+    (1.0..9.0e18).contains(&bytes).then_some(bytes as u64)
 }
 
 fn is_absolute(path: &str) -> bool {

@@ -80,6 +80,7 @@ fn reference_example_parses_to_the_expected_model() {
                         workdir: None,
                         timeout_secs: None,
                         pull: PullPolicy::IfNotPresent,
+                        resources: Default::default(),
                     },
                     StepSpec {
                         name: "step-2".into(),
@@ -89,10 +90,12 @@ fn reference_example_parses_to_the_expected_model() {
                         workdir: Some("dist".into()),
                         timeout_secs: Some(90),
                         pull: PullPolicy::IfNotPresent,
+                        resources: Default::default(),
                     },
                 ],
                 artifacts: strings(&["dist/app.txt", "dist/app.txt.sha256", "dist/reports/*.txt"]),
                 timeout_secs: Some(600),
+                secrets: Vec::new(),
             },
             JobSpec {
                 name: "test".into(),
@@ -111,9 +114,11 @@ fn reference_example_parses_to_the_expected_model() {
                     workdir: None,
                     timeout_secs: Some(60),
                     pull: PullPolicy::Never,
+                    resources: Default::default(),
                 }],
                 artifacts: vec![],
                 timeout_secs: Some(5400),
+                secrets: Vec::new(),
             },
         ],
     };

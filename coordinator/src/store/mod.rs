@@ -3,6 +3,13 @@
 //! Every call runs on a blocking thread (`spawn_blocking`) against one connection, so the async runtime
 //! never waits on an fsync; a call returns only after its transaction committed.
 
+mod access;
+mod availability;
+mod secrets;
+mod traces;
+
+pub use access::ApiTokenRec;
+pub use secrets::SecretRow;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -546,9 +553,11 @@ mod tests {
                 workdir: None,
                 timeout_secs: None,
                 pull: PullPolicy::IfNotPresent,
+                resources: Default::default(),
             }],
             artifacts: vec![],
             timeout_secs: None,
+            secrets: Vec::new(),
         };
         RunRec {
             seq: 1,

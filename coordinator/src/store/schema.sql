@@ -81,3 +81,32 @@ CREATE TABLE IF NOT EXISTS artifacts (
     attempt_id TEXT NOT NULL,
     PRIMARY KEY (run_id, job, path)
 );
+
+-- Operator decisions about an agent's new work (pause, drain); absent means active.
+CREATE TABLE IF NOT EXISTS agent_availability (
+    agent_id     TEXT PRIMARY KEY,
+    availability TEXT NOT NULL
+);
+
+-- API tokens for the ControlService (sha256 only) and their role: read, submit or admin.
+CREATE TABLE IF NOT EXISTS api_tokens (
+    hash       TEXT PRIMARY KEY,
+    role       TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+
+-- The W3C traceparent of each run's root span (only when tracing is on), so later spans join its trace.
+CREATE TABLE IF NOT EXISTS run_traces (
+    run_id      TEXT PRIMARY KEY,
+    traceparent TEXT NOT NULL
+);
+
+-- Secrets, encrypted with ChaCha20-Poly1305 under the coordinator's secrets key; the name is the
+-- associated data, so a ciphertext moved to another name does not decrypt.
+CREATE TABLE IF NOT EXISTS secrets (
+    name       TEXT PRIMARY KEY,
+    nonce      BLOB NOT NULL,
+    ciphertext BLOB NOT NULL,
+    updated_ms INTEGER NOT NULL
+);

@@ -12,7 +12,6 @@ use drover_coordinator::config::Config;
 use drover_coordinator::{RunningServer, Server};
 use drover_proto::v1 as pb;
 use drover_proto::v1::agent_service_client::AgentServiceClient;
-use drover_proto::v1::control_service_client::ControlServiceClient;
 use drover_proto::v1::coordinator_message::Msg as CMsg;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -37,8 +36,10 @@ pub async fn start(dir: &std::path::Path) -> RunningServer {
 }
 
 /// A ControlService client.
-pub async fn control(s: &RunningServer) -> ControlServiceClient<Channel> {
-    ControlServiceClient::connect(s.url()).await.unwrap()
+pub async fn control(s: &RunningServer) -> drover_coordinator::access::ControlClient {
+    s.control_client(drover_coordinator::access::Role::Admin)
+        .await
+        .unwrap()
 }
 
 /// A request carrying an agent credential.
@@ -192,6 +193,7 @@ impl FakeAgent {
             offset,
             data: data.to_vec(),
             eof,
+            ..Default::default()
         };
         let mut acks = self
             .client
@@ -253,7 +255,7 @@ impl FakeAgent {
 }
 
 /// Wait until the run is no longer running; returns its last state.
-pub async fn wait_run(c: &mut ControlServiceClient<Channel>, run_id: &str) -> pb::Run {
+pub async fn wait_run(c: &mut drover_coordinator::access::ControlClient, run_id: &str) -> pb::Run {
     let mut s = c
         .watch_run(pb::GetRunRequest {
             run_id: run_id.into(),
