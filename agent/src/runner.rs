@@ -330,6 +330,64 @@ impl<E: Executor> Attempt<'_, E> {
     }
 
     /// Runs step `index`; `Err` carries the outcome that ends the attempt.
+    /// What a step's end means for the job: `None` when it succeeded, else the outcome, with the
+    /// container's exit code. Shared by a step run from the start and one resumed after a restart.
+    fn step_outcome(
+        &self,
+        step: &StepSpec,
+        end: Result<StepEnd, ExecError>,
+        step_timeout_first: bool,
+    ) -> (Option<Outcome>, i64) {
+        let name = &step.name;
+        match end {
+            Ok(StepEnd::Exited {
+                code: 0,
+                oom_killed: false,
+            }) => (None, 0),
+            Ok(StepEnd::Exited {
+                code,
+                oom_killed: true,
+            }) => (
+                Some(Outcome::failed(
+                    FailureClass::Oom,
+                    format!("step {name:?} was killed: out of memory"),
+                )),
+                code,
+            ),
+            Ok(StepEnd::Exited { code, .. }) => (
+                Some(Outcome::failed(
+                    FailureClass::Script,
+                    format!("step {name:?} exited with code {code}"),
+                )),
+                code,
+            ),
+            Ok(StepEnd::TimedOut { code }) => {
+                let reason = if step_timeout_first {
+                    format!(
+                        "step {name:?} exceeded its timeout of {}s",
+                        step.timeout_secs
+                    )
+                } else {
+                    format!(
+                        "job {:?} exceeded its timeout of {}s",
+                        self.a.job, self.a.timeout_secs
+                    )
+                };
+                (Some(Outcome::timed_out(reason)), code)
+            }
+            Ok(StepEnd::Stopped { code }) => {
+                let reason = match self.stop.borrow().clone() {
+                    Some(StopRequest::Cancel { reason, .. } | StopRequest::Abandon { reason }) => {
+                        reason
+                    }
+                    None => "stopped".to_string(),
+                };
+                (Some(Outcome::canceled(reason)), code)
+            }
+            Err(e) => (Some(exec_failure(e)), -1),
+        }
+    }
+
     async fn run_step(
         &self,
         ws: &Workspace,
@@ -338,7 +396,6 @@ impl<E: Executor> Attempt<'_, E> {
         step: &StepSpec,
     ) -> Result<(), Outcome> {
         let a = self.a;
-        let name = &step.name;
         let step_deadline = (step.timeout_secs > 0)
             .then(|| Instant::now() + Duration::from_secs(step.timeout_secs));
         let deadline = match (step_deadline, self.job_deadline) {
@@ -424,53 +481,11 @@ impl<E: Executor> Attempt<'_, E> {
                 format!("writing the log spool: {e}"),
             ));
         }
-        let (outcome, exit_code) = match end {
-            Ok(StepEnd::Exited {
-                code: 0,
-                oom_killed: false,
-            }) => (None, 0),
-            Ok(StepEnd::Exited {
-                code,
-                oom_killed: true,
-            }) => (
-                Some(Outcome::failed(
-                    FailureClass::Oom,
-                    format!("step {name:?} was killed: out of memory"),
-                )),
-                code,
-            ),
-            Ok(StepEnd::Exited { code, .. }) => (
-                Some(Outcome::failed(
-                    FailureClass::Script,
-                    format!("step {name:?} exited with code {code}"),
-                )),
-                code,
-            ),
-            Ok(StepEnd::TimedOut { code }) => {
-                let reason = if step_deadline == deadline && step_deadline.is_some() {
-                    format!(
-                        "step {name:?} exceeded its timeout of {}s",
-                        step.timeout_secs
-                    )
-                } else {
-                    format!(
-                        "job {:?} exceeded its timeout of {}s",
-                        a.job, a.timeout_secs
-                    )
-                };
-                (Some(Outcome::timed_out(reason)), code)
-            }
-            Ok(StepEnd::Stopped { code }) => {
-                let reason = match self.stop.borrow().clone() {
-                    Some(StopRequest::Cancel { reason, .. } | StopRequest::Abandon { reason }) => {
-                        reason
-                    }
-                    None => "stopped".to_string(),
-                };
-                (Some(Outcome::canceled(reason)), code)
-            }
-            Err(e) => (Some(exec_failure(e)), -1),
-        };
+        let (outcome, exit_code) = self.step_outcome(
+            step,
+            end,
+            step_deadline.is_some() && step_deadline == deadline,
+        );
         let exit_code = i32::try_from(exit_code).unwrap_or(-1);
         let step_result = match outcome.as_ref().map(|o| o.state) {
             None | Some(JobState::Succeeded) => "succeeded",
@@ -524,7 +539,6 @@ impl<E: Executor> Attempt<'_, E> {
                 format!("journal names step {index}, the job has {}", a.steps.len()),
             )
         })?;
-        let name = &step.name;
         let taken = resume.step.lock().unwrap_or_else(|p| p.into_inner()).take();
         let mut step_spool = taken.ok_or_else(|| {
             Outcome::failed(FailureClass::Infra, "the resumed step's spool is gone")
@@ -574,55 +588,11 @@ impl<E: Executor> Attempt<'_, E> {
             tracing::warn!(error = %e, "writing the end of the resumed step's log");
         }
         drop(step_spool);
-        let (outcome, exit_code) = match end {
-            Ok(StepEnd::Exited {
-                code: 0,
-                oom_killed: false,
-            }) => (None, 0),
-            Ok(StepEnd::Exited {
-                code,
-                oom_killed: true,
-            }) => (
-                Some(Outcome::failed(
-                    FailureClass::Oom,
-                    format!("step {name:?} was killed: out of memory"),
-                )),
-                code,
-            ),
-            Ok(StepEnd::Exited { code, .. }) => (
-                Some(Outcome::failed(
-                    FailureClass::Script,
-                    format!("step {name:?} exited with code {code}"),
-                )),
-                code,
-            ),
-            Ok(StepEnd::TimedOut { code }) => (
-                Some(Outcome::timed_out(
-                    if step_deadline == deadline && step_deadline.is_some() {
-                        format!(
-                            "step {name:?} exceeded its timeout of {}s",
-                            step.timeout_secs
-                        )
-                    } else {
-                        format!(
-                            "job {:?} exceeded its timeout of {}s",
-                            a.job, a.timeout_secs
-                        )
-                    },
-                )),
-                code,
-            ),
-            Ok(StepEnd::Stopped { code }) => {
-                let reason = match self.stop.borrow().clone() {
-                    Some(StopRequest::Cancel { reason, .. } | StopRequest::Abandon { reason }) => {
-                        reason
-                    }
-                    None => "stopped".to_string(),
-                };
-                (Some(Outcome::canceled(reason)), code)
-            }
-            Err(e) => (Some(exec_failure(e)), -1),
-        };
+        let (outcome, exit_code) = self.step_outcome(
+            step,
+            end,
+            step_deadline.is_some() && step_deadline == deadline,
+        );
         let exit_code = i32::try_from(exit_code).unwrap_or(-1);
         let (failure, reason) = outcome
             .as_ref()
