@@ -227,9 +227,10 @@ impl ControlService for ControlApi {
         &self,
         _req: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
-        Ok(Response::new(pb::ListAgentsResponse {
-            agents: self.engine.list_agents(),
-        }))
+        let agents = self.engine.list_agents();
+        // Answer only once what was read is durable.
+        self.engine.settled().await?;
+        Ok(Response::new(pb::ListAgentsResponse { agents }))
     }
 
     async fn create_token(

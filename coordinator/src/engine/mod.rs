@@ -1,10 +1,15 @@
 //! The domain core: runs, jobs, attempts, agents and their leases, on top of the store, logs and blobs.
 //!
-//! Concurrency: every state change runs under `op` (a tokio mutex, so changes are applied one at a time and
-//! may await the store); it stages copies of the records it changes in a [`Tx`], commits them in one store
-//! transaction, and only then publishes them to the in-memory `state` (a std mutex, held only for short
-//! sections and never across an `.await`), sends messages to agents and notifies watchers. So nothing is
-//! visible to anyone before it is durable.
+//! Concurrency: a state change runs under the state lock (a std mutex, held only for short sections and
+//! never across an `.await`): it stages copies of the records it changes in a [`Tx`], applies them to the
+//! in-memory state at once (so the next change builds on it), and queues the rows that changed for the
+//! store's group committer, still under the lock, so the commit order is the order of the changes. Changes
+//! made while a transaction is being written share the next one (one fsync). Nothing is acknowledged before
+//! it is durable: messages to agents and watchers' notifications are published by the committer after the
+//! commit, in order; callers answer after awaiting their batch; reads from memory wait until everything
+//! queued when they read is durable ([`Engine::settled`]). A failed commit stops all further commits (see
+//! [`crate::store::commit`]); a restart reloads the last durable state. `op` (a tokio mutex) now only
+//! serializes the few operator changes that await the store directly (availability, secrets).
 
 pub mod availability;
 pub mod machine;
@@ -158,6 +163,72 @@ impl Tx {
     }
 }
 
+/// What applied changes publish once durable: their rows, messages to agents, logs to mark abandoned, and
+/// the runs whose watchers to wake.
+#[derive(Debug, Default)]
+struct Effects {
+    writes: Vec<Write>,
+    messages: Vec<(String, pb::CoordinatorMessage)>,
+    abandon: Vec<(String, u32, String)>,
+    changed: Vec<String>,
+}
+
+impl Effects {
+    fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+            && self.messages.is_empty()
+            && self.abandon.is_empty()
+            && self.changed.is_empty()
+    }
+}
+
+fn lock_state(inner: &Inner) -> MutexGuard<'_, State> {
+    // Sections under this lock do not panic on bad input; recover from a bug rather than wedge.
+    inner.state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs on the committer thread once a batch is durable, in commit order: push the messages to agents
+/// (a full channel drops that session: the agent reconnects and reconciles), wake watchers, and mark the
+/// logs of ended attempts abandoned (then wake watchers again, so log followers see it).
+fn publish(
+    inner: &Arc<Inner>,
+    rt: &tokio::runtime::Handle,
+    messages: Vec<(String, pb::CoordinatorMessage)>,
+    abandon: Vec<(String, u32, String)>,
+    changed: Vec<String>,
+) {
+    if !messages.is_empty() {
+        let mut st = lock_state(inner);
+        for (agent, msg) in messages {
+            let Some(live) = st.agents.get_mut(&agent) else {
+                continue;
+            };
+            if let Some(s) = &live.session {
+                if let Err(e) = s.tx.try_send(Ok(msg)) {
+                    tracing::warn!(agent = %agent, "cannot push to agent ({e}); dropping its session");
+                    live.session = None;
+                }
+            }
+        }
+    }
+    for id in &changed {
+        let _ = inner.changes.send(id.clone());
+    }
+    if !abandon.is_empty() {
+        let inner = inner.clone();
+        rt.spawn(async move {
+            for (attempt, steps, reason) in abandon {
+                if let Err(e) = inner.logs.abandon(&attempt, steps, &reason).await {
+                    tracing::warn!(attempt = %attempt, "cannot mark logs incomplete: {e}");
+                }
+            }
+            for id in changed {
+                let _ = inner.changes.send(id);
+            }
+        });
+    }
+}
+
 /// A submitted or loaded run's job, as FollowLogs needs it.
 #[derive(Debug, Clone)]
 pub struct JobView {
@@ -260,6 +331,11 @@ impl Engine {
 
     /// Readiness: the store is open and answers a query.
     pub async fn ready(&self) -> CoordResult<()> {
+        if let Some(why) = self.inner.store.poisoned() {
+            return Err(CoordError::Unavailable(format!(
+                "the store stopped committing: {why}; restart the coordinator"
+            )));
+        }
         self.inner.store.list_runs(1).await?;
         Ok(())
     }
@@ -309,6 +385,7 @@ impl Engine {
     ) -> CoordResult<pb::ExplainJobResponse> {
         let run = self.run_rec(run_id).await?;
         let fleet = self.fleet_view();
+        self.settled().await?;
         // An active run is re-read from the same snapshot so the job and the queue agree.
         let run = fleet
             .runs
@@ -331,8 +408,7 @@ impl Engine {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // Sections under this lock do not panic on bad input; recover from a bug rather than wedge.
-        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock_state(&self.inner)
     }
 
     /// Stop: close every agent session and tell streams to end.
@@ -346,169 +422,232 @@ impl Engine {
 
     // ---------------------------------------------------------------- change machinery
 
-    /// Run `f` against the state, commit what it staged, then publish. Caller holds `op`.
+    /// Run `f` against the state and apply what it staged at once (so the next change builds on it), queue
+    /// the changed rows for the group committer, and return once they are durable. Messages to agents and
+    /// change notifications go out from the committer, in order, only after that.
     async fn mutate<R>(
         &self,
         f: impl FnOnce(&mut State, &mut Tx, i64) -> CoordResult<R>,
     ) -> CoordResult<R> {
-        let mut tx = Tx::default();
-        let r = {
+        self.change(false, f).await
+    }
+
+    /// [`Engine::mutate`], then place queued jobs on free agents in the same batch.
+    async fn mutate_and_dispatch<R>(
+        &self,
+        f: impl FnOnce(&mut State, &mut Tx, i64) -> CoordResult<R>,
+    ) -> CoordResult<R> {
+        self.change(true, f).await
+    }
+
+    /// Place queued jobs on free agents and push their assignments (once durable).
+    async fn dispatch(&self) {
+        if let Err(e) = self.change(true, |_, _, _| Ok(())).await {
+            tracing::error!("dispatch failed: {e}");
+        }
+    }
+
+    async fn change<R>(
+        &self,
+        dispatch: bool,
+        f: impl FnOnce(&mut State, &mut Tx, i64) -> CoordResult<R>,
+    ) -> CoordResult<R> {
+        let began = std::time::Instant::now();
+        let (r, commit) = {
             let mut st = self.lock();
-            f(&mut st, &mut tx, now_ms())?
+            let now = now_ms();
+            let mut tx = Tx::default();
+            let r = f(&mut st, &mut tx, now)?;
+            let mut fx = Effects::default();
+            self.apply(&mut st, tx, now, &mut fx);
+            if dispatch {
+                let mut tx = Tx::default();
+                match self.schedule(&mut st, &mut tx, now) {
+                    Ok(()) => self.apply(&mut st, tx, now, &mut fx),
+                    Err(e) => tracing::error!("dispatch failed: {e}"),
+                }
+            }
+            // Queued under the state lock: the commit order is the order changes were applied.
+            (r, self.enqueue(fx))
         };
-        self.commit(tx).await?;
+        if let Some(commit) = commit {
+            commit.durable().await?;
+            self.inner.metrics.store_commit(began.elapsed());
+        }
         Ok(r)
     }
 
-    async fn commit(&self, tx: Tx) -> CoordResult<()> {
-        let mut writes = Vec::new();
-        writes.extend(tx.agents.values().cloned().map(Write::Agent));
-        writes.extend(tx.runs.values().cloned().map(Write::Run));
-        writes.extend(tx.attempts.values().cloned().map(Write::Attempt));
-        let began = std::time::Instant::now();
-        self.inner.store.commit(writes).await?;
-        self.inner.metrics.store_commit(began.elapsed());
-        let changed: Vec<String> = tx.runs.keys().cloned().collect();
-        {
-            let mut st = self.lock();
-            let now = now_ms();
-            for (id, r) in tx.runs {
-                self.inner.metrics.run_changed(st.runs.get(&id), &r, now);
-                if r.state == RunStatus::Running {
-                    st.runs.insert(id, r);
-                } else {
-                    st.run_traces.remove(&id);
-                    st.runs.remove(&id);
-                }
-            }
-            for (id, a) in tx.attempts {
-                if a.state == Status::Running {
-                    st.attempts.insert(id, a);
-                } else {
-                    // Ends the attempt's span (it is exported when the last handle drops).
-                    if let Some(span) = st.attempt_spans.remove(&id) {
-                        span.record("state", a.state.as_str());
-                    }
-                    st.attempts.remove(&id);
-                }
-            }
-            for (id, a) in tx.agents {
-                match st.agents.get_mut(&id) {
-                    Some(live) => live.rec = a,
-                    None => {
-                        let last_seen_ms = a.last_seen_ms;
-                        st.agents.insert(
-                            id,
-                            AgentLive {
-                                rec: a,
-                                last_seen: Instant::now(),
-                                last_seen_ms,
-                                session: None,
-                            },
-                        );
-                    }
-                }
-            }
-            let mut dead = Vec::new();
-            for (agent, msg) in tx.messages {
-                if let Some(s) = st.agents.get(&agent).and_then(|a| a.session.as_ref()) {
-                    if let Err(e) = s.tx.try_send(Ok(msg)) {
-                        tracing::warn!(agent = %agent, "cannot push to agent ({e}); dropping its session");
-                        dead.push(agent);
-                    }
-                }
-            }
-            for agent in dead {
-                if let Some(a) = st.agents.get_mut(&agent) {
-                    a.session = None;
+    /// Move what `tx` staged into the state; collect the rows that changed and what to publish.
+    fn apply(&self, st: &mut State, tx: Tx, now: i64, fx: &mut Effects) {
+        for (id, a) in tx.agents {
+            fx.writes.push(Write::Agent(a.clone()));
+            match st.agents.get_mut(&id) {
+                Some(live) => live.rec = a,
+                None => {
+                    let last_seen_ms = a.last_seen_ms;
+                    st.agents.insert(
+                        id,
+                        AgentLive {
+                            rec: a,
+                            last_seen: Instant::now(),
+                            last_seen_ms,
+                            session: None,
+                        },
+                    );
                 }
             }
         }
-        for (attempt, steps, reason) in tx.abandon {
-            if let Err(e) = self.inner.logs.abandon(&attempt, steps, &reason).await {
-                tracing::warn!(attempt = %attempt, "cannot mark logs incomplete: {e}");
+        for (id, r) in tx.runs {
+            match st.runs.get(&id) {
+                Some(old) => crate::store::run_changes(old, &r, &mut fx.writes),
+                None => fx.writes.push(Write::Run(r.clone())),
+            }
+            self.inner.metrics.run_changed(st.runs.get(&id), &r, now);
+            if !fx.changed.contains(&id) {
+                fx.changed.push(id.clone());
+            }
+            if r.state == RunStatus::Running {
+                st.runs.insert(id, r);
+            } else {
+                st.run_traces.remove(&id);
+                st.runs.remove(&id);
             }
         }
-        for id in changed {
-            let _ = self.inner.changes.send(id);
+        for (id, a) in tx.attempts {
+            fx.writes.push(Write::Attempt(a.clone()));
+            if a.state == Status::Running {
+                st.attempts.insert(id, a);
+            } else {
+                // Ends the attempt's span (it is exported when the last handle drops).
+                if let Some(span) = st.attempt_spans.remove(&id) {
+                    span.record("state", a.state.as_str());
+                }
+                st.attempts.remove(&id);
+            }
         }
+        fx.messages.extend(tx.messages);
+        fx.abandon.extend(tx.abandon);
+    }
+
+    /// Queue the effects' rows; the rest is published by the committer once they are durable.
+    fn enqueue(&self, fx: Effects) -> Option<crate::store::commit::Commit> {
+        if fx.is_empty() {
+            return None;
+        }
+        let Effects {
+            writes,
+            messages,
+            abandon,
+            changed,
+        } = fx;
+        let inner = self.inner.clone();
+        let rt = tokio::runtime::Handle::current();
+        let after: crate::store::commit::After =
+            Box::new(move || publish(&inner, &rt, messages, abandon, changed));
+        Some(self.inner.store.enqueue(writes, Some(after)))
+    }
+
+    /// Wait until every change applied so far is durable (before answering from memory).
+    pub async fn settled(&self) -> CoordResult<()> {
+        let seq = self.inner.store.enqueued();
+        self.inner.store.wait_durable(seq).await?;
         Ok(())
     }
 
-    /// Place queued jobs on free agents and push their assignments. Caller holds `op`.
-    async fn dispatch_locked(&self) {
-        let r = self
-            .mutate(|st, tx, now| {
-                let mut runs: Vec<&RunRec> = st.runs.values().collect();
-                runs.sort_by_key(|r| r.seq);
-                let mut queued = Vec::new();
-                for r in runs {
-                    for (i, j) in r.jobs.iter().enumerate() {
-                        if j.state == Status::Queued {
-                            queued.push(QueuedJob { key: (r.id.clone(), i), selector: j.spec.agents.clone() });
-                        }
-                    }
-                }
-                if queued.is_empty() {
-                    return Ok(());
-                }
-                let mut running: HashMap<&str, u32> = HashMap::new();
-                for a in st.attempts.values() {
-                    *running.entry(a.agent_id.as_str()).or_default() += 1;
-                }
-                let mut agents: Vec<AgentSlots> = st
-                    .agents
-                    .values()
-                    .map(|a| AgentSlots {
-                        id: a.rec.id.clone(),
-                        labels: a.rec.labels.clone(),
-                        free: a.rec.capacity.saturating_sub(running.get(a.rec.id.as_str()).copied().unwrap_or(0)),
-                        accepting: a.session.is_some() && !a.rec.revoked && st.accepts_work(&a.rec.id),
-                    })
-                    .collect();
-                agents.sort_by(|a, b| a.id.cmp(&b.id));
-                for p in scheduler::schedule(&queued, &agents) {
-                    let (run_id, idx) = p.job;
-                    let attempt_id = uuid::Uuid::new_v4().to_string();
-                    let run = tx.run_mut(st, &run_id)?;
-                    machine::start_attempt(&mut run.jobs[idx], &attempt_id, &p.agent);
-                    let (job_name, epoch) = (run.jobs[idx].name.clone(), run.jobs[idx].epoch);
-                    tracing::info!(run = %run_id, job = %job_name, agent = %p.agent, attempt = %attempt_id,
-                        epoch, "dispatch");
-                    let mut assign = assignment(run, idx);
-                    // Only this message carries the values: never the store, the logs or any API.
-                    assign.secrets = self.inner.secrets.values(&run.jobs[idx].spec.secrets).into_iter().collect();
-                    let run_trace = st.run_traces.get(&run_id).map(String::as_str);
-                    traces::schedule_span(run_trace, &run_id, &assign.job, &p.agent).in_scope(|| {
-                        tracing::debug!(attempt = %assign.attempt_id, "placed");
-                    });
-                    let span = traces::attempt_span(run_trace, &run_id, &assign.job, &assign.attempt_id, &p.agent, epoch);
-                    assign.traceparent = drover_telemetry::traceparent(&span).unwrap_or_default();
-                    st.attempt_spans.insert(assign.attempt_id.clone(), span);
-                    tx.attempts.insert(
-                        attempt_id.clone(),
-                        AttemptRec {
-                            id: attempt_id,
-                            run_id: run_id.clone(),
-                            job: job_name,
-                            agent_id: p.agent.clone(),
-                            epoch,
-                            state: Status::Running,
-                            created_ms: now,
-                            finished_ms: None,
-                        },
-                    );
-                    tx.messages.push((
-                        p.agent,
-                        pb::CoordinatorMessage { msg: Some(pb::coordinator_message::Msg::Assign(assign)) },
-                    ));
-                }
-                Ok(())
-            })
-            .await;
-        if let Err(e) = r {
-            tracing::error!("dispatch failed: {e}");
+    /// Place queued jobs on free agents: start their attempts and stage their assignments.
+    fn schedule(&self, st: &mut State, tx: &mut Tx, now: i64) -> CoordResult<()> {
+        let mut running: HashMap<&str, u32> = HashMap::new();
+        for a in st.attempts.values() {
+            *running.entry(a.agent_id.as_str()).or_default() += 1;
         }
+        // Only agents that can take a job now: with none, there is nothing to do (and no queue to scan).
+        let mut agents: Vec<AgentSlots> = st
+            .agents
+            .values()
+            .filter(|a| a.session.is_some() && !a.rec.revoked)
+            .map(|a| AgentSlots {
+                id: a.rec.id.clone(),
+                labels: a.rec.labels.clone(),
+                free: a
+                    .rec
+                    .capacity
+                    .saturating_sub(running.get(a.rec.id.as_str()).copied().unwrap_or(0)),
+                accepting: st.accepts_work(&a.rec.id),
+            })
+            .filter(|a| a.free > 0 && a.accepting)
+            .collect();
+        drop(running);
+        if agents.is_empty() {
+            return Ok(());
+        }
+        agents.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut runs: Vec<&RunRec> = st.runs.values().collect();
+        runs.sort_by_key(|r| r.seq);
+        let mut queued = Vec::new();
+        for r in runs {
+            for (i, j) in r.jobs.iter().enumerate() {
+                if j.state == Status::Queued {
+                    queued.push(QueuedJob {
+                        key: (r.id.clone(), i),
+                        selector: j.spec.agents.clone(),
+                    });
+                }
+            }
+        }
+        if queued.is_empty() {
+            return Ok(());
+        }
+        for p in scheduler::schedule(&queued, &agents) {
+            let (run_id, idx) = p.job;
+            let attempt_id = uuid::Uuid::new_v4().to_string();
+            let run = tx.run_mut(st, &run_id)?;
+            machine::start_attempt(&mut run.jobs[idx], &attempt_id, &p.agent);
+            let (job_name, epoch) = (run.jobs[idx].name.clone(), run.jobs[idx].epoch);
+            tracing::info!(run = %run_id, job = %job_name, agent = %p.agent, attempt = %attempt_id,
+                epoch, "dispatch");
+            let mut assign = assignment(run, idx);
+            // Only this message carries the values: never the store, the logs or any API.
+            assign.secrets = self
+                .inner
+                .secrets
+                .values(&run.jobs[idx].spec.secrets)
+                .into_iter()
+                .collect();
+            let run_trace = st.run_traces.get(&run_id).map(String::as_str);
+            traces::schedule_span(run_trace, &run_id, &assign.job, &p.agent).in_scope(|| {
+                tracing::debug!(attempt = %assign.attempt_id, "placed");
+            });
+            let span = traces::attempt_span(
+                run_trace,
+                &run_id,
+                &assign.job,
+                &assign.attempt_id,
+                &p.agent,
+                epoch,
+            );
+            assign.traceparent = drover_telemetry::traceparent(&span).unwrap_or_default();
+            st.attempt_spans.insert(assign.attempt_id.clone(), span);
+            tx.attempts.insert(
+                attempt_id.clone(),
+                AttemptRec {
+                    id: attempt_id,
+                    run_id: run_id.clone(),
+                    job: job_name,
+                    agent_id: p.agent.clone(),
+                    epoch,
+                    state: Status::Running,
+                    created_ms: now,
+                    finished_ms: None,
+                },
+            );
+            tx.messages.push((
+                p.agent,
+                pb::CoordinatorMessage {
+                    msg: Some(pb::coordinator_message::Msg::Assign(assign)),
+                },
+            ));
+        }
+        Ok(())
     }
 
     /// Mark a running attempt lost and requeue or end its job. Stages into `tx`.
@@ -608,7 +747,6 @@ impl Engine {
             created_ms: now,
             last_seen_ms: now,
         };
-        let _op = self.inner.op.lock().await;
         let rec = match self.inner.store.enroll(sha256_hex(token), now, rec).await? {
             Ok(rec) => rec,
             Err(EnrollRefusal::Unknown) => {
@@ -681,10 +819,9 @@ impl Engine {
     /// Handle a hello: register the session, reconcile the attempts it lists, send Welcome, dispatch.
     /// Returns the session id to pass to [`Engine::detach`].
     pub async fn hello(&self, agent_id: &str, hello: pb::Hello, out: AgentTx) -> CoordResult<u64> {
-        let _op = self.inner.op.lock().await;
         let session_id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
         let cfg = self.inner.config.clone();
-        self.mutate(|st, tx, now| {
+        self.mutate_and_dispatch(|st, tx, now| {
             if !hello.agent_id.is_empty() && hello.agent_id != agent_id {
                 return Err(CoordError::PermissionDenied(format!(
                     "hello names agent {} but the credential is agent {agent_id}",
@@ -776,7 +913,6 @@ impl Engine {
         })
         .await?;
         tracing::info!(agent = %agent_id, session = session_id, "agent attached");
-        self.dispatch_locked().await;
         Ok(session_id)
     }
 
@@ -818,8 +954,7 @@ impl Engine {
         if expired(&self.lock()).is_empty() {
             return Ok(());
         }
-        let _op = self.inner.op.lock().await;
-        self.mutate(|st, tx, now| {
+        self.mutate_and_dispatch(|st, tx, now| {
             for agent in expired(st) {
                 if let Some(a) = st.agents.get_mut(&agent) {
                     if a.session.take().is_some() {
@@ -836,7 +971,6 @@ impl Engine {
             Ok(())
         })
         .await?;
-        self.dispatch_locked().await;
         Ok(())
     }
 
@@ -918,7 +1052,6 @@ impl Engine {
 
     /// A step started or finished.
     pub async fn step_update(&self, agent_id: &str, u: pb::StepUpdate) -> CoordResult<()> {
-        let _op = self.inner.op.lock().await;
         self.mutate(|st, tx, now| {
             let (run_id, idx, steps) = Self::fence(st, agent_id, &u.attempt_id, u.epoch)?;
             if u.step_index >= steps {
@@ -959,7 +1092,6 @@ impl Engine {
         let failure = FailureClass::try_from(r.failure).map_err(|_| {
             CoordError::InvalidArgument(format!("job result: unknown failure class {}", r.failure))
         })?;
-        let _op = self.inner.op.lock().await;
         let (_, _, steps) = Self::fence(&self.lock(), agent_id, &r.attempt_id, r.epoch)?;
         if state == JobState::Succeeded {
             for i in 0..steps {
@@ -973,7 +1105,7 @@ impl Engine {
             }
         }
         let max_retries = self.inner.config.max_retries;
-        self.mutate(|st, tx, now| {
+        self.mutate_and_dispatch(|st, tx, now| {
             let (run_id, idx, _) = Self::fence(st, agent_id, &r.attempt_id, r.epoch)?;
             let run = tx.run_mut(st, &run_id)?;
             let cancel = run.cancel_requested || st.job_canceled(&run_id, &run.jobs[idx].name);
@@ -1001,7 +1133,6 @@ impl Engine {
             Ok(())
         })
         .await?;
-        self.dispatch_locked().await;
         Ok(())
     }
 
@@ -1012,7 +1143,6 @@ impl Engine {
         epoch: u64,
         art: ArtifactRec,
     ) -> CoordResult<()> {
-        let _op = self.inner.op.lock().await;
         self.mutate(|st, tx, _now| {
             let (run_id, idx, _) = Self::fence(st, agent_id, &art.attempt_id, epoch)?;
             let run = tx.run_mut(st, &run_id)?;
@@ -1098,8 +1228,8 @@ impl Engine {
         };
         let root = traces::run_span(&id, &name, pipeline.jobs.len());
         let trace = drover_telemetry::traceparent(&root);
-        let _op = self.inner.op.lock().await;
-        self.mutate(|st, tx, now| {
+        // The run and the assignments of its first jobs share one batch: one commit before the push.
+        self.mutate_and_dispatch(|st, tx, now| {
             st.next_seq += 1;
             if let Some(tp) = &trace {
                 st.run_traces.insert(id.clone(), tp.clone());
@@ -1161,15 +1291,15 @@ impl Engine {
         }
         root.in_scope(|| tracing::info!(run = %id, "run submitted"));
         drop(root);
-        self.dispatch_locked().await;
         Ok(id)
     }
 
     /// Cancel a run's unfinished jobs: pending ones at once, running ones through their agents.
     /// Returns how many jobs were canceled or asked to stop.
     pub async fn cancel_run(&self, run_id: &str) -> CoordResult<u32> {
-        let _op = self.inner.op.lock().await;
         if !self.lock().runs.contains_key(run_id) {
+            // A run that just finished may not be in the file yet.
+            self.settled().await?;
             return match self.inner.store.get_run(run_id).await? {
                 Some(_) => Ok(0),
                 None => Err(CoordError::NotFound(format!("run {run_id} not found"))),
@@ -1205,7 +1335,14 @@ impl Engine {
 
     /// A run, active or finished.
     pub async fn run_rec(&self, run_id: &str) -> CoordResult<RunRec> {
-        if let Some(r) = self.lock().runs.get(run_id).cloned() {
+        // Memory may be ahead of the file by the batches being committed: answer only once what was read
+        // is durable (and read the file only after that).
+        let (mem, seq) = {
+            let st = self.lock();
+            (st.runs.get(run_id).cloned(), self.inner.store.enqueued())
+        };
+        self.inner.store.wait_durable(seq).await?;
+        if let Some(r) = mem {
             return Ok(r);
         }
         self.inner
@@ -1224,6 +1361,7 @@ impl Engine {
     /// The newest runs, newest first.
     pub async fn list_runs(&self, limit: u32) -> CoordResult<Vec<pb::Run>> {
         let limit = if limit == 0 { 50 } else { limit.min(1000) };
+        self.settled().await?;
         let runs = self.inner.store.list_runs(limit).await?;
         let mut out = Vec::with_capacity(runs.len());
         for r in &runs {
@@ -1236,6 +1374,7 @@ impl Engine {
                 .unwrap_or_else(|| r.clone());
             out.push(self.run_to_proto(&r).await);
         }
+        self.settled().await?;
         Ok(out)
     }
 

@@ -285,6 +285,8 @@ pub struct AgentJson {
 /// `GET /api/agents`: every enrolled agent.
 pub async fn agents(State(engine): State<Engine>) -> Json<Vec<AgentJson>> {
     let fleet = engine.fleet_view();
+    // Shown only once durable (a failed store shows up on /readyz; the view is still worth showing).
+    let _ = engine.settled().await;
     Json(
         fleet
             .agents
@@ -340,6 +342,8 @@ pub struct QueueJson {
 /// `GET /api/queue`: jobs waiting for an agent, per label selector.
 pub async fn queue(State(engine): State<Engine>) -> Json<Vec<QueueJson>> {
     let fleet = engine.fleet_view();
+    // Shown only once durable (a failed store shows up on /readyz; the view is still worth showing).
+    let _ = engine.settled().await;
     let queues = engine.metrics().queues(&fleet, now_ms());
     Json(
         queues
