@@ -251,13 +251,14 @@ async fn agent_session(
     // The engine keeps the only strong sender: when it drops the session (lease expired, replaced by a newer
     // session, shutdown) the response stream ends and the agent reconnects.
     let weak = tx.downgrade();
-    let session = match engine.hello(&agent_id, hello, tx.clone()).await {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = tx.send(Err(e.into())).await;
-            return;
-        }
-    };
+    let crate::engine::Attached { session, seen } =
+        match engine.hello(&agent_id, hello, tx.clone()).await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+        };
     drop(tx);
     let mut closing = engine.closing();
     loop {
@@ -279,7 +280,7 @@ async fn agent_session(
                 break;
             }
         };
-        engine.touch(&agent_id);
+        seen.touch();
         let stale = match msg.msg {
             Some(Msg::Heartbeat(_)) => {
                 // The agent's side of the lease: without these it cannot tell a silent partition

@@ -20,7 +20,7 @@ pub mod traces;
 pub mod why;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -37,7 +37,7 @@ use crate::config::Config;
 use crate::error::{CoordError, CoordResult};
 use crate::http::metrics::Metrics;
 use crate::logs::LogStore;
-use crate::scheduler::{self, AgentSlots, QueuedJob};
+use crate::scheduler::{self, AgentSlots};
 use crate::store::{EnrollRefusal, Store, Write};
 use model::{
     AgentRec, ArtifactRec, AttemptRec, JobRec, RunRec, RunStatus, Status, StepRec, TokenRec,
@@ -99,6 +99,9 @@ struct Inner {
 struct State {
     /// Runs not finished yet (finished ones are read from the store).
     runs: HashMap<String, RunRec>,
+    /// Every queued job of `runs`, oldest first: (run seq, job index) -> run id. The scheduler reads this
+    /// rather than scanning every run.
+    queued: BTreeMap<(i64, u32), String>,
     /// Attempts running now.
     attempts: HashMap<String, AttemptRec>,
     /// Every enrolled agent.
@@ -116,13 +119,86 @@ struct State {
     attempt_spans: HashMap<String, tracing::Span>,
 }
 
+impl State {
+    /// Add the queued jobs of `r` to the queue index.
+    fn index_queued(&mut self, r: &RunRec) {
+        if r.state != RunStatus::Running {
+            return;
+        }
+        for (i, j) in r.jobs.iter().enumerate() {
+            if j.state == Status::Queued {
+                self.queued.insert((r.seq, i as u32), r.id.clone());
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct AgentLive {
     rec: AgentRec,
     /// Last time anything arrived from it: the lease clock.
-    last_seen: Instant,
-    last_seen_ms: i64,
+    seen: Arc<LastSeen>,
     session: Option<Session>,
+}
+
+impl AgentLive {
+    fn new(rec: AgentRec) -> AgentLive {
+        AgentLive {
+            rec,
+            seen: Arc::new(LastSeen::now()),
+            session: None,
+        }
+    }
+}
+
+/// When anything last arrived from an agent. Its session renews it on every message without taking the
+/// engine's lock (a heartbeat costs two atomic stores), and the lease timer reads it.
+#[derive(Debug)]
+pub struct LastSeen {
+    base: Instant,
+    /// Milliseconds after `base` (monotonic: the lease clock).
+    mono_ms: AtomicU64,
+    /// Unix milliseconds, for operators.
+    unix_ms: AtomicI64,
+}
+
+impl LastSeen {
+    fn now() -> LastSeen {
+        LastSeen {
+            base: Instant::now(),
+            mono_ms: AtomicU64::new(0),
+            unix_ms: AtomicI64::new(now_ms()),
+        }
+    }
+
+    /// Something arrived from the agent now.
+    pub fn touch(&self) {
+        let mono = self.base.elapsed().as_millis() as u64;
+        self.mono_ms.store(mono, Ordering::Relaxed);
+        self.unix_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// How long the agent has been silent.
+    fn silent_for(&self) -> Duration {
+        let mono = self.mono_ms.load(Ordering::Relaxed);
+        self.base
+            .elapsed()
+            .saturating_sub(Duration::from_millis(mono))
+    }
+
+    /// Unix ms of the last message.
+    fn unix_ms(&self) -> i64 {
+        self.unix_ms.load(Ordering::Relaxed)
+    }
+}
+
+/// An attached session: its id (for [`Engine::detach`]) and the agent's lease clock to renew.
+#[derive(Debug)]
+pub struct Attached {
+    /// Session id.
+    pub session: u64,
+    /// Renew on every message from the agent.
+    pub seen: Arc<LastSeen>,
 }
 
 #[derive(Debug)]
@@ -262,25 +338,20 @@ impl Engine {
     ) -> CoordResult<Engine> {
         let loaded = store.load().await?;
         // A running attempt's lease starts counting now: its agent gets a full TTL to reconnect.
-        let now = Instant::now();
         let mut state = State {
             next_seq: loaded.max_seq,
             availability: store.availabilities().await?,
             ..State::default()
         };
         for a in loaded.agents {
-            let last_seen_ms = a.last_seen_ms;
-            state.agents.insert(
-                a.id.clone(),
-                AgentLive {
-                    rec: a,
-                    last_seen: now,
-                    last_seen_ms,
-                    session: None,
-                },
-            );
+            let live = AgentLive::new(a);
+            live.seen
+                .unix_ms
+                .store(live.rec.last_seen_ms, Ordering::Relaxed);
+            state.agents.insert(live.rec.id.clone(), live);
         }
         for r in loaded.runs {
+            state.index_queued(&r);
             state.runs.insert(r.id.clone(), r);
         }
         state.run_traces = store
@@ -369,7 +440,7 @@ impl Engine {
                     connected: a.session.is_some(),
                     revoked: a.rec.revoked,
                     running,
-                    last_seen_ms: a.last_seen_ms,
+                    last_seen_ms: a.seen.unix_ms(),
                 }
             })
             .collect();
@@ -484,16 +555,7 @@ impl Engine {
             match st.agents.get_mut(&id) {
                 Some(live) => live.rec = a,
                 None => {
-                    let last_seen_ms = a.last_seen_ms;
-                    st.agents.insert(
-                        id,
-                        AgentLive {
-                            rec: a,
-                            last_seen: Instant::now(),
-                            last_seen_ms,
-                            session: None,
-                        },
-                    );
+                    st.agents.insert(id, AgentLive::new(a));
                 }
             }
         }
@@ -506,6 +568,14 @@ impl Engine {
             if !fx.changed.contains(&id) {
                 fx.changed.push(id.clone());
             }
+            if let Some(old) = st.runs.get(&id) {
+                for (i, j) in old.jobs.iter().enumerate() {
+                    if j.state == Status::Queued {
+                        st.queued.remove(&(old.seq, i as u32));
+                    }
+                }
+            }
+            st.index_queued(&r);
             if r.state == RunStatus::Running {
                 st.runs.insert(id, r);
             } else {
@@ -581,23 +651,13 @@ impl Engine {
             return Ok(());
         }
         agents.sort_by(|a, b| a.id.cmp(&b.id));
-        let mut runs: Vec<&RunRec> = st.runs.values().collect();
-        runs.sort_by_key(|r| r.seq);
-        let mut queued = Vec::new();
-        for r in runs {
-            for (i, j) in r.jobs.iter().enumerate() {
-                if j.state == Status::Queued {
-                    queued.push(QueuedJob {
-                        key: (r.id.clone(), i),
-                        selector: j.spec.agents.clone(),
-                    });
-                }
-            }
-        }
-        if queued.is_empty() {
-            return Ok(());
-        }
-        for p in scheduler::schedule(&queued, &agents) {
+        let runs = &st.runs;
+        let queued = st.queued.iter().filter_map(|((_, idx), run_id)| {
+            let job = runs.get(run_id)?.jobs.get(*idx as usize)?;
+            Some(((run_id.clone(), *idx as usize), &job.spec.agents))
+        });
+        let placements = scheduler::schedule_by(queued, &agents);
+        for p in placements {
             let (run_id, idx) = p.job;
             let attempt_id = uuid::Uuid::new_v4().to_string();
             let run = tx.run_mut(st, &run_id)?;
@@ -772,15 +832,9 @@ impl Engine {
             }
         };
         tracing::info!(agent = %agent_id, hostname, "agent enrolled");
-        self.lock().agents.insert(
-            agent_id.clone(),
-            AgentLive {
-                rec,
-                last_seen: Instant::now(),
-                last_seen_ms: now,
-                session: None,
-            },
-        );
+        self.lock()
+            .agents
+            .insert(agent_id.clone(), AgentLive::new(rec));
         Ok((agent_id.clone(), format!("{agent_id}.{secret}")))
     }
 
@@ -818,110 +872,117 @@ impl Engine {
 
     /// Handle a hello: register the session, reconcile the attempts it lists, send Welcome, dispatch.
     /// Returns the session id to pass to [`Engine::detach`].
-    pub async fn hello(&self, agent_id: &str, hello: pb::Hello, out: AgentTx) -> CoordResult<u64> {
+    pub async fn hello(
+        &self,
+        agent_id: &str,
+        hello: pb::Hello,
+        out: AgentTx,
+    ) -> CoordResult<Attached> {
         let session_id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
         let cfg = self.inner.config.clone();
-        self.mutate_and_dispatch(|st, tx, now| {
-            if !hello.agent_id.is_empty() && hello.agent_id != agent_id {
-                return Err(CoordError::PermissionDenied(format!(
-                    "hello names agent {} but the credential is agent {agent_id}",
-                    hello.agent_id
-                )));
-            }
-            let labels: BTreeMap<String, String> = hello.labels.clone().into_iter().collect();
-            Self::clear_self_draining(st, agent_id);
-            let live = st
-                .agents
-                .get_mut(agent_id)
-                .ok_or_else(|| CoordError::Unauthenticated(format!("unknown agent {agent_id}")))?;
-            let missing: Vec<String> = live
-                .rec
-                .required_labels
-                .iter()
-                .filter(|(k, v)| labels.get(*k) != Some(*v))
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            if !missing.is_empty() {
-                return Err(CoordError::PermissionDenied(format!(
-                    "agent {agent_id} must keep the labels of its enrollment token: missing {}",
-                    missing.join(", ")
-                )));
-            }
-            live.session = Some(Session {
-                id: session_id,
-                tx: out,
-            });
-            live.last_seen = Instant::now();
-            live.last_seen_ms = now;
-            let mut rec = live.rec.clone();
-            rec.labels = labels;
-            rec.capacity = hello.capacity.max(1);
-            if !hello.hostname.is_empty() {
-                rec.hostname = hello.hostname.clone();
-            }
-            rec.last_seen_ms = now;
-            tx.agents.insert(agent_id.to_string(), rec);
+        let seen = self
+            .mutate_and_dispatch(|st, tx, now| {
+                if !hello.agent_id.is_empty() && hello.agent_id != agent_id {
+                    return Err(CoordError::PermissionDenied(format!(
+                        "hello names agent {} but the credential is agent {agent_id}",
+                        hello.agent_id
+                    )));
+                }
+                let labels: BTreeMap<String, String> = hello.labels.clone().into_iter().collect();
+                Self::clear_self_draining(st, agent_id);
+                let live = st.agents.get_mut(agent_id).ok_or_else(|| {
+                    CoordError::Unauthenticated(format!("unknown agent {agent_id}"))
+                })?;
+                let missing: Vec<String> = live
+                    .rec
+                    .required_labels
+                    .iter()
+                    .filter(|(k, v)| labels.get(*k) != Some(*v))
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                if !missing.is_empty() {
+                    return Err(CoordError::PermissionDenied(format!(
+                        "agent {agent_id} must keep the labels of its enrollment token: missing {}",
+                        missing.join(", ")
+                    )));
+                }
+                live.session = Some(Session {
+                    id: session_id,
+                    tx: out,
+                });
+                live.seen.touch();
+                let seen = live.seen.clone();
+                let mut rec = live.rec.clone();
+                rec.labels = labels;
+                rec.capacity = hello.capacity.max(1);
+                if !hello.hostname.is_empty() {
+                    rec.hostname = hello.hostname.clone();
+                }
+                rec.last_seen_ms = now;
+                tx.agents.insert(agent_id.to_string(), rec);
 
-            let mut stale = Vec::new();
-            let mut kept = Vec::new();
-            for ra in &hello.running {
-                match st.attempts.get(&ra.attempt_id) {
-                    Some(a) if a.agent_id == agent_id && a.epoch == ra.epoch => {
-                        kept.push(a.clone())
+                let mut stale = Vec::new();
+                let mut kept = Vec::new();
+                for ra in &hello.running {
+                    match st.attempts.get(&ra.attempt_id) {
+                        Some(a) if a.agent_id == agent_id && a.epoch == ra.epoch => {
+                            kept.push(a.clone())
+                        }
+                        _ => stale.push(ra.attempt_id.clone()),
                     }
-                    _ => stale.push(ra.attempt_id.clone()),
                 }
-            }
-            let forgotten: Vec<String> = st
-                .attempts
-                .values()
-                .filter(|a| {
-                    a.agent_id == agent_id && !hello.running.iter().any(|r| r.attempt_id == a.id)
-                })
-                .map(|a| a.id.clone())
-                .collect();
-            tx.messages.push((
-                agent_id.to_string(),
-                pb::CoordinatorMessage {
-                    msg: Some(pb::coordinator_message::Msg::Welcome(pb::Welcome {
-                        agent_id: agent_id.to_string(),
-                        heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
-                        lease_ttl_ms: cfg.lease_ttl.as_millis() as u64,
-                        stale_attempts: stale,
-                    })),
-                },
-            ));
-            for id in forgotten {
-                self.lose_attempt(
-                    st,
-                    tx,
-                    &id,
-                    &format!("agent {agent_id} reconnected without attempt {id}"),
-                    now,
-                )?;
-            }
-            for a in kept {
-                tracing::info!(agent = %agent_id, attempt = %a.id, "attempt re-adopted");
-                if st.runs.get(&a.run_id).is_some_and(|r| r.cancel_requested) {
-                    tx.messages.push((
-                        agent_id.to_string(),
-                        cancel_msg(&a.id, cfg.cancel_grace, "run canceled"),
-                    ));
+                let forgotten: Vec<String> = st
+                    .attempts
+                    .values()
+                    .filter(|a| {
+                        a.agent_id == agent_id
+                            && !hello.running.iter().any(|r| r.attempt_id == a.id)
+                    })
+                    .map(|a| a.id.clone())
+                    .collect();
+                tx.messages.push((
+                    agent_id.to_string(),
+                    pb::CoordinatorMessage {
+                        msg: Some(pb::coordinator_message::Msg::Welcome(pb::Welcome {
+                            agent_id: agent_id.to_string(),
+                            heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
+                            lease_ttl_ms: cfg.lease_ttl.as_millis() as u64,
+                            stale_attempts: stale,
+                        })),
+                    },
+                ));
+                for id in forgotten {
+                    self.lose_attempt(
+                        st,
+                        tx,
+                        &id,
+                        &format!("agent {agent_id} reconnected without attempt {id}"),
+                        now,
+                    )?;
                 }
-            }
-            Ok(())
-        })
-        .await?;
+                for a in kept {
+                    tracing::info!(agent = %agent_id, attempt = %a.id, "attempt re-adopted");
+                    if st.runs.get(&a.run_id).is_some_and(|r| r.cancel_requested) {
+                        tx.messages.push((
+                            agent_id.to_string(),
+                            cancel_msg(&a.id, cfg.cancel_grace, "run canceled"),
+                        ));
+                    }
+                }
+                Ok(seen)
+            })
+            .await?;
         tracing::info!(agent = %agent_id, session = session_id, "agent attached");
-        Ok(session_id)
+        Ok(Attached {
+            session: session_id,
+            seen,
+        })
     }
 
     /// Note that something arrived from the agent: renews its lease.
     pub fn touch(&self, agent_id: &str) {
-        let mut st = self.lock();
-        if let Some(a) = st.agents.get_mut(agent_id) {
-            a.last_seen = Instant::now();
-            a.last_seen_ms = now_ms();
+        if let Some(a) = self.lock().agents.get(agent_id) {
+            a.seen.touch();
         }
     }
 
@@ -941,10 +1002,9 @@ impl Engine {
     pub async fn check_leases(&self) -> CoordResult<()> {
         let ttl = self.inner.config.lease_ttl;
         let expired = |st: &State| -> Vec<String> {
-            let now = Instant::now();
             st.agents
                 .values()
-                .filter(|a| now.duration_since(a.last_seen) > ttl)
+                .filter(|a| a.seen.silent_for() > ttl)
                 .filter(|a| {
                     a.session.is_some() || st.attempts.values().any(|at| at.agent_id == a.rec.id)
                 })
@@ -1517,7 +1577,7 @@ impl Engine {
                     capacity: a.rec.capacity,
                     state: state.into(),
                     running,
-                    last_seen_ms: a.last_seen_ms,
+                    last_seen_ms: a.seen.unix_ms(),
                     availability: st.availability_of(&a.rec.id).to_string(),
                 }
             })
