@@ -10,6 +10,7 @@ mod failure_detection;
 mod fleet;
 mod report;
 mod sim_agent;
+mod store_size;
 mod throughput;
 
 use std::io::Write;
@@ -19,20 +20,21 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 /// The benchmarks, in the order they run.
-const BENCHMARKS: [&str; 6] = [
+const BENCHMARKS: [&str; 7] = [
     "failure_detection",
     "dispatch",
     "e2e_noop",
     "throughput",
     "container_step",
     "fleet",
+    "store_size",
 ];
 
 /// Drover's benchmarks, each beside its floor.
 #[derive(Debug, Parser)]
 #[command(name = "drover-bench", version)]
 struct Cli {
-    /// Run only this benchmark (failure_detection, dispatch, e2e_noop, throughput, container_step, fleet).
+    /// Run only this benchmark (failure_detection, dispatch, e2e_noop, throughput, container_step, fleet, store_size).
     #[arg(long, value_name = "NAME")]
     only: Option<String>,
     /// Smaller counts, for a quick look.
@@ -119,6 +121,7 @@ async fn run_one(name: &str, opts: &Opts) -> Result<Vec<report::Line>> {
         "throughput" => throughput::run(opts).await,
         "container_step" => container_step::run(opts).await,
         "fleet" => fleet::run(opts).await,
+        "store_size" => store_size::run(opts).await,
         other => anyhow::bail!("unknown benchmark {other:?}"),
     }
 }
