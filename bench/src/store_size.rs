@@ -95,7 +95,10 @@ async fn measure(runs: usize, jobs: usize) -> Result<Measured> {
     let coord = Coordinator::start_in(dir, &[]).await?;
     let mut client = coord.control().await?;
     let newest = client
-        .list_runs(ListRunsRequest { limit: 1 })
+        .list_runs(ListRunsRequest {
+            limit: 1,
+            ..Default::default()
+        })
         .await
         .context("ListRuns after the restart")?
         .into_inner();

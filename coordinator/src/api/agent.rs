@@ -21,6 +21,9 @@ use crate::error::CoordError;
 /// How long a new Attach stream may take to send its hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// State changes of one agent session queued for commit and not yet known durable, at most.
+const MAX_INFLIGHT_COMMITS: usize = 64;
+
 /// Log chunks handled before the durable acknowledgement of a batch.
 const LOG_BATCH: usize = 64;
 
@@ -260,6 +263,7 @@ async fn agent_session(
             }
         };
     drop(tx);
+    let mut inflight: std::collections::VecDeque<crate::engine::Commit> = Default::default();
     let mut closing = engine.closing();
     loop {
         let msg = tokio::select! {
@@ -312,17 +316,34 @@ async fn agent_session(
                 .map(|e| (a.attempt_id, e)),
             Some(Msg::Step(u)) => {
                 let id = u.attempt_id.clone();
-                engine
-                    .step_update(&agent_id, u)
-                    .await
-                    .err()
-                    .map(|e| (id, e))
+                match engine.step_update_queued(&agent_id, u) {
+                    Ok(c) => {
+                        inflight.extend(c);
+                        None
+                    }
+                    Err(e) => Some((id, e)),
+                }
             }
             Some(Msg::Result(r)) => {
                 let id = r.attempt_id.clone();
-                engine.job_result(&agent_id, r).await.err().map(|e| (id, e))
+                match engine.job_result_queued(&agent_id, r).await {
+                    Ok(c) => {
+                        inflight.extend(c);
+                        None
+                    }
+                    Err(e) => Some((id, e)),
+                }
             }
         };
+        // Nothing answers these changes, so the next message is read while they commit (in order: they
+        // were queued in order); a bounded window keeps a fast agent from queueing without end.
+        while inflight.len() > MAX_INFLIGHT_COMMITS {
+            if let Some(c) = inflight.pop_front() {
+                if let Err(e) = c.durable().await {
+                    tracing::error!(agent = %agent_id, "state change not committed: {e}");
+                }
+            }
+        }
         if let Some((attempt, e)) = stale {
             tracing::warn!(agent = %agent_id, attempt = %attempt, "rejected: {e}");
             // A fenced-off attempt must stop writing: tell the agent (it may already have finished).

@@ -38,6 +38,7 @@ use crate::error::{CoordError, CoordResult};
 use crate::http::metrics::Metrics;
 use crate::logs::LogStore;
 use crate::scheduler::{self, AgentSlots};
+pub use crate::store::commit::Commit;
 use crate::store::{EnrollRefusal, Store, Write};
 use model::{
     AgentRec, ArtifactRec, AttemptRec, JobRec, RunRec, RunStatus, Status, StepRec, TokenRec,
@@ -524,28 +525,37 @@ impl Engine {
         f: impl FnOnce(&mut State, &mut Tx, i64) -> CoordResult<R>,
     ) -> CoordResult<R> {
         let began = std::time::Instant::now();
-        let (r, commit) = {
-            let mut st = self.lock();
-            let now = now_ms();
-            let mut tx = Tx::default();
-            let r = f(&mut st, &mut tx, now)?;
-            let mut fx = Effects::default();
-            self.apply(&mut st, tx, now, &mut fx);
-            if dispatch {
-                let mut tx = Tx::default();
-                match self.schedule(&mut st, &mut tx, now) {
-                    Ok(()) => self.apply(&mut st, tx, now, &mut fx),
-                    Err(e) => tracing::error!("dispatch failed: {e}"),
-                }
-            }
-            // Queued under the state lock: the commit order is the order changes were applied.
-            (r, self.enqueue(fx))
-        };
+        let (r, commit) = self.change_queued(dispatch, f)?;
         if let Some(commit) = commit {
             commit.durable().await?;
             self.inner.metrics.store_commit(began.elapsed());
         }
         Ok(r)
+    }
+
+    /// Apply a change and queue its rows without waiting for them: for changes nobody is answered about,
+    /// whose effects the committer publishes once durable anyway. The caller awaits the commit when it
+    /// needs to (and to bound how many it has in flight).
+    fn change_queued<R>(
+        &self,
+        dispatch: bool,
+        f: impl FnOnce(&mut State, &mut Tx, i64) -> CoordResult<R>,
+    ) -> CoordResult<(R, Option<Commit>)> {
+        let mut st = self.lock();
+        let now = now_ms();
+        let mut tx = Tx::default();
+        let r = f(&mut st, &mut tx, now)?;
+        let mut fx = Effects::default();
+        self.apply(&mut st, tx, now, &mut fx);
+        if dispatch {
+            let mut tx = Tx::default();
+            match self.schedule(&mut st, &mut tx, now) {
+                Ok(()) => self.apply(&mut st, tx, now, &mut fx),
+                Err(e) => tracing::error!("dispatch failed: {e}"),
+            }
+        }
+        // Queued under the state lock: the commit order is the order changes were applied.
+        Ok((r, self.enqueue(fx)))
     }
 
     /// Move what `tx` staged into the state; collect the rows that changed and what to publish.
@@ -600,7 +610,7 @@ impl Engine {
     }
 
     /// Queue the effects' rows; the rest is published by the committer once they are durable.
-    fn enqueue(&self, fx: Effects) -> Option<crate::store::commit::Commit> {
+    fn enqueue(&self, fx: Effects) -> Option<Commit> {
         if fx.is_empty() {
             return None;
         }
@@ -1112,7 +1122,19 @@ impl Engine {
 
     /// A step started or finished.
     pub async fn step_update(&self, agent_id: &str, u: pb::StepUpdate) -> CoordResult<()> {
-        self.mutate(|st, tx, now| {
+        if let Some(c) = self.step_update_queued(agent_id, u)? {
+            c.durable().await?;
+        }
+        Ok(())
+    }
+
+    /// [`Engine::step_update`] without waiting for durability (nothing answers a step update).
+    pub fn step_update_queued(
+        &self,
+        agent_id: &str,
+        u: pb::StepUpdate,
+    ) -> CoordResult<Option<Commit>> {
+        let (_, commit) = self.change_queued(false, |st, tx, now| {
             let (run_id, idx, steps) = Self::fence(st, agent_id, &u.attempt_id, u.epoch)?;
             if u.step_index >= steps {
                 return Err(CoordError::InvalidArgument(format!(
@@ -1140,12 +1162,25 @@ impl Engine {
                 job.started_ms.get_or_insert(now);
             }
             Ok(())
-        })
-        .await
+        })?;
+        Ok(commit)
     }
 
     /// The attempt is over. A success is accepted only once every step log of the attempt is complete.
     pub async fn job_result(&self, agent_id: &str, r: pb::JobResult) -> CoordResult<()> {
+        if let Some(c) = self.job_result_queued(agent_id, r).await? {
+            c.durable().await?;
+        }
+        Ok(())
+    }
+
+    /// [`Engine::job_result`] without waiting for durability (nothing answers a result; the next jobs'
+    /// assignments go out once it is durable).
+    pub async fn job_result_queued(
+        &self,
+        agent_id: &str,
+        r: pb::JobResult,
+    ) -> CoordResult<Option<Commit>> {
         let state = JobState::try_from(r.state).map_err(|_| {
             CoordError::InvalidArgument(format!("job result: unknown state {}", r.state))
         })?;
@@ -1165,7 +1200,7 @@ impl Engine {
             }
         }
         let max_retries = self.inner.config.max_retries;
-        self.mutate_and_dispatch(|st, tx, now| {
+        let (_, commit) = self.change_queued(true, |st, tx, now| {
             let (run_id, idx, _) = Self::fence(st, agent_id, &r.attempt_id, r.epoch)?;
             let run = tx.run_mut(st, &run_id)?;
             let cancel = run.cancel_requested || st.job_canceled(&run_id, &run.jobs[idx].name);
@@ -1191,9 +1226,8 @@ impl Engine {
             a.finished_ms = Some(now);
             tx.attempts.insert(a.id.clone(), a);
             Ok(())
-        })
-        .await?;
-        Ok(())
+        })?;
+        Ok(commit)
     }
 
     /// Record an uploaded artifact file for the attempt (replacing one at the same path).
@@ -1420,9 +1454,29 @@ impl Engine {
 
     /// The newest runs, newest first.
     pub async fn list_runs(&self, limit: u32) -> CoordResult<Vec<pb::Run>> {
+        Ok(self.list_runs_page(limit, "").await?.0)
+    }
+
+    /// One page of runs, newest first, after the run `page_token` (empty: the newest); with the token of
+    /// the next page (empty when this page is the last).
+    pub async fn list_runs_page(
+        &self,
+        limit: u32,
+        page_token: &str,
+    ) -> CoordResult<(Vec<pb::Run>, String)> {
         let limit = if limit == 0 { 50 } else { limit.min(1000) };
         self.settled().await?;
-        let runs = self.inner.store.list_runs(limit).await?;
+        let after = (!page_token.is_empty()).then(|| page_token.to_string());
+        let runs = self
+            .inner
+            .store
+            .list_runs_page(limit, after)
+            .await?
+            .ok_or_else(|| {
+                CoordError::InvalidArgument(format!(
+                    "page_token {page_token:?} is not a run id; pass the next_page_token of the previous page"
+                ))
+            })?;
         let mut out = Vec::with_capacity(runs.len());
         for r in &runs {
             // The store is authoritative (memory equals what was committed); prefer memory for consistency.
@@ -1435,7 +1489,11 @@ impl Engine {
             out.push(self.run_to_proto(&r).await);
         }
         self.settled().await?;
-        Ok(out)
+        let next = match runs.last() {
+            Some(last) if runs.len() == limit as usize => last.id.clone(),
+            _ => String::new(),
+        };
+        Ok((out, next))
     }
 
     /// Convert a run to its wire form, reading each started step's log length.

@@ -231,14 +231,17 @@ pub struct RunsQuery {
     /// At most this many (default 50).
     #[serde(default)]
     pub limit: u32,
+    /// Only runs older than this run id (the last id of the previous page).
+    #[serde(default)]
+    pub after: String,
 }
 
-/// `GET /api/runs?limit=N`: recent runs, newest first.
+/// `GET /api/runs?limit=N&after=RUN_ID`: recent runs, newest first, one page at a time.
 pub async fn runs(
     State(engine): State<Engine>,
     Query(q): Query<RunsQuery>,
 ) -> Result<Json<Vec<RunJson>>, HttpError> {
-    let runs = engine.list_runs(q.limit).await?;
+    let (runs, _) = engine.list_runs_page(q.limit, &q.after).await?;
     Ok(Json(runs.iter().map(run_json).collect()))
 }
 
