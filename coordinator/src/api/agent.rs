@@ -264,6 +264,11 @@ async fn agent_session(
         };
     drop(tx);
     let mut inflight: std::collections::VecDeque<crate::engine::Commit> = Default::default();
+    let ack_every = engine.config().lease_ttl / 4;
+    // The first heartbeat is acknowledged at once.
+    let mut last_ack = std::time::Instant::now()
+        .checked_sub(ack_every)
+        .unwrap_or_else(std::time::Instant::now);
     let mut closing = engine.closing();
     loop {
         let msg = tokio::select! {
@@ -286,9 +291,13 @@ async fn agent_session(
         };
         seen.touch();
         let stale = match msg.msg {
+            Some(Msg::Heartbeat(_)) if last_ack.elapsed() < ack_every => None,
             Some(Msg::Heartbeat(_)) => {
                 // The agent's side of the lease: without these it cannot tell a silent partition
-                // from a quiet coordinator. A full channel skips one ack; the next heartbeat retries.
+                // from a quiet coordinator. It needs one message per lease TTL, so a quarter TTL
+                // apart is plenty (an idle fleet is mostly heartbeats: every ack is a socket write).
+                // A full channel skips one ack; the next heartbeat retries.
+                last_ack = std::time::Instant::now();
                 if let Some(tx) = weak.upgrade() {
                     let ack = pb::CoordinatorMessage {
                         msg: Some(pb::coordinator_message::Msg::HeartbeatAck(
