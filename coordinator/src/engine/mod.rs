@@ -364,6 +364,9 @@ impl Engine {
         let (changes, _) = broadcast::channel(1024);
         let (closing, _) = watch::channel(false);
         let secrets = crate::secrets::Secrets::open(store.clone(), &config.data_dir).await?;
+        let metrics = Arc::new(Metrics::new());
+        let observed = metrics.clone();
+        store.observe_commits(Arc::new(move |took| observed.store_commit(took)));
         Ok(Engine {
             inner: Arc::new(Inner {
                 config,
@@ -375,7 +378,7 @@ impl Engine {
                 changes,
                 closing,
                 next_session: AtomicU64::new(1),
-                metrics: Arc::new(Metrics::new()),
+                metrics,
                 secrets,
             }),
         })
@@ -524,11 +527,9 @@ impl Engine {
         dispatch: bool,
         f: impl FnOnce(&mut State, &mut Tx, i64) -> CoordResult<R>,
     ) -> CoordResult<R> {
-        let began = std::time::Instant::now();
         let (r, commit) = self.change_queued(dispatch, f)?;
         if let Some(commit) = commit {
             commit.durable().await?;
-            self.inner.metrics.store_commit(began.elapsed());
         }
         Ok(r)
     }

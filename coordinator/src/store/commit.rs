@@ -44,7 +44,12 @@ pub(super) struct Shared {
     wake: Condvar,
     /// Sequence number of the last durable batch.
     durable: watch::Sender<u64>,
+    /// Told how long each transaction took to write and sync.
+    observer: Mutex<Option<Observer>>,
 }
+
+/// Receives the duration of every committed transaction (for metrics).
+pub type Observer = Arc<dyn Fn(std::time::Duration) + Send + Sync>;
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -95,6 +100,7 @@ impl Committer {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             durable,
+            observer: Mutex::new(None),
         });
         let thread_shared = shared.clone();
         std::thread::Builder::new()
@@ -144,6 +150,15 @@ impl Committer {
         }
     }
 
+    /// Tell `observer` how long each transaction takes from now on.
+    pub(super) fn observe(&self, observer: Observer) {
+        *self
+            .shared
+            .observer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(observer);
+    }
+
     /// Why the store stopped committing, if it did.
     pub(super) fn poisoned(&self) -> Option<String> {
         queue(&self.shared).poisoned.clone()
@@ -163,9 +178,20 @@ fn run(shared: &Shared, conn: &Mutex<Connection>) {
             }
             std::mem::take(&mut q.pending)
         };
+        let began = std::time::Instant::now();
         let result = write_group(conn, &group);
         match result {
-            Ok(()) => {
+            Ok(wrote) => {
+                if wrote {
+                    let observer = shared
+                        .observer
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    if let Some(o) = observer {
+                        o(began.elapsed());
+                    }
+                }
                 durable += group.len() as u64;
                 let mut waiters = Vec::with_capacity(group.len());
                 for p in group {
@@ -200,9 +226,10 @@ fn run(shared: &Shared, conn: &Mutex<Connection>) {
     }
 }
 
-fn write_group(conn: &Mutex<Connection>, group: &[Pending]) -> Result<(), StoreError> {
+/// Write every batch of `group` in one transaction; false when there was nothing to write.
+fn write_group(conn: &Mutex<Connection>, group: &[Pending]) -> Result<bool, StoreError> {
     if group.iter().all(|p| p.writes.is_empty()) {
-        return Ok(());
+        return Ok(false);
     }
     let mut c = lock(conn);
     let tx = c.transaction()?;
@@ -212,5 +239,5 @@ fn write_group(conn: &Mutex<Connection>, group: &[Pending]) -> Result<(), StoreE
         }
     }
     tx.commit()?;
-    Ok(())
+    Ok(true)
 }

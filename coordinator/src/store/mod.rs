@@ -320,6 +320,11 @@ impl Store {
         self.commits.wait_durable(seq).await
     }
 
+    /// Tell `observer` how long each group transaction takes (write and fsync).
+    pub fn observe_commits(&self, observer: commit::Observer) {
+        self.commits.observe(observer);
+    }
+
     /// Why the store stopped committing, if a commit failed.
     pub fn poisoned(&self) -> Option<String> {
         self.commits.poisoned()
