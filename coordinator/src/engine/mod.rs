@@ -637,6 +637,10 @@ impl Engine {
 
     /// Place queued jobs on free agents: start their attempts and stage their assignments.
     fn schedule(&self, st: &mut State, tx: &mut Tx, now: i64) -> CoordResult<()> {
+        // Nothing queued (the common case of a hello or result in an idle fleet): no agent scan either.
+        if st.queued.is_empty() {
+            return Ok(());
+        }
         let mut running: HashMap<&str, u32> = HashMap::new();
         for a in st.attempts.values() {
             *running.entry(a.agent_id.as_str()).or_default() += 1;
