@@ -47,7 +47,7 @@ async fn sigkill_during_concurrent_submits_loses_nothing_acknowledged() {
                 acked.lock().unwrap().submitted.push(id.clone());
                 n += 1;
                 // Every third run is canceled right away: a transition of an existing run.
-                if n % 3 == 0 {
+                if n.is_multiple_of(3) {
                     if client
                         .cancel_run(CancelRunRequest { run_id: id.clone() })
                         .await
