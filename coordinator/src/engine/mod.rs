@@ -245,7 +245,7 @@ impl Tx {
 #[derive(Debug, Default)]
 struct Effects {
     writes: Vec<Write>,
-    messages: Vec<(String, pb::CoordinatorMessage)>,
+    messages: Vec<(String, Option<u64>, pb::CoordinatorMessage)>,
     abandon: Vec<(String, u32, String)>,
     changed: Vec<String>,
 }
@@ -270,17 +270,19 @@ fn lock_state(inner: &Inner) -> MutexGuard<'_, State> {
 fn publish(
     inner: &Arc<Inner>,
     rt: &tokio::runtime::Handle,
-    messages: Vec<(String, pb::CoordinatorMessage)>,
+    messages: Vec<(String, Option<u64>, pb::CoordinatorMessage)>,
     abandon: Vec<(String, u32, String)>,
     changed: Vec<String>,
 ) {
     if !messages.is_empty() {
         let mut st = lock_state(inner);
-        for (agent, msg) in messages {
+        for (agent, session, msg) in messages {
             let Some(live) = st.agents.get_mut(&agent) else {
                 continue;
             };
-            if let Some(s) = &live.session {
+            // Only to the session the change was made for: a newer session starts with its own welcome
+            // and reconciles through its hello, as if the message had been lost with the old stream.
+            if let Some(s) = live.session.as_ref().filter(|s| Some(s.id) == session) {
                 if let Err(e) = s.tx.try_send(Ok(msg)) {
                     tracing::warn!(agent = %agent, "cannot push to agent ({e}); dropping its session");
                     live.session = None;
@@ -606,7 +608,14 @@ impl Engine {
                 st.attempts.remove(&id);
             }
         }
-        fx.messages.extend(tx.messages);
+        for (agent, msg) in tx.messages {
+            let session = st
+                .agents
+                .get(&agent)
+                .and_then(|a| a.session.as_ref())
+                .map(|s| s.id);
+            fx.messages.push((agent, session, msg));
+        }
         fx.abandon.extend(tx.abandon);
     }
 
