@@ -75,6 +75,7 @@ impl SimAgent {
                 token: token.to_string(),
                 labels: labels(),
                 hostname: name.to_string(),
+                ..Default::default()
             })
             .await
             .with_context(|| format!("Enroll of simulated agent {name}"))?

@@ -71,6 +71,7 @@ impl FakeAgent {
                 token: token.clone(),
                 labels,
                 hostname: "test-host".into(),
+                ..Default::default()
             })
             .await
             .unwrap()

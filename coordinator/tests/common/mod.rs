@@ -89,6 +89,7 @@ impl FakeAgent {
                 token,
                 labels: label_map(labels),
                 hostname: "test-host".into(),
+                ..Default::default()
             })
             .await
             .unwrap()
