@@ -156,6 +156,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         agent_id: cred.agent_id.clone(),
         state_dir: cfg.state_dir.clone(),
         max_log_bytes: cfg.max_log_bytes,
+        host_policy: cfg.host_policy.clone(),
     });
     let session = Session::new(
         SessionConfig {

@@ -93,6 +93,7 @@ impl SimAgent {
             capacity: 1,
             running: Vec::new(),
             hostname: name.to_string(),
+            host_policy: None,
         })))
         .await
         .map_err(|_| anyhow!("the Attach request stream closed before the hello"))?;

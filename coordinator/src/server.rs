@@ -190,6 +190,7 @@ impl Server {
         let mut http = tokio::spawn(crate::http::serve(
             self.http_listener,
             engine.clone(),
+            self.access.clone(),
             async move {
                 let _ = http_closing.wait_for(|c| *c).await;
             },

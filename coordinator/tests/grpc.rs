@@ -106,6 +106,7 @@ impl FakeAgent {
             capacity: 1,
             running,
             hostname: "test-host".into(),
+            host_policy: None,
         };
         tx.send(pb::AgentMessage {
             msg: Some(pb::agent_message::Msg::Hello(hello)),

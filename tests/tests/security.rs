@@ -639,3 +639,108 @@ fn unix_now() -> i64 {
         .unwrap()
         .as_secs() as i64
 }
+
+/// `drover tokens list` shows API and enrollment tokens by id (never the tokens) to admins only;
+/// `drover tokens revoke ID` makes the coordinator refuse the token on its next use.
+#[test]
+fn tokens_are_listed_without_secrets_and_revoked_tokens_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("coordinator");
+    let (_coord, addr) = coordinator(&data, &[]);
+    let url = format!("http://{addr}");
+    let admin = admin_token(&data);
+    let create = |args: &[&str]| {
+        let o = drover(&url, None, &admin, args);
+        assert!(o.status.success(), "{}", text(&o));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let read = create(&[
+        "tokens",
+        "create",
+        "--kind",
+        "api",
+        "--role",
+        "read",
+        "--name",
+        "dashboard",
+    ]);
+    let enroll = create(&["tokens", "create", "--uses", "3", "--labels", "os=linux"]);
+
+    let o = drover(&url, None, &read, &["tokens", "list"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("ListTokens needs role admin"),
+        "{}",
+        text(&o)
+    );
+
+    let o = drover(&url, None, &admin, &["tokens", "list", "--output", "json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    for secret in [&admin, &read, &enroll] {
+        assert!(!out.contains(secret.as_str()), "a token leaked: {out}");
+    }
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 3, "{out}");
+    let reader = list.iter().find(|t| t["name"] == "dashboard").unwrap();
+    assert_eq!(
+        (reader["kind"].as_str(), reader["role"].as_str()),
+        (Some("api"), Some("read"))
+    );
+    let enrollment = list.iter().find(|t| t["kind"] == "enrollment").unwrap();
+    assert_eq!(enrollment["uses_left"], 3);
+    assert_eq!(enrollment["labels"]["os"], "linux");
+    let o = drover(&url, None, &admin, &["tokens", "list"]);
+    let table = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        table.starts_with("ID") && table.contains("os=linux"),
+        "{table}"
+    );
+
+    // Revoked: refused on the next call.
+    assert!(drover(&url, None, &read, &["runs"]).status.success());
+    let id = reader["id"].as_str().unwrap();
+    let o = drover(&url, None, &admin, &["tokens", "revoke", id]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = drover(&url, None, &read, &["runs"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("unknown API token"), "{}", text(&o));
+
+    let id = enrollment["id"].as_str().unwrap();
+    assert!(drover(&url, None, &admin, &["tokens", "revoke", id])
+        .status
+        .success());
+    let state = dir.path().join("agent");
+    let o = Command::new(bin("drover-agent"))
+        .args([
+            "--coordinator",
+            &url,
+            "--token",
+            &enroll,
+            "--labels",
+            "os=linux",
+        ])
+        .arg("--state-dir")
+        .arg(&state)
+        .env_remove("DROVER_CA_FILE")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("enrollment token is not valid"),
+        "{}",
+        text(&o)
+    );
+
+    // Unknown ids and the last admin token are refused with the reason.
+    let o = drover(&url, None, &admin, &["tokens", "revoke", "0123456789ab"]);
+    assert!(stderr(&o).contains("no token with id"), "{}", text(&o));
+    let admin_id = list.iter().find(|t| t["role"] == "admin").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let o = drover(&url, None, &admin, &["tokens", "revoke", &admin_id]);
+    assert!(stderr(&o).contains("last admin token"), "{}", text(&o));
+}

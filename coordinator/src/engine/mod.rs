@@ -118,6 +118,8 @@ struct AgentLive {
     last_seen: Instant,
     last_seen_ms: i64,
     session: Option<Session>,
+    /// Privileged mode and host mounts it allows, from its latest hello (nothing until one arrives).
+    host_policy: pb::HostPolicy,
 }
 
 #[derive(Debug)]
@@ -206,6 +208,7 @@ impl Engine {
                     last_seen: now,
                     last_seen_ms,
                     session: None,
+                    host_policy: pb::HostPolicy::default(),
                 },
             );
         }
@@ -294,6 +297,7 @@ impl Engine {
                     revoked: a.rec.revoked,
                     running,
                     last_seen_ms: a.last_seen_ms,
+                    policy: a.host_policy.clone(),
                 }
             })
             .collect();
@@ -404,6 +408,7 @@ impl Engine {
                                 last_seen: Instant::now(),
                                 last_seen_ms,
                                 session: None,
+                                host_policy: pb::HostPolicy::default(),
                             },
                         );
                     }
@@ -445,7 +450,7 @@ impl Engine {
                 for r in runs {
                     for (i, j) in r.jobs.iter().enumerate() {
                         if j.state == Status::Queued {
-                            queued.push(QueuedJob { key: (r.id.clone(), i), selector: j.spec.agents.clone() });
+                            queued.push(QueuedJob { key: (r.id.clone(), i), selector: j.spec.agents.clone(), needs: j.spec.host_needs() });
                         }
                     }
                 }
@@ -464,6 +469,7 @@ impl Engine {
                         labels: a.rec.labels.clone(),
                         free: a.rec.capacity.saturating_sub(running.get(a.rec.id.as_str()).copied().unwrap_or(0)),
                         accepting: a.session.is_some() && !a.rec.revoked && st.accepts_work(&a.rec.id),
+                        policy: a.host_policy.clone(),
                     })
                     .collect();
                 agents.sort_by(|a, b| a.id.cmp(&b.id));
@@ -641,6 +647,7 @@ impl Engine {
                 last_seen: Instant::now(),
                 last_seen_ms: now,
                 session: None,
+                host_policy: pb::HostPolicy::default(),
             },
         );
         Ok((agent_id.clone(), format!("{agent_id}.{secret}")))
@@ -716,6 +723,7 @@ impl Engine {
             });
             live.last_seen = Instant::now();
             live.last_seen_ms = now;
+            live.host_policy = hello.host_policy.clone().unwrap_or_default();
             let mut rec = live.rec.clone();
             rec.labels = labels;
             rec.capacity = hello.capacity.max(1);
@@ -1423,6 +1431,17 @@ fn assignment(run: &RunRec, idx: usize) -> pb::Assignment {
                 } as i32,
                 nano_cpus: s.resources.nano_cpus.unwrap_or(0),
                 memory_bytes: s.resources.memory_bytes.unwrap_or(0),
+                privileged: s.host.privileged,
+                host_mounts: s
+                    .host
+                    .volumes
+                    .iter()
+                    .map(|v| pb::HostMount {
+                        host_path: v.host.clone(),
+                        container_path: v.container.clone(),
+                        read_only: v.read_only,
+                    })
+                    .collect(),
             }
         })
         .collect();

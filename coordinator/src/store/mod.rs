@@ -8,7 +8,7 @@ mod availability;
 mod secrets;
 mod traces;
 
-pub use access::ApiTokenRec;
+pub use access::{ApiTokenRec, EnrollmentTokenInfo};
 pub use secrets::SecretRow;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -554,6 +554,7 @@ mod tests {
                 timeout_secs: None,
                 pull: PullPolicy::IfNotPresent,
                 resources: Default::default(),
+                host: Default::default(),
             }],
             artifacts: vec![],
             timeout_secs: None,

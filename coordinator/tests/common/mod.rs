@@ -115,6 +115,7 @@ impl FakeAgent {
             capacity: self.capacity,
             running: vec![],
             hostname: "test-host".into(),
+            host_policy: None,
         };
         tx.send(pb::AgentMessage {
             msg: Some(pb::agent_message::Msg::Hello(hello)),
