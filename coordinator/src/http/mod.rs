@@ -73,8 +73,8 @@ pub async fn serve(
     .await
 }
 
-/// The request's bearer token checked for role `read`; 401/403 with the reason otherwise.
-fn check_read(access: &AccessControl, req: &Request) -> Result<(), Response> {
+/// The request's bearer token checked for role `read`.
+fn check_read(access: &AccessControl, req: &Request) -> Result<(), CoordError> {
     let auth = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -82,20 +82,22 @@ fn check_read(access: &AccessControl, req: &Request) -> Result<(), Response> {
     access
         .check_role(auth, Role::Read, &format!("GET {}", req.uri().path()))
         .map(|_| ())
-        .map_err(|e| {
-            let mut resp = HttpError::from(e).into_response();
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"drover\""),
-            );
-            resp
-        })
+}
+
+/// 401/403 with the reason and a `WWW-Authenticate: Bearer` challenge.
+fn refusal(e: CoordError) -> Response {
+    let mut resp = HttpError::from(e).into_response();
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"drover\""),
+    );
+    resp
 }
 
 async fn require_read(State(access): State<AccessControl>, req: Request, next: Next) -> Response {
     match check_read(&access, &req) {
         Ok(()) => next.run(req).await,
-        Err(resp) => resp,
+        Err(e) => refusal(e),
     }
 }
 
@@ -111,7 +113,7 @@ async fn metrics_access(State(access): State<AccessControl>, req: Request, next:
     }
     match check_read(&access, &req) {
         Ok(()) => next.run(req).await,
-        Err(resp) => resp,
+        Err(e) => refusal(e),
     }
 }
 
