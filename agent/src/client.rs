@@ -3,17 +3,22 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use drover_proto::v1::agent_service_client::AgentServiceClient;
 use drover_proto::v1::{
     artifact_chunk, ArtifactChunk, ArtifactHeader, ArtifactUploaded, BlobRequest, EnrollRequest,
-    EnrollResponse, LogChunk,
+    EnrollResponse, LogChunk, RenewCertificateRequest,
 };
 use drover_proto::{CHUNK_BYTES, MAX_MESSAGE_BYTES};
 use futures::StreamExt;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -22,6 +27,7 @@ use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
 
+use crate::identity::SharedIdentity;
 use crate::logs::{LogStream, LogTransport};
 
 /// Connecting to the coordinator gives up after this long (then the session backs off).
@@ -101,6 +107,17 @@ pub fn channel(url: &str) -> Result<Channel, ClientError> {
 /// `https://` coordinator must present a certificate the system's roots trust. TLS 1.3 is what the
 /// coordinator speaks.
 pub fn channel_with_ca(url: &str, ca_pem: Option<&[u8]>) -> Result<Channel, ClientError> {
+    channel_with_tls(url, ca_pem, None)
+}
+
+/// [`channel_with_ca`], presenting the client certificate `identity` holds on every TLS connection
+/// (mutual TLS). The certificate is read at each handshake, so a renewal applies to the next
+/// connection. `identity` is unused for an `http://` URL.
+pub fn channel_with_tls(
+    url: &str,
+    ca_pem: Option<&[u8]>,
+    identity: Option<&SharedIdentity>,
+) -> Result<Channel, ClientError> {
     let invalid = |reason: String| ClientError::InvalidUrl {
         url: url.to_string(),
         reason,
@@ -108,15 +125,17 @@ pub fn channel_with_ca(url: &str, ca_pem: Option<&[u8]>) -> Result<Channel, Clie
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         return Err(invalid("expected http://host:port".to_string()));
     }
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|e| invalid(e.to_string()))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .tcp_nodelay(true)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW);
+    if let (Some(identity), Some(rest)) = (identity, url.strip_prefix("https://")) {
+        // tonic's own TLS takes a fixed identity; this connector does the handshake itself so that it
+        // can present whichever certificate is current. The endpoint then speaks h2 over it as if plain.
+        let connector = MtlsConnector::new(url, ca_pem, identity).map_err(invalid)?;
+        let endpoint = tuned(
+            Endpoint::from_shared(format!("http://{rest}")).map_err(|e| invalid(e.to_string()))?,
+        );
+        return Ok(endpoint.connect_with_connector_lazy(connector));
+    }
+    let endpoint =
+        tuned(Endpoint::from_shared(url.to_string()).map_err(|e| invalid(e.to_string()))?);
     let endpoint = if url.starts_with("https://") {
         let tls = match ca_pem {
             Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
@@ -129,6 +148,108 @@ pub fn channel_with_ca(url: &str, ca_pem: Option<&[u8]>) -> Result<Channel, Clie
         endpoint
     };
     Ok(endpoint.connect_lazy())
+}
+
+/// Timeouts, keepalive and HTTP/2 windows shared by every channel.
+fn tuned(endpoint: Endpoint) -> Endpoint {
+    endpoint
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+}
+
+/// Connects TCP to the coordinator and runs a TLS 1.3 handshake presenting the current client
+/// certificate.
+#[derive(Clone)]
+struct MtlsConnector {
+    config: Arc<rustls::ClientConfig>,
+    host: String,
+    port: u16,
+    server_name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for MtlsConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MtlsConnector")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MtlsConnector {
+    fn new(url: &str, ca_pem: Option<&[u8]>, identity: &SharedIdentity) -> Result<Self, String> {
+        let uri: tonic::codegen::http::Uri = url.parse().map_err(|e| format!("{e}"))?;
+        let host = uri.host().ok_or("no host")?;
+        let port = uri.port_u16().unwrap_or(443);
+        // An IPv6 literal comes bracketed in the URL, bare in the certificate's SAN.
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let server_name = ServerName::try_from(bare.to_string())
+            .map_err(|e| format!("TLS server name {bare:?}: {e}"))?;
+        let mut roots = rustls::RootCertStore::empty();
+        match ca_pem {
+            Some(pem) => {
+                for c in CertificateDer::pem_slice_iter(pem) {
+                    let c = c.map_err(|e| format!("CA file: {e}"))?;
+                    roots.add(c).map_err(|e| format!("CA file: {e}"))?;
+                }
+            }
+            None => {
+                let native = rustls_native_certs::load_native_certs();
+                let _ = roots.add_parsable_certificates(native.certs);
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_root_certificates(roots)
+            .with_client_cert_resolver(identity.resolver());
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(MtlsConnector {
+            config: Arc::new(config),
+            host: bare.to_string(),
+            port,
+            server_name,
+        })
+    }
+}
+
+type ConnectFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = std::io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>,
+            > + Send,
+    >,
+>;
+
+impl tonic::codegen::Service<tonic::codegen::http::Uri> for MtlsConnector {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = std::io::Error;
+    type Future = ConnectFuture;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: tonic::codegen::http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let tcp = TcpStream::connect((this.host.as_str(), this.port)).await?;
+            tcp.set_nodelay(true)?;
+            let tls = tokio_rustls::TlsConnector::from(this.config)
+                .connect(this.server_name, tcp)
+                .await?;
+            Ok(TokioIo::new(tls))
+        })
+    }
 }
 
 /// Adds `authorization: Bearer <credential>` to every call.
@@ -168,12 +289,14 @@ pub fn agent_client(channel: Channel, credential: &str) -> Result<AgentClient, C
     )
 }
 
-/// Exchanges an enrollment token for an agent id and credential.
+/// Exchanges an enrollment token for an agent id and credential, and `csr_pem` (a certificate
+/// request for the agent's key) for a client certificate when the coordinator runs mutual TLS.
 pub async fn enroll(
     channel: Channel,
     token: &str,
     labels: HashMap<String, String>,
     hostname: &str,
+    csr_pem: &str,
 ) -> Result<EnrollResponse, ClientError> {
     let mut client = AgentServiceClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -183,10 +306,23 @@ pub async fn enroll(
             token: token.to_string(),
             labels,
             hostname: hostname.to_string(),
+            csr_pem: csr_pem.to_string(),
         })
         .await
         .map_err(|s| ClientError::rpc("enrolling", s))?;
     Ok(response.into_inner())
+}
+
+/// Asks for a fresh client certificate for the key of `csr_pem`; the call presents the current one.
+pub async fn renew_certificate(client: &AgentClient, csr_pem: &str) -> Result<String, ClientError> {
+    let mut c = client.clone();
+    let r = c
+        .renew_certificate(RenewCertificateRequest {
+            csr_pem: csr_pem.to_string(),
+        })
+        .await
+        .map_err(|s| ClientError::rpc("renewing the client certificate", s))?;
+    Ok(r.into_inner().client_cert_pem)
 }
 
 /// Downloads blob `digest` of `attempt_id` into `dest`, verifying its sha256 (and size when

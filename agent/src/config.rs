@@ -65,6 +65,17 @@ pub struct Cli {
     /// `<data>/tls/ca.pem`; kept in the state directory at enrollment and used from then on.
     #[arg(long, env = "DROVER_CA_FILE", value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
+    /// Let pipeline steps ask for `privileged: true` (every capability and the host's devices: the
+    /// step can take over the host). Off by default.
+    #[arg(long, env = "DROVER_ALLOW_PRIVILEGED")]
+    pub allow_privileged: bool,
+    /// Let pipeline steps bind-mount host directories (`volumes:`). Off by default.
+    #[arg(long, env = "DROVER_ALLOW_HOST_MOUNTS")]
+    pub allow_host_mounts: bool,
+    /// With --allow-host-mounts: host paths must lie under one of these absolute directories
+    /// (comma-separated) [default: any].
+    #[arg(long, env = "DROVER_HOST_MOUNT_PREFIXES", value_delimiter = ',')]
+    pub host_mount_prefixes: Vec<PathBuf>,
 }
 
 /// The TOML configuration file.
@@ -98,6 +109,12 @@ pub struct FileConfig {
     pub otlp_endpoint: Option<String>,
     /// CA certificate (PEM) to trust for an https:// coordinator.
     pub ca_file: Option<PathBuf>,
+    /// Let steps run privileged.
+    pub allow_privileged: Option<bool>,
+    /// Let steps mount host directories.
+    pub allow_host_mounts: Option<bool>,
+    /// Host directories steps may mount (empty: any).
+    pub host_mount_prefixes: Option<Vec<PathBuf>>,
 }
 
 /// Invalid configuration.
@@ -128,6 +145,9 @@ pub enum ConfigError {
     /// `idle_timeout` in the file is not a duration.
     #[error("idle_timeout: {0}")]
     Duration(String),
+    /// A host mount prefix is not an absolute path.
+    #[error("host mount prefix {0:?}: expected an absolute path without \"..\"")]
+    MountPrefix(PathBuf),
 }
 
 /// The effective configuration.
@@ -159,6 +179,8 @@ pub struct AgentConfig {
     pub otlp_endpoint: Option<String>,
     /// CA certificate (PEM) to trust for an https:// coordinator, if given.
     pub ca_file: Option<PathBuf>,
+    /// Privileged mode and host mounts steps may have (reported in the hello, enforced by the runner).
+    pub host_policy: drover_proto::v1::HostPolicy,
 }
 
 /// Parses `os=linux,queue=default`.
@@ -220,7 +242,29 @@ impl AgentConfig {
             (None, Some(s)) => Some(crate::ops::parse_duration(s).map_err(ConfigError::Duration)?),
             (None, None) => None,
         };
+        let prefixes = if cli.host_mount_prefixes.is_empty() {
+            file.host_mount_prefixes.unwrap_or_default()
+        } else {
+            cli.host_mount_prefixes.clone()
+        };
+        let mut host_mount_prefixes = Vec::with_capacity(prefixes.len());
+        for p in prefixes {
+            let ok = p.is_absolute()
+                && !p
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir));
+            match p.to_str() {
+                Some(s) if ok => host_mount_prefixes.push(s.to_string()),
+                _ => return Err(ConfigError::MountPrefix(p)),
+            }
+        }
+        let host_policy = drover_proto::v1::HostPolicy {
+            allow_privileged: cli.allow_privileged || file.allow_privileged.unwrap_or(false),
+            allow_host_mounts: cli.allow_host_mounts || file.allow_host_mounts.unwrap_or(false),
+            host_mount_prefixes,
+        };
         Ok(Self {
+            host_policy,
             coordinator: cli.coordinator.or(file.coordinator),
             token: cli.token.or(file.token).filter(|t| !t.is_empty()),
             labels,

@@ -7,6 +7,7 @@ pub mod client;
 pub mod config;
 pub mod credential;
 pub mod executor;
+pub mod identity;
 pub mod journal;
 pub mod logs;
 pub mod logtimes;

@@ -12,6 +12,7 @@ use drover_agent::client::{self, ClientError};
 use drover_agent::config::{AgentConfig, Cli};
 use drover_agent::credential::{self, Credential};
 use drover_agent::executor::DockerExecutor;
+use drover_agent::identity::{self, Identity};
 use drover_agent::reaper;
 use drover_agent::runner::RunnerContext;
 use drover_agent::session::{Session, SessionConfig};
@@ -93,7 +94,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 .clone()
                 .unwrap_or_else(|| drover_proto::DEFAULT_COORDINATOR.to_string());
             let ca = credential::load_ca(&cfg.state_dir, cfg.ca_file.as_deref())?;
-            let cred = enroll(
+            let (cred, identity) = enroll(
                 &url,
                 &token,
                 ca.as_deref(),
@@ -102,6 +103,10 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 &drain,
             )
             .await?;
+            // The certificate first: a credential without it would be refused under mutual TLS.
+            if let Some(id) = &identity {
+                identity::store(&cfg.state_dir, id)?;
+            }
             credential::store(&cfg.state_dir, &cred)?;
             if let Some(ca) = &ca {
                 // Kept beside the credential: later starts trust the CA this agent enrolled with.
@@ -119,14 +124,39 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         .context("clearing spools of an earlier run")?;
 
     let ca = credential::load_ca(&cfg.state_dir, cfg.ca_file.as_deref())?;
-    let channel = client::channel_with_ca(&url, ca.as_deref())?;
+    let identity = match identity::load(&cfg.state_dir)? {
+        Some(id) if url.starts_with("https://") => {
+            if id.expired()? {
+                bail!(
+                    "the client certificate {} has expired (the agent was not running to renew it): \
+                     delete credential.json, client.pem and client.key in {} and enroll again",
+                    identity::cert_path(&cfg.state_dir).display(),
+                    cfg.state_dir.display()
+                );
+            }
+            Some(identity::SharedIdentity::new(id)?)
+        }
+        _ => None,
+    };
+    let channel = client::channel_with_tls(&url, ca.as_deref(), identity.as_ref())?;
     let agent_client = client::agent_client(channel, &cred.credential)?;
+    let renewals = CancellationToken::new();
+    let _renewals_guard = renewals.clone().drop_guard();
+    if let Some(id) = &identity {
+        tokio::spawn(identity::keep_renewed(
+            agent_client.clone(),
+            id.clone(),
+            cfg.state_dir.clone(),
+            renewals,
+        ));
+    }
     let ctx = Arc::new(RunnerContext {
         executor: Arc::new(executor),
         client: agent_client.clone(),
         agent_id: cred.agent_id.clone(),
         state_dir: cfg.state_dir.clone(),
         max_log_bytes: cfg.max_log_bytes,
+        host_policy: cfg.host_policy.clone(),
     });
     let session = Session::new(
         SessionConfig {
@@ -155,18 +185,25 @@ async fn enroll(
     labels: HashMap<String, String>,
     hostname: &str,
     drain: &CancellationToken,
-) -> anyhow::Result<Credential> {
+) -> anyhow::Result<(Credential, Option<Identity>)> {
     let channel = client::channel_with_ca(url, ca)?;
+    // The key stays on this host; a coordinator running mutual TLS signs a certificate for it.
+    let (key_pem, csr) = identity::new_request()?;
     let started = tokio::time::Instant::now();
     let mut backoff = Backoff::default();
     loop {
-        match client::enroll(channel.clone(), token, labels.clone(), hostname).await {
+        match client::enroll(channel.clone(), token, labels.clone(), hostname, &csr).await {
             Ok(r) => {
-                return Ok(Credential {
+                let identity = (!r.client_cert_pem.is_empty()).then(|| Identity {
+                    cert_pem: r.client_cert_pem,
+                    key_pem: key_pem.clone(),
+                });
+                let cred = Credential {
                     agent_id: r.agent_id,
                     credential: r.credential,
                     coordinator: url.to_string(),
-                })
+                };
+                return Ok((cred, identity));
             }
             Err(ClientError::Rpc { status, .. })
                 if matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded)

@@ -60,6 +60,8 @@ pub struct RunnerContext<E> {
     pub state_dir: PathBuf,
     /// Per-step log cap in bytes (0: none).
     pub max_log_bytes: u64,
+    /// Privileged mode and host mounts steps may have; anything more is refused.
+    pub host_policy: drover_proto::v1::HostPolicy,
 }
 
 impl<E> RunnerContext<E> {
@@ -453,6 +455,15 @@ impl<E: Executor> Attempt<'_, E> {
             workdir: step.workdir.clone(),
             nano_cpus: step.nano_cpus,
             memory_bytes: step.memory_bytes,
+            privileged: step.privileged,
+            binds: step
+                .host_mounts
+                .iter()
+                .map(|m| {
+                    let mode = if m.read_only { "ro" } else { "rw" };
+                    format!("{}:{}:{mode}", m.host_path, m.container_path)
+                })
+                .collect(),
         };
         let grace = {
             let stop = self.stop.clone();
@@ -656,6 +667,20 @@ impl<E: Executor> Attempt<'_, E> {
     /// Everything up to the result; `ws` receives the workspace so the caller can remove it.
     async fn body(&self, spool: &AttemptSpool, ws_out: &mut Option<Workspace>) -> Outcome {
         let a = self.a;
+        // Defence in depth: the scheduler places such jobs only on agents allowing them.
+        let refused = drover_proto::policy::refusals(
+            &self.ctx.host_policy,
+            &drover_proto::policy::HostNeeds::of_steps(&a.steps),
+        );
+        if !refused.is_empty() {
+            return Outcome::failed(
+                FailureClass::Policy,
+                format!(
+                    "this agent does not allow what the job's steps ask for: {}",
+                    refused.join("; ")
+                ),
+            );
+        }
         let Some(first) = a.steps.first() else {
             return Outcome::succeeded();
         };

@@ -308,6 +308,7 @@ impl<E: Executor> Session<E> {
             capacity: self.cfg.capacity,
             running: self.running(),
             hostname: self.cfg.hostname.clone(),
+            host_policy: Some(self.ctx.host_policy.clone()),
         };
         tx.send(AgentMessage {
             msg: Some(agent_message::Msg::Hello(hello)),

@@ -59,6 +59,8 @@ impl Fixture {
             workdir: String::new(),
             nano_cpus: 0,
             memory_bytes: 0,
+            privileged: false,
+            binds: Vec::new(),
         }
     }
 

@@ -316,6 +316,7 @@ async fn runs_jobs_ships_logs_and_artifacts_then_drains() {
         agent_id: agent_id.clone(),
         state_dir: state_dir.path().to_path_buf(),
         max_log_bytes: drover_agent::logs::DEFAULT_MAX_LOG_BYTES,
+        host_policy: Default::default(),
     });
     let session = Session::new(
         SessionConfig {
@@ -555,6 +556,7 @@ async fn reconnects_and_resends_after_the_connection_drops() {
         agent_id: agent_id.clone(),
         state_dir: state_dir.path().to_path_buf(),
         max_log_bytes: drover_agent::logs::DEFAULT_MAX_LOG_BYTES,
+        host_policy: Default::default(),
     });
     let session = Session::new(
         SessionConfig {

@@ -77,6 +77,7 @@ impl SimAgent {
                 token: token.to_string(),
                 labels: labels(),
                 hostname: name.to_string(),
+                ..Default::default()
             })
             .await
             .with_context(|| format!("Enroll of simulated agent {name}"))?
@@ -94,6 +95,7 @@ impl SimAgent {
             capacity: 1,
             running: Vec::new(),
             hostname: name.to_string(),
+            host_policy: None,
         })))
         .await
         .map_err(|_| anyhow!("the Attach request stream closed before the hello"))?;

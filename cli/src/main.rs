@@ -98,7 +98,7 @@ enum Command {
     /// List the agents known to the coordinator (`drover agents [list]`), or drain, pause or
     /// resume one.
     Agents(agents::AgentsArgs),
-    /// Manage enrollment tokens.
+    /// Manage tokens: create enrollment and API tokens, list them, revoke them.
     #[command(subcommand)]
     Tokens(tokens::TokensCommand),
     /// Manage secrets pipelines name in `secrets:` (set from stdin, list, delete; admin token).

@@ -53,6 +53,7 @@ pub(crate) fn failure_name(class: i32) -> &'static str {
         FailureClass::Timeout => "timeout",
         FailureClass::Canceled => "canceled",
         FailureClass::Infra => "infra",
+        FailureClass::Policy => "policy",
     }
 }
 

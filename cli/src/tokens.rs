@@ -1,10 +1,12 @@
-//! `drover tokens create`: one-time enrollment tokens for new agents.
+//! `drover tokens create|list|revoke`: enrollment tokens for new agents and API tokens for clients.
 
 use std::collections::HashMap;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use drover_proto::v1::{CreateApiTokenRequest, CreateTokenRequest};
+use drover_proto::v1::{
+    CreateApiTokenRequest, CreateTokenRequest, ListTokensRequest, RevokeTokenRequest, TokenInfo,
+};
 
 use crate::client::Coordinator;
 use crate::output::{self, OutputFormat};
@@ -14,6 +16,13 @@ use crate::output::{self, OutputFormat};
 pub(crate) enum TokensCommand {
     /// Create an enrollment token; prints only the token on stdout.
     Create(CreateArgs),
+    /// List API and enrollment tokens (ids, never the tokens); admin only.
+    List,
+    /// Revoke an API or enrollment token by the id `list` shows; admin only.
+    Revoke {
+        /// Token id (or a longer prefix of its sha256).
+        id: String,
+    },
 }
 
 /// Arguments of `drover tokens create`.
@@ -108,7 +117,11 @@ pub(crate) async fn tokens(
     out: OutputFormat,
     command: TokensCommand,
 ) -> anyhow::Result<ExitCode> {
-    let TokensCommand::Create(args) = command;
+    let args = match command {
+        TokensCommand::Create(args) => args,
+        TokensCommand::List => return list(url, out).await,
+        TokensCommand::Revoke { id } => return revoke(url, out, &id).await,
+    };
     let coordinator = Coordinator::connect(url).await?;
     if args.kind == TokenKind::Api {
         let role = args.role.clone().unwrap_or_default();
@@ -171,6 +184,90 @@ pub(crate) async fn tokens(
             });
             print!("{}", output::to_json_text(&value));
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn token_json(t: &TokenInfo) -> serde_json::Value {
+    serde_json::json!({
+        "id": t.id,
+        "kind": t.kind,
+        "role": t.role,
+        "name": t.name,
+        "labels": t.labels,
+        "created_ms": t.created_ms,
+        "expires_ms": t.expires_ms,
+        "uses_left": t.uses_left,
+    })
+}
+
+async fn list(url: &str, out: OutputFormat) -> anyhow::Result<ExitCode> {
+    let coordinator = Coordinator::connect(url).await?;
+    let tokens = coordinator
+        .client()
+        .list_tokens(ListTokensRequest {})
+        .await
+        .map_err(|s| coordinator.error(s, "list tokens"))?
+        .into_inner()
+        .tokens;
+    match out {
+        OutputFormat::Text => {
+            let mut t = output::Table::new(&[
+                "ID",
+                "KIND",
+                "ROLE/LABELS",
+                "NAME",
+                "CREATED",
+                "EXPIRES",
+                "USES LEFT",
+            ]);
+            for k in &tokens {
+                let api = k.kind == "api";
+                t.row(vec![
+                    k.id.clone(),
+                    k.kind.clone(),
+                    if api {
+                        k.role.clone()
+                    } else if k.labels.is_empty() {
+                        "any".into()
+                    } else {
+                        output::format_labels(&k.labels)
+                    },
+                    if api { k.name.clone() } else { "-".into() },
+                    output::format_time(k.created_ms),
+                    if api {
+                        "never".into()
+                    } else {
+                        output::format_time(k.expires_ms)
+                    },
+                    if api {
+                        "-".into()
+                    } else {
+                        k.uses_left.to_string()
+                    },
+                ]);
+            }
+            print!("{}", t.render());
+        }
+        OutputFormat::Json => {
+            let list: Vec<_> = tokens.iter().map(token_json).collect();
+            print!("{}", output::to_json_text(&serde_json::Value::Array(list)));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn revoke(url: &str, out: OutputFormat, id: &str) -> anyhow::Result<ExitCode> {
+    let coordinator = Coordinator::connect(url).await?;
+    let t = coordinator
+        .client()
+        .revoke_token(RevokeTokenRequest { id: id.to_string() })
+        .await
+        .map_err(|s| coordinator.error(s, format!("revoke token {id}")))?
+        .into_inner();
+    match out {
+        OutputFormat::Text => println!("{} token {}: revoked", t.kind, t.id),
+        OutputFormat::Json => print!("{}", output::to_json_text(&token_json(&t))),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -20,7 +20,8 @@ use tonic::transport::Channel;
 
 use crate::engine::{now_ms, sha256_hex};
 use crate::error::{CoordError, CoordResult};
-use crate::store::{ApiTokenRec, Store};
+use crate::store::{ApiTokenRec, EnrollmentTokenInfo, Store};
+use drover_proto::v1 as pb;
 
 /// What a caller may do. Each role includes the ones before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -57,8 +58,8 @@ impl Role {
 }
 
 /// The role a ControlService method needs. Unknown methods need admin: secure by default.
-/// Admin-only by name (listed for review): CreateToken, CreateApiToken, RevokeAgent, DrainAgent,
-/// PauseAgent, ResumeAgent, SetSecret, ListSecrets, DeleteSecret.
+/// Admin-only by name (listed for review): CreateToken, CreateApiToken, ListTokens, RevokeToken,
+/// RevokeAgent, DrainAgent, PauseAgent, ResumeAgent, SetSecret, ListSecrets, DeleteSecret.
 pub fn required_role(method: &str) -> Role {
     match method {
         "ValidatePipeline" | "GetRun" | "ListRuns" | "WatchRun" | "FollowLogs"
@@ -153,7 +154,17 @@ impl AccessControl {
 
     /// Checks an `authorization` header value against the role `method` needs.
     pub fn check(&self, authorization: Option<&str>, method: &str) -> CoordResult<Role> {
-        let needed = required_role(method);
+        self.check_role(authorization, required_role(method), method)
+    }
+
+    /// Checks an `authorization` header value for at least role `needed`; `what` names the call in
+    /// refusals.
+    pub fn check_role(
+        &self,
+        authorization: Option<&str>,
+        needed: Role,
+        method: &str,
+    ) -> CoordResult<Role> {
         let v = authorization.ok_or_else(|| {
             CoordError::Unauthenticated(format!(
                 "{method} needs an API token with role {} or higher: send `authorization: Bearer TOKEN` \
@@ -177,6 +188,99 @@ impl AccessControl {
             )));
         }
         Ok(role)
+    }
+}
+
+/// Length of a token's id: that many leading hex digits of its sha256 (the coordinator keeps nothing else).
+pub const TOKEN_ID_LEN: usize = 12;
+
+/// Shortest id prefix `revoke` accepts.
+const MIN_ID_LEN: usize = 8;
+
+impl AccessControl {
+    /// Every API token and enrollment token, by id: never the token.
+    pub async fn list(&self) -> CoordResult<Vec<pb::TokenInfo>> {
+        let mut api = self.store.api_tokens().await?;
+        api.sort_by(|a, b| a.created_ms.cmp(&b.created_ms).then(a.hash.cmp(&b.hash)));
+        let enrollment = self.store.enrollment_tokens().await?;
+        Ok(api
+            .into_iter()
+            .map(|t| api_info(&t))
+            .chain(enrollment.into_iter().map(|t| enrollment_info(&t)))
+            .collect())
+    }
+
+    /// Revokes the token whose sha256 starts with `id` (its listed id, or a longer prefix): it is
+    /// refused from the next call on. The last admin API token cannot be revoked.
+    pub async fn revoke(&self, id: &str) -> CoordResult<pb::TokenInfo> {
+        let id = id.trim().to_ascii_lowercase();
+        if id.len() < MIN_ID_LEN || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(CoordError::InvalidArgument(format!(
+                "token id {id:?}: expected at least {MIN_ID_LEN} hex digits, as `drover tokens list` shows"
+            )));
+        }
+        let api = self.store.api_tokens().await?;
+        let enrollment = self.store.enrollment_tokens().await?;
+        let api_hits: Vec<&ApiTokenRec> = api.iter().filter(|t| t.hash.starts_with(&id)).collect();
+        let enr_hits: Vec<&EnrollmentTokenInfo> = enrollment
+            .iter()
+            .filter(|t| t.hash.starts_with(&id))
+            .collect();
+        match (api_hits.as_slice(), enr_hits.as_slice()) {
+            ([], []) => Err(CoordError::NotFound(format!(
+                "no token with id {id}; `drover tokens list` lists them"
+            ))),
+            ([t], []) => {
+                let admins = api
+                    .iter()
+                    .filter(|a| a.role == Role::Admin.as_str())
+                    .count();
+                if t.role == Role::Admin.as_str() && admins <= 1 {
+                    return Err(CoordError::FailedPrecondition(format!(
+                        "token {id} is the last admin token: create another admin token first \
+                         (drover tokens create --kind api --role admin)"
+                    )));
+                }
+                self.store.delete_api_token(t.hash.clone()).await?;
+                self.lock().remove(&t.hash);
+                tracing::warn!(token = %&t.hash[..TOKEN_ID_LEN], name = %t.name, "API token revoked");
+                Ok(api_info(t))
+            }
+            ([], [t]) => {
+                self.store.delete_enrollment_token(t.hash.clone()).await?;
+                tracing::warn!(token = %&t.hash[..TOKEN_ID_LEN], "enrollment token revoked");
+                Ok(enrollment_info(t))
+            }
+            _ => Err(CoordError::InvalidArgument(format!(
+                "token id {id} matches several tokens; give more of its digits"
+            ))),
+        }
+    }
+}
+
+fn short_id(hash: &str) -> String {
+    hash.chars().take(TOKEN_ID_LEN).collect()
+}
+
+fn api_info(t: &ApiTokenRec) -> pb::TokenInfo {
+    pb::TokenInfo {
+        id: short_id(&t.hash),
+        kind: "api".into(),
+        role: t.role.clone(),
+        name: t.name.clone(),
+        created_ms: t.created_ms,
+        ..Default::default()
+    }
+}
+
+fn enrollment_info(t: &EnrollmentTokenInfo) -> pb::TokenInfo {
+    pb::TokenInfo {
+        id: short_id(&t.hash),
+        kind: "enrollment".into(),
+        labels: t.labels.clone().into_iter().collect(),
+        expires_ms: t.expires_ms,
+        uses_left: t.uses_left,
+        ..Default::default()
     }
 }
 
@@ -284,5 +388,44 @@ mod tests {
         let (again, path2) = AccessControl::open(store, dir.path()).await.unwrap();
         assert!(path2.is_none());
         assert!(again.check(Some(&b(&read)), "ListRuns").is_ok());
+    }
+
+    #[tokio::test]
+    async fn tokens_are_listed_by_id_and_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_in_memory().unwrap();
+        let (access, _) = AccessControl::open(store.clone(), dir.path())
+            .await
+            .unwrap();
+        let read = access.create(Role::Read, "ci reader").await.unwrap();
+        let list = access.list().await.unwrap();
+        assert_eq!(list.len(), 2);
+        let r = list.iter().find(|t| t.name == "ci reader").unwrap();
+        assert_eq!((r.kind.as_str(), r.role.as_str()), ("api", "read"));
+        assert_eq!(r.id, sha256_hex(&read)[..TOKEN_ID_LEN]);
+        assert!(list
+            .iter()
+            .all(|t| !read.contains(&t.id) || t.id.len() < 20));
+        // The only admin token stays.
+        let admin = list.iter().find(|t| t.role == "admin").unwrap();
+        let e = access.revoke(&admin.id).await.unwrap_err();
+        assert!(e.to_string().contains("last admin token"), "{e}");
+        for bad in ["", "xyz12345", "abc"] {
+            assert!(matches!(
+                access.revoke(bad).await,
+                Err(CoordError::InvalidArgument(_))
+            ));
+        }
+        assert!(matches!(
+            access.revoke("00000000").await,
+            Err(CoordError::NotFound(_)) | Err(CoordError::InvalidArgument(_))
+        ));
+        let gone = access.revoke(&r.id).await.unwrap();
+        assert_eq!(gone.name, "ci reader");
+        assert!(matches!(
+            access.check(Some(&format!("Bearer {read}")), "ListRuns"),
+            Err(CoordError::Unauthenticated(_))
+        ));
+        assert_eq!(access.list().await.unwrap().len(), 1);
     }
 }

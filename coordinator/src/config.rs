@@ -97,6 +97,16 @@ pub struct Cli {
     /// Extra DNS names or IP addresses for the generated server certificate (repeatable, or comma-separated).
     #[arg(long, env = "DROVER_TLS_SAN", value_delimiter = ',')]
     pub tls_san: Vec<String>,
+    /// CA certificate (PEM) that signs agents' client certificates (mutual TLS); default: the
+    /// coordinator's own CA. Needed for mutual TLS with --tls-cert.
+    #[arg(long, env = "DROVER_AGENT_CA_CERT")]
+    pub agent_ca_cert: Option<PathBuf>,
+    /// Private key (PEM) of --agent-ca-cert.
+    #[arg(long, env = "DROVER_AGENT_CA_KEY")]
+    pub agent_ca_key: Option<PathBuf>,
+    /// Validity of agents' client certificates, e.g. "720h"; agents renew at two thirds [default: 720h].
+    #[arg(long, env = "DROVER_AGENT_CERT_TTL")]
+    pub agent_cert_ttl: Option<String>,
     /// Export OpenTelemetry spans over OTLP/gRPC to this URL, e.g. http://127.0.0.1:4317 [default: off].
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
     pub otlp_endpoint: Option<String>,
@@ -132,6 +142,12 @@ pub struct FileConfig {
     pub tls_key: Option<PathBuf>,
     /// Extra names/addresses for the generated server certificate.
     pub tls_san: Option<Vec<String>>,
+    /// CA certificate (PEM) for agents' client certificates.
+    pub agent_ca_cert: Option<PathBuf>,
+    /// Private key (PEM) of `agent-ca-cert`.
+    pub agent_ca_key: Option<PathBuf>,
+    /// Validity of agents' client certificates ("720h").
+    pub agent_cert_ttl: Option<String>,
     /// OTLP/gRPC endpoint for traces.
     pub otlp_endpoint: Option<String>,
 }
@@ -253,6 +269,14 @@ impl Config {
                 } else {
                     cli.tls_san.clone()
                 },
+                agent_ca_cert: cli.agent_ca_cert.clone().or(file.agent_ca_cert),
+                agent_ca_key: cli.agent_ca_key.clone().or(file.agent_ca_key),
+                agent_cert_ttl: Some(dur(
+                    "agent-cert-ttl",
+                    &cli.agent_cert_ttl,
+                    &file.agent_cert_ttl,
+                    crate::mtls::DEFAULT_AGENT_CERT_TTL,
+                )?),
             },
             otlp_endpoint: cli
                 .otlp_endpoint
@@ -265,6 +289,16 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if self
+            .tls
+            .agent_cert_ttl
+            .is_some_and(|t| t < Duration::from_secs(10))
+        {
+            return Err(ConfigError::Value {
+                field: "agent-cert-ttl",
+                message: "must be at least 10s (agents renew at two thirds of it)".into(),
+            });
+        }
         if self.heartbeat_interval.is_zero() {
             return Err(ConfigError::Value {
                 field: "heartbeat-interval",

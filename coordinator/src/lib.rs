@@ -13,6 +13,7 @@ pub mod engine;
 pub mod error;
 pub mod http;
 pub mod logs;
+pub mod mtls;
 pub mod pipeline;
 pub mod scheduler;
 pub mod secrets;

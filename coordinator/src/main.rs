@@ -88,6 +88,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     } else if server.is_tls() {
         eprintln!("drover-coordinator TLS 1.3 with the operator's certificate");
     }
+    if server.is_mtls() {
+        eprintln!("drover-coordinator mutual TLS: agents present the client certificate issued at enrollment");
+    } else if server.is_tls() {
+        eprintln!("drover-coordinator mutual TLS off (no agent CA key): agents use their bearer credential only");
+    }
     // Tests and scripts wait for this exact line.
     eprintln!(
         "drover-coordinator listening on {} (data {})",

@@ -132,6 +132,11 @@ impl Server {
         self.tls.is_some()
     }
 
+    /// True when agents must present a client certificate from the coordinator's agent CA.
+    pub fn is_mtls(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.agent_ca.is_some())
+    }
+
     /// The CA certificate clients should trust (`--ca-file`), when the coordinator made its own.
     pub fn tls_ca_file(&self) -> Option<&std::path::Path> {
         self.tls.as_ref().and_then(|t| t.ca_file.as_deref())
@@ -161,7 +166,8 @@ impl Server {
         health
             .set_serving::<ControlServiceServer<ControlApi>>()
             .await;
-        let agent = AgentServiceServer::new(AgentApi::new(engine.clone()))
+        let agent_ca = self.tls.as_ref().and_then(|t| t.agent_ca.clone());
+        let agent = AgentServiceServer::new(AgentApi::new(engine.clone()).with_mtls(agent_ca))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let control = ControlServiceServer::new(
@@ -184,6 +190,7 @@ impl Server {
         let mut http = tokio::spawn(crate::http::serve(
             self.http_listener,
             engine.clone(),
+            self.access.clone(),
             async move {
                 let _ = http_closing.wait_for(|c| *c).await;
             },

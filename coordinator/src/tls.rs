@@ -19,6 +19,7 @@ use rcgen::{
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -52,6 +53,13 @@ pub struct TlsSettings {
     pub key: Option<PathBuf>,
     /// Extra subject alternative names (DNS names or IP addresses) for the generated server certificate.
     pub sans: Vec<String>,
+    /// CA certificate (PEM) that signs agents' client certificates, with `agent_ca_key`. Default: the
+    /// coordinator's own CA; with operator certificates and no agent CA, mutual TLS is off.
+    pub agent_ca_cert: Option<PathBuf>,
+    /// Private key (PEM) of `agent_ca_cert`.
+    pub agent_ca_key: Option<PathBuf>,
+    /// Validity of the client certificates issued to agents (`None`: 30 days).
+    pub agent_cert_ttl: Option<Duration>,
 }
 
 /// Why TLS could not be set up, or why plaintext was refused.
@@ -71,6 +79,9 @@ pub enum TlsError {
     /// Only one of `--tls-cert` and `--tls-key` was given.
     #[error("--tls-cert and --tls-key go together: give both or neither")]
     HalfPair,
+    /// Only one of `--agent-ca-cert` and `--agent-ca-key` was given.
+    #[error("--agent-ca-cert and --agent-ca-key go together: give both or neither")]
+    HalfAgentCa,
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -107,6 +118,8 @@ pub struct ServerTls {
     pub config: Arc<ServerConfig>,
     /// The CA clients should trust, when the coordinator made its own (`<data>/tls/ca.pem`).
     pub ca_file: Option<PathBuf>,
+    /// The CA that signs agents' client certificates: mutual TLS is on for agents when set.
+    pub agent_ca: Option<Arc<crate::mtls::AgentCa>>,
 }
 
 /// Decide whether to serve TLS on `listen` and build its configuration. `Ok(None)` means plaintext,
@@ -121,6 +134,11 @@ pub fn resolve(
         (None, None) => None,
         _ => return Err(TlsError::HalfPair),
     };
+    let operator_agent_ca = match (&settings.agent_ca_cert, &settings.agent_ca_key) {
+        (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+        (None, None) => None,
+        _ => return Err(TlsError::HalfAgentCa),
+    };
     let loopback = listen.ip().is_loopback();
     let use_tls = match settings.mode {
         TlsMode::On => true,
@@ -134,30 +152,59 @@ pub fn resolve(
         }
         return Ok(None);
     }
-    let (chain, key, ca_file) = match operator_pair {
-        Some((cert, key)) => (read_certs(&cert)?, read_key(&key)?, None),
+    let ttl = settings
+        .agent_cert_ttl
+        .unwrap_or(crate::mtls::DEFAULT_AGENT_CERT_TTL);
+    let (chain, key, ca_file, own_ca) = match operator_pair {
+        Some((cert, key)) => (read_certs(&cert)?, read_key(&key)?, None, None),
         None => {
             let dir = data_dir.join("tls");
             let (chain, key) = own_ca_server_cert(&dir, listen, &settings.sans)?;
-            (chain, key, Some(dir.join("ca.pem")))
+            let own = (dir.join("ca.pem"), dir.join("ca.key"));
+            (chain, key, Some(dir.join("ca.pem")), Some(own))
+        }
+    };
+    let agent_ca = match operator_agent_ca.or(own_ca) {
+        Some((cert, key)) => Some(crate::mtls::AgentCa::load(&cert, &key, ttl)?),
+        None => {
+            tracing::warn!(
+                "mutual TLS for agents is off: the coordinator serves an operator certificate and has                  no CA key to sign agents' client certificates (give --agent-ca-cert/--agent-ca-key);                  agents authenticate with their bearer credential only"
+            );
+            None
         }
     };
     Ok(Some(ServerTls {
-        config: server_config(chain, key)?,
+        config: server_config(chain, key, agent_ca.as_ref().map(|c| c.cert().clone()))?,
         ca_file,
+        agent_ca,
     }))
 }
 
 /// The rustls server configuration: TLS 1.3 only, one explicit crypto provider (ring), ALPN h2.
+/// With `client_ca`, a client certificate is verified against it when presented, and a connection
+/// without one is let through: Enroll and the ControlService do not use one, and the AgentService
+/// checks per call ([`crate::mtls::AgentCa::check_peer`]).
 pub fn server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    client_ca: Option<CertificateDer<'static>>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca)?;
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| rustls::Error::General(format!("client certificate verifier: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(chain, key)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }

@@ -71,6 +71,7 @@ impl FakeAgent {
                 token: token.clone(),
                 labels,
                 hostname: "test-host".into(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -105,6 +106,7 @@ impl FakeAgent {
             capacity: 1,
             running,
             hostname: "test-host".into(),
+            host_policy: None,
         };
         tx.send(pb::AgentMessage {
             msg: Some(pb::agent_message::Msg::Hello(hello)),

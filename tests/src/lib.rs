@@ -235,6 +235,8 @@ pub struct AgentProc {
     pub id: String,
     /// Its state directory.
     pub state_dir: PathBuf,
+    /// Flags of this agent only, after the cluster's `agent_args` (kept across restarts).
+    pub extra_args: Vec<String>,
 }
 
 /// A coordinator and agents running as real processes.
@@ -354,6 +356,11 @@ impl Cluster {
 
     /// Enrolls and starts an agent; waits until it is attached.
     pub async fn add_agent(&mut self, spec: AgentSpec) -> Result<()> {
+        self.add_agent_with_args(spec, &[]).await
+    }
+
+    /// [`Cluster::add_agent`] with flags for this agent only (e.g. `--allow-privileged`).
+    pub async fn add_agent_with_args(&mut self, spec: AgentSpec, args: &[&str]) -> Result<()> {
         let state_dir = self.dir.path().join(format!("agent-{}", spec.name));
         let token = self.token("").await?;
         let mut proc = AgentProc {
@@ -361,6 +368,7 @@ impl Cluster {
             child: None,
             id: String::new(),
             state_dir,
+            extra_args: args.iter().map(|s| s.to_string()).collect(),
         };
         self.spawn_agent(&mut proc, Some(&token))?;
         self.agents.insert(spec.name.clone(), proc);
@@ -383,6 +391,7 @@ impl Cluster {
             .arg("--state-dir")
             .arg(&proc.state_dir)
             .args(&self.agent_args)
+            .args(&proc.extra_args)
             .env("RUST_LOG", "info");
         if let Some(t) = token {
             cmd.arg("--token").arg(t);

@@ -22,7 +22,10 @@ async fn run_appears_and_its_live_log_grows() {
     let cluster = Cluster::new().agent("a", "os=linux").start().await.unwrap();
     let mut browser = Chromium::launch().await.expect("headless chromium");
     browser
-        .navigate(&format!("{}/#/runs", cluster.http_addr))
+        .navigate(&format!(
+            "{}/?token={}#/runs",
+            cluster.http_addr, cluster.admin_token
+        ))
         .await
         .unwrap();
     let run_id = cluster
@@ -129,7 +132,10 @@ jobs:
     assert_eq!(run.state(), RunState::Failed);
 
     browser
-        .navigate(&format!("{}/#/run/{run_id}/bad", cluster.http_addr))
+        .navigate(&format!(
+            "{}/?token={}#/run/{run_id}/bad",
+            cluster.http_addr, cluster.admin_token
+        ))
         .await
         .unwrap();
     let node = query(".job[data-job=\"bad\"]");
@@ -168,4 +174,93 @@ jobs:
             .unwrap(),
         "script"
     );
+}
+
+/// `GET path` on the coordinator's HTTP side with an optional bearer token: (status, body).
+async fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hostport = addr.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(hostport).await.unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {hostport}\r\n{auth}Connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).await.unwrap();
+    let status = reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, reply)
+}
+
+/// The JSON API needs an API token (role read or higher): without one, or with an unknown one, it is
+/// 401 with the reason; probes, the page and (from loopback) /metrics stay open. In the browser, the
+/// page without a token shows the login form, and a token typed there loads the runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_needs_a_token_and_the_page_asks_for_one() {
+    let cluster = Cluster::new().start().await.unwrap();
+    let addr = cluster.http_addr.clone();
+    for path in [
+        "/api/runs",
+        "/api/agents",
+        "/api/queue",
+        "/api/run/x",
+        "/api/logs/r/j/s",
+    ] {
+        let (status, reply) = http_get(&addr, path, None).await;
+        assert_eq!(status, 401, "{path}: {reply}");
+        assert!(
+            reply.contains("needs an API token with role read"),
+            "{reply}"
+        );
+        assert!(
+            reply.contains("WWW-Authenticate") || reply.contains("www-authenticate"),
+            "{reply}"
+        );
+        let (status, _) = http_get(&addr, path, Some("drv_wrong")).await;
+        assert_eq!(status, 401, "{path}");
+    }
+    let (status, reply) = http_get(&addr, "/api/runs", Some(&cluster.admin_token)).await;
+    assert_eq!(status, 200, "{reply}");
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/",
+        "/assets/dashboard.js",
+        "/metrics",
+    ] {
+        let (status, reply) = http_get(&addr, path, None).await;
+        assert_eq!(status, 200, "{path}: {reply}");
+    }
+
+    let mut browser = Chromium::launch().await.expect("headless chromium");
+    browser.navigate(&format!("{addr}/#/runs")).await.unwrap();
+    let form_shown = format!("{0} !== null && !{0}.hidden", query("#login"));
+    browser.wait_for(&form_shown, UI_TIMEOUT).await.unwrap();
+    let token = serde_json::json!(cluster.admin_token);
+    browser
+        .eval(&format!(
+            "{}.value = {token}; {}.requestSubmit(); true",
+            query("#login-token"),
+            query("#login")
+        ))
+        .await
+        .unwrap();
+    browser
+        .wait_for(
+            &format!(
+                "{}.hidden && document.querySelector('#status').dataset.state === 'ok'",
+                query("#login")
+            ),
+            UI_TIMEOUT,
+        )
+        .await
+        .unwrap();
 }

@@ -410,3 +410,337 @@ async fn revoked_agent_is_refused_and_its_job_moves() {
     assert_eq!(j.attempts, 2, "{j:?}");
     assert_eq!(j.agent_id, cluster.agent_id("rescuer"));
 }
+
+/// Starts an agent enrolling (or re-attaching) with `state`, trusting `ca`; returns once attached.
+fn tls_agent(url: &str, ca: &Path, token: Option<&str>, state: &Path, tag: &'static str) -> Proc {
+    let mut cmd = Command::new(bin("drover-agent"));
+    cmd.arg("--coordinator")
+        .arg(url)
+        .arg("--ca-file")
+        .arg(ca)
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--labels", "os=linux", "--capacity", "1"])
+        .env_remove("DROVER_CA_FILE")
+        .env_remove("DROVER_TOKEN");
+    if let Some(t) = token {
+        cmd.arg("--token").arg(t);
+    }
+    let (agent, rx) = spawn(cmd, tag);
+    wait_line(&rx, "attached to");
+    std::thread::spawn(move || while rx.recv().is_ok() {});
+    agent
+}
+
+/// An enrollment token from the CLI.
+fn enrollment_token(url: &str, ca: &Path, admin: &str) -> String {
+    let o = drover(url, Some(ca), admin, &["tokens", "create"]);
+    assert!(o.status.success(), "{}", text(&o));
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// The agent id and credential an agent keeps in its state directory.
+fn credential_of(state: &Path) -> (String, String) {
+    let c = drover_agent::credential::load(state)
+        .unwrap()
+        .expect("enrolled");
+    (c.agent_id, c.credential)
+}
+
+/// A DownloadBlob call (the cheapest AgentService call) with `credential`, presenting `identity`.
+async fn agent_call(
+    url: &str,
+    ca: &Path,
+    identity: Option<drover_agent::identity::Identity>,
+    credential: &str,
+) -> Result<(), tonic::Status> {
+    use drover_agent::client;
+    let ca = std::fs::read(ca).unwrap();
+    let shared = identity.map(|i| drover_agent::identity::SharedIdentity::new(i).unwrap());
+    let channel = client::channel_with_tls(url, Some(&ca), shared.as_ref()).unwrap();
+    let mut c = client::agent_client(channel, credential).unwrap();
+    let r = c
+        .download_blob(drover_proto::v1::BlobRequest {
+            attempt_id: "no-such-attempt".into(),
+            digest: "0".repeat(64),
+        })
+        .await?;
+    let mut s = r.into_inner();
+    while let Some(m) = futures::StreamExt::next(&mut s).await {
+        m?;
+    }
+    Ok(())
+}
+
+/// Mutual TLS: an agent enrolled over TLS holds a client certificate from the coordinator's CA (key
+/// and certificate 0600 in its state directory) and runs a job with it. AgentService calls are refused
+/// without a certificate, with a certificate from another CA, with agent A's certificate and agent B's
+/// credential, and with a revoked agent's own certificate and credential.
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_use_mutual_tls_and_mismatched_certificates_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("coordinator");
+    let (_coord, addr) = coordinator(&data, &["--tls", "on"]);
+    let ca = data.join("tls/ca.pem");
+    let url = format!("https://{addr}");
+    let admin = admin_token(&data);
+
+    let state_a = dir.path().join("agent-a");
+    let token = enrollment_token(&url, &ca, &admin);
+    let _agent_a = tls_agent(&url, &ca, Some(&token), &state_a, "agent-a");
+    for f in ["client.pem", "client.key"] {
+        let mode = std::fs::metadata(state_a.join(f))
+            .unwrap_or_else(|e| panic!("{f}: {e}"))
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{f} is private");
+    }
+    let id_a = drover_agent::identity::load(&state_a).unwrap().unwrap();
+    let (from, until) = id_a.validity().unwrap();
+    let days = (until - from) / 86_400;
+    assert!((29..=31).contains(&days), "bounded validity: {days} days");
+
+    // A job runs over the mutually authenticated connection.
+    let pipeline = dir.path().join("p.yml");
+    std::fs::write(
+        &pipeline,
+        format!("jobs:\n  hello:\n    steps:\n      - image: {IMAGE}\n        commands: [echo over-mtls]\n"),
+    )
+    .unwrap();
+    let o = drover(
+        &url,
+        Some(&ca),
+        &admin,
+        &["run", pipeline.to_str().unwrap(), "--follow"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("over-mtls"),
+        "{}",
+        text(&o)
+    );
+
+    let state_b = dir.path().join("agent-b");
+    let token = enrollment_token(&url, &ca, &admin);
+    let _agent_b = tls_agent(&url, &ca, Some(&token), &state_b, "agent-b");
+    let (a, cred_a) = credential_of(&state_a);
+    let (b, cred_b) = credential_of(&state_b);
+
+    // With its own certificate and credential, agent A gets past authentication (the attempt is unknown).
+    let e = agent_call(&url, &ca, Some(id_a.clone()), &cred_a)
+        .await
+        .unwrap_err();
+    assert!(
+        !matches!(e.code(), tonic::Code::Unauthenticated) && !e.message().contains("certificate"),
+        "{e:?}"
+    );
+    // No certificate: refused, saying why.
+    let e = agent_call(&url, &ca, None, &cred_a).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(
+        e.message().contains("presented no client certificate"),
+        "{e:?}"
+    );
+    // Agent A's certificate with agent B's credential.
+    let e = agent_call(&url, &ca, Some(id_a.clone()), &cred_b)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message()
+            .contains(&format!("agent {a}'s but the credential is agent {b}'s")),
+        "{e:?}"
+    );
+    // A certificate naming agent A from another CA: the coordinator fails the handshake
+    // ("invalid peer certificate: UnknownIssuer" in its log); under TLS 1.3 the client learns it as
+    // the connection closing on its first request.
+    let foreign = {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let issuer = rcgen::Issuer::new(p.clone(), ca_key);
+        let (key_pem, _) = drover_agent::identity::new_request().unwrap();
+        let key = rcgen::KeyPair::from_pem(&key_pem).unwrap();
+        let mut leaf = rcgen::CertificateParams::default();
+        leaf.distinguished_name
+            .push(rcgen::DnType::CommonName, a.as_str());
+        leaf.subject_alt_names = vec![rcgen::SanType::URI(
+            format!("urn:drover:agent:{a}").try_into().unwrap(),
+        )];
+        leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = leaf.signed_by(&key, &issuer).unwrap();
+        drover_agent::identity::Identity {
+            cert_pem: cert.pem(),
+            key_pem,
+        }
+    };
+    let e = agent_call(&url, &ca, Some(foreign), &cred_a)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+        ),
+        "{e:?}"
+    );
+
+    // Revoked: agent A's own certificate and credential are refused.
+    let o = drover(&url, Some(&ca), &admin, &["agents", "revoke", &a]);
+    assert!(o.status.success(), "{}", text(&o));
+    let e = agent_call(&url, &ca, Some(id_a), &cred_a)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("revoked"), "{e:?}");
+}
+
+/// Client certificates are renewed at two thirds of their validity over the current one, and a
+/// restarted agent connects with the renewed certificate after the first one has expired.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_certificates_are_renewed_before_they_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("coordinator");
+    let (_coord, addr) = coordinator(&data, &["--tls", "on", "--agent-cert-ttl", "12s"]);
+    let ca = data.join("tls/ca.pem");
+    let url = format!("https://{addr}");
+    let admin = admin_token(&data);
+    let state = dir.path().join("agent");
+    let token = enrollment_token(&url, &ca, &admin);
+    let agent = tls_agent(&url, &ca, Some(&token), &state, "agent");
+    let first = drover_agent::identity::load(&state).unwrap().unwrap();
+    let (_, first_until) = first.validity().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let renewed = loop {
+        let now = drover_agent::identity::load(&state).unwrap().unwrap();
+        if now != first {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "the certificate was not renewed");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(renewed.validity().unwrap().1 > first_until);
+    assert_ne!(renewed.key_pem, first.key_pem, "a renewal uses a new key");
+    // Past the first certificate's end, a restarted agent attaches with the renewed one.
+    drop(agent);
+    while first.validity().unwrap().1 >= unix_now() {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(first.expired().unwrap());
+    let current = drover_agent::identity::load(&state).unwrap().unwrap();
+    assert!(!current.expired().unwrap());
+    let _agent = tls_agent(&url, &ca, None, &state, "agent-restarted");
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// `drover tokens list` shows API and enrollment tokens by id (never the tokens) to admins only;
+/// `drover tokens revoke ID` makes the coordinator refuse the token on its next use.
+#[test]
+fn tokens_are_listed_without_secrets_and_revoked_tokens_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("coordinator");
+    let (_coord, addr) = coordinator(&data, &[]);
+    let url = format!("http://{addr}");
+    let admin = admin_token(&data);
+    let create = |args: &[&str]| {
+        let o = drover(&url, None, &admin, args);
+        assert!(o.status.success(), "{}", text(&o));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let read = create(&[
+        "tokens",
+        "create",
+        "--kind",
+        "api",
+        "--role",
+        "read",
+        "--name",
+        "dashboard",
+    ]);
+    let enroll = create(&["tokens", "create", "--uses", "3", "--labels", "os=linux"]);
+
+    let o = drover(&url, None, &read, &["tokens", "list"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("ListTokens needs role admin"),
+        "{}",
+        text(&o)
+    );
+
+    let o = drover(&url, None, &admin, &["tokens", "list", "--output", "json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    for secret in [&admin, &read, &enroll] {
+        assert!(!out.contains(secret.as_str()), "a token leaked: {out}");
+    }
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 3, "{out}");
+    let reader = list.iter().find(|t| t["name"] == "dashboard").unwrap();
+    assert_eq!(
+        (reader["kind"].as_str(), reader["role"].as_str()),
+        (Some("api"), Some("read"))
+    );
+    let enrollment = list.iter().find(|t| t["kind"] == "enrollment").unwrap();
+    assert_eq!(enrollment["uses_left"], 3);
+    assert_eq!(enrollment["labels"]["os"], "linux");
+    let o = drover(&url, None, &admin, &["tokens", "list"]);
+    let table = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        table.starts_with("ID") && table.contains("os=linux"),
+        "{table}"
+    );
+
+    // Revoked: refused on the next call.
+    assert!(drover(&url, None, &read, &["runs"]).status.success());
+    let id = reader["id"].as_str().unwrap();
+    let o = drover(&url, None, &admin, &["tokens", "revoke", id]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = drover(&url, None, &read, &["runs"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("unknown API token"), "{}", text(&o));
+
+    let id = enrollment["id"].as_str().unwrap();
+    assert!(drover(&url, None, &admin, &["tokens", "revoke", id])
+        .status
+        .success());
+    let state = dir.path().join("agent");
+    let o = Command::new(bin("drover-agent"))
+        .args([
+            "--coordinator",
+            &url,
+            "--token",
+            &enroll,
+            "--labels",
+            "os=linux",
+        ])
+        .arg("--state-dir")
+        .arg(&state)
+        .env_remove("DROVER_CA_FILE")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("enrollment token is not valid"),
+        "{}",
+        text(&o)
+    );
+
+    // Unknown ids and the last admin token are refused with the reason.
+    let o = drover(&url, None, &admin, &["tokens", "revoke", "0123456789ab"]);
+    assert!(stderr(&o).contains("no token with id"), "{}", text(&o));
+    let admin_id = list.iter().find(|t| t["role"] == "admin").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let o = drover(&url, None, &admin, &["tokens", "revoke", &admin_id]);
+    assert!(stderr(&o).contains("last admin token"), "{}", text(&o));
+}

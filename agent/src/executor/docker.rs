@@ -487,6 +487,14 @@ impl Executor for DockerExecutor {
         body.working_dir = Some(step.working_dir());
         body.env = Some(step.env.iter().map(|(k, v)| format!("{k}={v}")).collect());
         if let Some(hc) = body.host_config.as_mut() {
+            if step.privileged {
+                hc.privileged = Some(true);
+            }
+            if !step.binds.is_empty() {
+                hc.binds
+                    .get_or_insert_with(Vec::new)
+                    .extend(step.binds.iter().cloned());
+            }
             if step.nano_cpus > 0 {
                 hc.nano_cpus = i64::try_from(step.nano_cpus).ok();
             }

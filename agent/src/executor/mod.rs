@@ -113,6 +113,10 @@ pub struct StepRun {
     pub nano_cpus: u64,
     /// Memory limit in bytes (no extra swap); 0 = unlimited.
     pub memory_bytes: u64,
+    /// Run the container privileged (the runner has checked the agent allows it).
+    pub privileged: bool,
+    /// Host bind mounts `host:container:ro|rw` besides the workspace (checked likewise).
+    pub binds: Vec<String>,
 }
 
 impl StepRun {

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use drover_proto::v1 as pb;
@@ -17,6 +18,7 @@ use super::auth::agent_of;
 use crate::engine::model::ArtifactRec;
 use crate::engine::{Engine, AGENT_CHANNEL};
 use crate::error::CoordError;
+use crate::mtls::AgentCa;
 
 /// How long a new Attach stream may take to send its hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,12 +33,24 @@ const LOG_BATCH: usize = 64;
 #[derive(Debug, Clone)]
 pub struct AgentApi {
     engine: Engine,
+    /// The agent CA when mutual TLS is on: it signs certificates and every call but Enroll needs one.
+    mtls: Option<Arc<AgentCa>>,
 }
 
 impl AgentApi {
     /// Serve agents from `engine`.
     pub fn new(engine: Engine) -> Self {
-        AgentApi { engine }
+        AgentApi { engine, mtls: None }
+    }
+
+    /// Require the client certificates `ca` issues (mutual TLS), and issue them at enrollment.
+    pub fn with_mtls(mut self, ca: Option<Arc<AgentCa>>) -> Self {
+        self.mtls = ca;
+        self
+    }
+
+    fn agent_of<T>(&self, req: &Request<T>) -> Result<String, CoordError> {
+        agent_of(&self.engine, self.mtls.as_deref(), req)
     }
 }
 
@@ -66,11 +80,41 @@ impl AgentService for AgentApi {
         req: Request<pb::EnrollRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {
         let r = req.into_inner();
+        // Checked before the token is spent: a bad request leaves the token's uses untouched.
+        let csr = match &self.mtls {
+            Some(_) => Some(AgentCa::parse_csr(&r.csr_pem)?),
+            None => None,
+        };
         let labels: BTreeMap<String, String> = r.labels.into_iter().collect();
         let (agent_id, credential) = self.engine.enroll(&r.token, labels, &r.hostname).await?;
+        let client_cert_pem = match (&self.mtls, csr) {
+            (Some(ca), Some(csr)) => ca.issue(&csr, &agent_id)?,
+            _ => String::new(),
+        };
         Ok(Response::new(pb::EnrollResponse {
             agent_id,
             credential,
+            client_cert_pem,
+        }))
+    }
+
+    async fn renew_certificate(
+        &self,
+        req: Request<pb::RenewCertificateRequest>,
+    ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
+        let Some(ca) = &self.mtls else {
+            return Err(CoordError::FailedPrecondition(
+                "this coordinator does not run mutual TLS: there is no client certificate to renew"
+                    .into(),
+            )
+            .into());
+        };
+        let agent_id = self.agent_of(&req)?;
+        let csr = AgentCa::parse_csr(&req.get_ref().csr_pem)?;
+        let client_cert_pem = ca.issue(&csr, &agent_id)?;
+        tracing::info!(agent = %agent_id, "renewed the agent's client certificate");
+        Ok(Response::new(pb::RenewCertificateResponse {
+            client_cert_pem,
         }))
     }
 
@@ -78,7 +122,7 @@ impl AgentService for AgentApi {
         &self,
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<BoxStream<pb::CoordinatorMessage>>, Status> {
-        let agent_id = agent_of(&self.engine, &req)?;
+        let agent_id = self.agent_of(&req)?;
         let inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(AGENT_CHANNEL);
         let engine = self.engine.clone();
@@ -91,7 +135,7 @@ impl AgentService for AgentApi {
         &self,
         req: Request<Streaming<pb::LogChunk>>,
     ) -> Result<Response<BoxStream<pb::LogAck>>, Status> {
-        let agent_id = agent_of(&self.engine, &req)?;
+        let agent_id = self.agent_of(&req)?;
         let inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(ship_logs(self.engine.clone(), agent_id, inbound, tx));
@@ -102,7 +146,7 @@ impl AgentService for AgentApi {
         &self,
         req: Request<Streaming<pb::ArtifactChunk>>,
     ) -> Result<Response<pb::ArtifactUploaded>, Status> {
-        let agent_id = agent_of(&self.engine, &req)?;
+        let agent_id = self.agent_of(&req)?;
         let mut inbound = req.into_inner();
         let header = match inbound.message().await? {
             Some(pb::ArtifactChunk {
@@ -185,7 +229,7 @@ impl AgentService for AgentApi {
         &self,
         req: Request<pb::BlobRequest>,
     ) -> Result<Response<BoxStream<pb::BlobChunk>>, Status> {
-        let agent_id = agent_of(&self.engine, &req)?;
+        let agent_id = self.agent_of(&req)?;
         let r = req.into_inner();
         self.engine
             .check_blob_access(&agent_id, &r.attempt_id, &r.digest)?;

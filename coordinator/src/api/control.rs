@@ -39,6 +39,12 @@ impl ControlApi {
         self.access = Some(access);
         self
     }
+
+    fn access(&self) -> Result<&crate::access::AccessControl, CoordError> {
+        self.access.as_ref().ok_or_else(|| {
+            CoordError::FailedPrecondition("this server has no API token store".into())
+        })
+    }
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -51,14 +57,28 @@ impl ControlService for ControlApi {
     ) -> Result<Response<pb::CreateApiTokenResponse>, Status> {
         let r = req.into_inner();
         let role = crate::access::Role::parse(&r.role)?;
-        let access = self.access.as_ref().ok_or_else(|| {
-            CoordError::FailedPrecondition("this server has no API token store".into())
-        })?;
-        let token = access.create(role, &r.name).await?;
+        let token = self.access()?.create(role, &r.name).await?;
         Ok(Response::new(pb::CreateApiTokenResponse {
             token,
             role: role.as_str().into(),
         }))
+    }
+
+    async fn list_tokens(
+        &self,
+        _req: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        let tokens = self.access()?.list().await?;
+        Ok(Response::new(pb::ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::TokenInfo>, Status> {
+        Ok(Response::new(
+            self.access()?.revoke(&req.into_inner().id).await?,
+        ))
     }
 
     async fn revoke_agent(

@@ -221,6 +221,7 @@ mod tests {
                     timeout_secs: None,
                     pull: PullPolicy::IfNotPresent,
                     resources: Default::default(),
+                    host: Default::default(),
                 }],
                 artifacts: vec![],
                 timeout_secs: None,

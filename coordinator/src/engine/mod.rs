@@ -140,6 +140,8 @@ struct AgentLive {
     /// Last time anything arrived from it: the lease clock.
     seen: Arc<LastSeen>,
     session: Option<Session>,
+    /// Privileged mode and host mounts it allows, from its latest hello (nothing until one arrives).
+    host_policy: pb::HostPolicy,
 }
 
 impl AgentLive {
@@ -148,6 +150,7 @@ impl AgentLive {
             rec,
             seen: Arc::new(LastSeen::now()),
             session: None,
+            host_policy: pb::HostPolicy::default(),
         }
     }
 }
@@ -447,6 +450,7 @@ impl Engine {
                     revoked: a.rec.revoked,
                     running,
                     last_seen_ms: a.seen.unix_ms(),
+                    policy: a.host_policy.clone(),
                 }
             })
             .collect();
@@ -667,6 +671,7 @@ impl Engine {
                     .capacity
                     .saturating_sub(running.get(a.rec.id.as_str()).copied().unwrap_or(0)),
                 accepting: st.accepts_work(&a.rec.id),
+                policy: a.host_policy.clone(),
             })
             .filter(|a| a.free > 0 && a.accepting)
             .collect();
@@ -678,7 +683,11 @@ impl Engine {
         let runs = &st.runs;
         let queued = st.queued.iter().filter_map(|((_, idx), run_id)| {
             let job = runs.get(run_id)?.jobs.get(*idx as usize)?;
-            Some(((run_id.clone(), *idx as usize), &job.spec.agents))
+            Some((
+                (run_id.clone(), *idx as usize),
+                &job.spec.agents,
+                job.spec.host_needs(),
+            ))
         });
         let placements = scheduler::schedule_by(queued, &agents);
         for p in placements {
@@ -935,6 +944,7 @@ impl Engine {
                     tx: out,
                 });
                 live.seen.touch();
+                live.host_policy = hello.host_policy.clone().unwrap_or_default();
                 let seen = live.seen.clone();
                 let mut rec = live.rec.clone();
                 rec.labels = labels;
@@ -1694,6 +1704,17 @@ fn assignment(run: &RunRec, idx: usize) -> pb::Assignment {
                 } as i32,
                 nano_cpus: s.resources.nano_cpus.unwrap_or(0),
                 memory_bytes: s.resources.memory_bytes.unwrap_or(0),
+                privileged: s.host.privileged,
+                host_mounts: s
+                    .host
+                    .volumes
+                    .iter()
+                    .map(|v| pb::HostMount {
+                        host_path: v.host.clone(),
+                        container_path: v.container.clone(),
+                        read_only: v.read_only,
+                    })
+                    .collect(),
             }
         })
         .collect();

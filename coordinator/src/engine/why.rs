@@ -10,6 +10,7 @@ use drover_proto::v1 as pb;
 
 use super::model::{RunRec, Status};
 use crate::scheduler::matches;
+use drover_proto::policy::refusals;
 
 /// An attempt running on an agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +42,8 @@ pub struct AgentView {
     pub running: Vec<RunningView>,
     /// Unix ms it was last heard from.
     pub last_seen_ms: i64,
+    /// Privileged mode and host mounts it allows.
+    pub policy: pb::HostPolicy,
 }
 
 impl AgentView {
@@ -197,6 +200,7 @@ pub fn failure_name(f: pb::FailureClass) -> &'static str {
         pb::FailureClass::Timeout => "timeout",
         pb::FailureClass::Canceled => "canceled",
         pb::FailureClass::Infra => "infra",
+        pb::FailureClass::Policy => "policy",
     }
 }
 
@@ -207,6 +211,7 @@ fn explain_queued(
     out: &mut pb::ExplainJobResponse,
 ) {
     let selector = &j.spec.agents;
+    let needs = j.spec.host_needs();
     let sel = selector_string(selector);
     let labels_flag = if sel.is_empty() {
         String::new()
@@ -219,8 +224,15 @@ fn explain_queued(
         .map(|a| pb::AgentFit {
             agent_id: a.id.clone(),
             hostname: a.hostname.clone(),
-            matches: matches(selector, &a.labels),
-            mismatches: mismatches(selector, &a.labels),
+            matches: matches(selector, &a.labels) && refusals(&a.policy, &needs).is_empty(),
+            mismatches: mismatches(selector, &a.labels)
+                .into_iter()
+                .chain(
+                    refusals(&a.policy, &needs)
+                        .into_iter()
+                        .map(|r| format!("{r}: not allowed")),
+                )
+                .collect(),
             connected: a.connected,
             revoked: a.revoked,
             capacity: a.capacity,
@@ -233,10 +245,15 @@ fn explain_queued(
         })
         .collect();
     let usable: Vec<&AgentView> = fleet.agents.iter().filter(|a| !a.revoked).collect();
-    let matching: Vec<&AgentView> = usable
+    let labelled: Vec<&AgentView> = usable
         .iter()
         .copied()
         .filter(|a| matches(selector, &a.labels))
+        .collect();
+    let matching: Vec<&AgentView> = labelled
+        .iter()
+        .copied()
+        .filter(|a| refusals(&a.policy, &needs).is_empty())
         .collect();
 
     // Place in line: older queued jobs that compete for the same agents (any matching agent could take
@@ -264,6 +281,28 @@ fn explain_queued(
         out.verdict = "no agent is enrolled".into();
         out.remedy = format!(
             "create a token with `drover tokens create` and start an agent with it{labels_flag}"
+        );
+        return;
+    }
+    if matching.is_empty() && !labelled.is_empty() {
+        let mut refused: Vec<String> = labelled
+            .iter()
+            .flat_map(|a| refusals(&a.policy, &needs))
+            .collect();
+        refused.sort();
+        refused.dedup();
+        out.verdict = format!(
+            "{} but none allows what its steps ask for: {}",
+            plural(
+                labelled.len(),
+                "agent has its labels",
+                "agents have its labels"
+            ),
+            refused.join("; ")
+        );
+        out.remedy = format!(
+            "start an agent{} with the flags named (privileged mode and host mounts are off by default)",
+            if sel.is_empty() { String::new() } else { format!(" with --labels {sel}") }
         );
         return;
     }
@@ -411,6 +450,7 @@ mod tests {
                 })
                 .collect(),
             last_seen_ms: 0,
+            policy: pb::HostPolicy::default(),
         }
     }
 
@@ -549,6 +589,40 @@ mod tests {
         assert!(e.verdict.starts_with("about to run"), "{}", e.verdict);
         assert!(e.verdict.contains("l1"), "{}", e.verdict);
         assert!(e.remedy.is_empty());
+    }
+
+    #[test]
+    fn a_privileged_job_names_the_flag_no_agent_has() {
+        let mut j = job("x", Status::Queued, &[], &[("os", "linux")]);
+        j.spec.steps = vec![crate::pipeline::StepSpec {
+            name: "s".into(),
+            image: "i".into(),
+            commands: vec!["true".into()],
+            env: BTreeMap::new(),
+            workdir: None,
+            timeout_secs: None,
+            pull: Default::default(),
+            resources: Default::default(),
+            host: crate::pipeline::HostAccess {
+                privileged: true,
+                volumes: Vec::new(),
+            },
+        }];
+        let r = run("r1", 1, vec![j]);
+        let mut fleet = FleetView {
+            runs: vec![r.clone()],
+            agents: vec![agent("l1", &[("os", "linux")], 1, 0)],
+        };
+        let e = explain(&r, "x", &fleet).unwrap();
+        assert_eq!(
+            e.verdict,
+            "1 agent has its labels but none allows what its steps ask for: privileged mode (agent flag --allow-privileged)"
+        );
+        assert!(!e.agents[0].matches);
+        assert!(e.agents[0].mismatches[0].contains("--allow-privileged"));
+        fleet.agents[0].policy.allow_privileged = true;
+        let e = explain(&r, "x", &fleet).unwrap();
+        assert!(e.verdict.starts_with("about to run"), "{}", e.verdict);
     }
 
     #[test]

@@ -424,6 +424,7 @@ mod tests {
                 revoked: false,
                 running: vec![],
                 last_seen_ms: 0,
+                policy: Default::default(),
             }],
         };
         let text = m.render(&fleet, 12_500);

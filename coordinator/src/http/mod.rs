@@ -3,6 +3,10 @@
 //!
 //! Handlers are thin: they read from the [`Engine`] and shape the answer; the dashboard's JSON views live
 //! in [`dashboard`], the metrics in [`metrics`].
+//!
+//! Access: everything under `/api/` needs `authorization: Bearer TOKEN` with an API token of role `read`
+//! or higher (the ControlService's tokens); `/metrics` is open to clients on loopback and needs such a
+//! token from anywhere else; the probes, the page and its assets (which hold no data) are open.
 
 pub mod dashboard;
 pub mod metrics;
@@ -11,8 +15,9 @@ use std::convert::Infallible;
 use std::future::Future;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -22,24 +27,33 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 
+use std::net::SocketAddr;
+
+use crate::access::{AccessControl, Role};
 use crate::engine::{now_ms, Engine};
 use crate::error::CoordError;
 
-/// The HTTP routes over `engine`.
-pub fn router(engine: Engine) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
-        .route("/", get(dashboard::index))
-        .route("/assets/dashboard.css", get(dashboard::css))
-        .route("/assets/dashboard.js", get(dashboard::js))
+/// The HTTP routes over `engine`, with `access` deciding who reads the API and the metrics.
+pub fn router(engine: Engine, access: AccessControl) -> Router {
+    let api = Router::new()
         .route("/api/runs", get(dashboard::runs))
         .route("/api/run/{id}", get(dashboard::run))
         .route("/api/agents", get(dashboard::agents))
         .route("/api/queue", get(dashboard::queue))
         .route("/api/explain/{run}/{job}", get(dashboard::explain))
         .route("/api/logs/{run}/{job}/{step}", get(logs))
+        .route_layer(middleware::from_fn_with_state(access.clone(), require_read));
+    let metrics = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route_layer(middleware::from_fn_with_state(access, metrics_access));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/", get(dashboard::index))
+        .route("/assets/dashboard.css", get(dashboard::css))
+        .route("/assets/dashboard.js", get(dashboard::js))
+        .merge(api)
+        .merge(metrics)
         .with_state(engine)
 }
 
@@ -48,11 +62,59 @@ pub fn router(engine: Engine) -> Router {
 pub async fn serve(
     listener: TcpListener,
     engine: Engine,
+    access: AccessControl,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(engine))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router(engine, access).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+/// The request's bearer token checked for role `read`.
+fn check_read(access: &AccessControl, req: &Request) -> Result<(), CoordError> {
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    access
+        .check_role(auth, Role::Read, &format!("GET {}", req.uri().path()))
+        .map(|_| ())
+}
+
+/// 401/403 with the reason and a `WWW-Authenticate: Bearer` challenge.
+fn refusal(e: CoordError) -> Response {
+    let mut resp = HttpError::from(e).into_response();
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"drover\""),
+    );
+    resp
+}
+
+async fn require_read(State(access): State<AccessControl>, req: Request, next: Next) -> Response {
+    match check_read(&access, &req) {
+        Ok(()) => next.run(req).await,
+        Err(e) => refusal(e),
+    }
+}
+
+/// `/metrics`: open to a scraper on loopback (the default listener is loopback only); from any other
+/// address it needs a read token, which Prometheus sends with `authorization: {credentials: ...}`.
+async fn metrics_access(State(access): State<AccessControl>, req: Request, next: Next) -> Response {
+    let loopback = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .is_some_and(|c| c.0.ip().is_loopback());
+    if loopback {
+        return next.run(req).await;
+    }
+    match check_read(&access, &req) {
+        Ok(()) => next.run(req).await,
+        Err(e) => refusal(e),
+    }
 }
 
 /// An error answer: status and a one-line plain-text message.

@@ -1,6 +1,8 @@
 //! Pipeline files: the YAML model and its validation with line/column errors.
 
 mod error;
+#[cfg(test)]
+mod host_tests;
 mod model;
 mod parse;
 #[cfg(test)]
@@ -10,5 +12,5 @@ mod tests;
 mod yaml;
 
 pub use error::PipelineError;
-pub use model::{JobSpec, Pipeline, PullPolicy, Resources, StepSpec};
+pub use model::{HostAccess, JobSpec, Pipeline, PullPolicy, Resources, StepSpec, Volume};
 pub use parse::{parse, parse_with_secrets};

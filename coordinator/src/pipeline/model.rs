@@ -33,6 +33,20 @@ pub struct JobSpec {
     pub secrets: Vec<String>,
 }
 
+impl JobSpec {
+    /// What the job's steps ask of an agent's host (privileged mode, host paths).
+    pub fn host_needs(&self) -> drover_proto::policy::HostNeeds {
+        drover_proto::policy::HostNeeds {
+            privileged: self.steps.iter().any(|s| s.host.privileged),
+            host_paths: self
+                .steps
+                .iter()
+                .flat_map(|s| s.host.volumes.iter().map(|v| v.host.clone()))
+                .collect(),
+        }
+    }
+}
+
 /// One step: a container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepSpec {
@@ -53,6 +67,31 @@ pub struct StepSpec {
     /// CPU and memory limits of the step's container.
     #[serde(default)]
     pub resources: Resources,
+    /// Privileged mode and host mounts: run only on agents that allow them.
+    #[serde(default)]
+    pub host: HostAccess,
+}
+
+/// What a step asks of the host beyond a plain container (`privileged:`, `volumes:`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostAccess {
+    /// Run the container privileged.
+    #[serde(default)]
+    pub privileged: bool,
+    /// Host directories bind-mounted into the container.
+    #[serde(default)]
+    pub volumes: Vec<Volume>,
+}
+
+/// One `volumes:` entry: `/host/path:/container/path[:ro|:rw]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    /// Absolute path on the agent's host.
+    pub host: String,
+    /// Absolute path in the container.
+    pub container: String,
+    /// Mounted read-only.
+    pub read_only: bool,
 }
 
 /// Limits of a step's container (`resources: {cpus: 0.5, memory: 256Mi}`); none means the engine's default.

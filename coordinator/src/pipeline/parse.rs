@@ -6,7 +6,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::yaml::{self, Node, ScalarKind, Value};
-use super::{JobSpec, Pipeline, PipelineError, PullPolicy, Resources, StepSpec};
+use super::{
+    HostAccess, JobSpec, Pipeline, PipelineError, PullPolicy, Resources, StepSpec, Volume,
+};
 
 /// Keys allowed at the top level of a pipeline file.
 pub(super) const TOP_KEYS: &[&str] = &["env", "jobs"];
@@ -30,6 +32,8 @@ pub(super) const STEP_KEYS: &[&str] = &[
     "timeout",
     "pull",
     "resources",
+    "privileged",
+    "volumes",
 ];
 /// Keys allowed in a step's `resources`.
 const RESOURCE_KEYS: &[&str] = &["cpus", "memory"];
@@ -392,6 +396,7 @@ impl Checker {
             timeout_secs: None,
             pull: PullPolicy::default(),
             resources: Resources::default(),
+            host: HostAccess::default(),
         };
         let Some(fields) = self.fields(
             node,
@@ -508,7 +513,52 @@ impl Checker {
         if let Some((_, v)) = fields.get("resources") {
             step.resources = self.resources(v, &what);
         }
+        if let Some((_, v)) = fields.get("privileged") {
+            match v.scalar_text().map(str::trim) {
+                Some("true") => step.host.privileged = true,
+                Some("false") => {}
+                _ => self.error(v, format!("\"privileged\" of {what} must be true or false")),
+            }
+        }
+        if let Some((_, v)) = fields.get("volumes") {
+            step.host.volumes = self.volumes(v, &what);
+        }
         step
+    }
+
+    /// `volumes: ["/host/path:/container/path", "/host/other:/data:ro"]`.
+    fn volumes(&mut self, node: &Node, owner: &str) -> Vec<Volume> {
+        let what = format!("\"volumes\" of {owner}");
+        let mut out: Vec<Volume> = Vec::new();
+        for item in self.string_list(node, &what) {
+            let Some(text) = self.string(item, &format!("a volume of {owner}")) else {
+                continue;
+            };
+            match parse_volume(&text) {
+                Ok(v)
+                    if out.iter().any(|o| {
+                        o.container.trim_end_matches('/') == v.container.trim_end_matches('/')
+                    }) =>
+                {
+                    self.error(
+                        item,
+                        format!(
+                            "{what} mounts {:?} twice; expected each container path once",
+                            v.container
+                        ),
+                    )
+                }
+                Ok(v) => out.push(v),
+                Err(e) => self.error(
+                    item,
+                    format!(
+                        "invalid volume {text:?} in {what}: {e}; expected \
+                         /host/path:/container/path with an optional :ro or :rw"
+                    ),
+                ),
+            }
+        }
+        out
     }
 
     /// The entries of a mapping whose keys must be among `allowed`; unknown keys are reported.
@@ -972,4 +1022,42 @@ fn edit_distance(a: &str, b: &str) -> usize {
         }
     }
     row[b.len()]
+}
+
+/// Where steps see their workspace: no volume may cover it.
+const WORKSPACE_DIR: &str = "/workspace";
+
+/// Parses `/host:/container[:ro|:rw]`: both paths absolute, without `..`, the container path neither
+/// `/` nor the workspace.
+pub(super) fn parse_volume(text: &str) -> Result<Volume, String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let (host, container, read_only) = match parts.as_slice() {
+        [h, c] => (*h, *c, false),
+        [h, c, "ro"] => (*h, *c, true),
+        [h, c, "rw"] => (*h, *c, false),
+        [_, _, mode] => return Err(format!("mode {mode:?} is neither ro nor rw")),
+        _ => return Err("expected two paths separated by a colon".into()),
+    };
+    for (which, p) in [("host", host), ("container", container)] {
+        if !p.starts_with('/') {
+            return Err(format!("the {which} path {p:?} is not absolute"));
+        }
+        if has_parent_component(p) || p.chars().any(char::is_control) {
+            return Err(format!(
+                "the {which} path {p:?} has \"..\" or control characters"
+            ));
+        }
+    }
+    let inner = container.trim_end_matches('/');
+    if inner.is_empty() || inner == WORKSPACE_DIR || WORKSPACE_DIR.starts_with(&format!("{inner}/"))
+    {
+        return Err(format!(
+            "the container path {container:?} would cover / or the workspace {WORKSPACE_DIR}"
+        ));
+    }
+    Ok(Volume {
+        host: host.to_string(),
+        container: container.to_string(),
+        read_only,
+    })
 }

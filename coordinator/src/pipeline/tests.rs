@@ -81,6 +81,7 @@ fn reference_example_parses_to_the_expected_model() {
                         timeout_secs: None,
                         pull: PullPolicy::IfNotPresent,
                         resources: Default::default(),
+                        host: Default::default(),
                     },
                     StepSpec {
                         name: "step-2".into(),
@@ -91,6 +92,7 @@ fn reference_example_parses_to_the_expected_model() {
                         timeout_secs: Some(90),
                         pull: PullPolicy::IfNotPresent,
                         resources: Default::default(),
+                        host: Default::default(),
                     },
                 ],
                 artifacts: strings(&["dist/app.txt", "dist/app.txt.sha256", "dist/reports/*.txt"]),
@@ -115,6 +117,7 @@ fn reference_example_parses_to_the_expected_model() {
                     timeout_secs: Some(60),
                     pull: PullPolicy::Never,
                     resources: Default::default(),
+                    host: Default::default(),
                 }],
                 artifacts: vec![],
                 timeout_secs: Some(5400),

@@ -5,6 +5,9 @@
 
 use std::collections::BTreeMap;
 
+use drover_proto::policy::{refusals, HostNeeds};
+use drover_proto::v1::HostPolicy;
+
 /// A job ready to run, in submission order (oldest first).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueuedJob<K> {
@@ -12,6 +15,8 @@ pub struct QueuedJob<K> {
     pub key: K,
     /// Labels an agent must carry, each with this exact value.
     pub selector: BTreeMap<String, String>,
+    /// Privileged mode and host paths its steps ask for: only agents allowing them qualify.
+    pub needs: HostNeeds,
 }
 
 /// An agent as the scheduler sees it.
@@ -25,6 +30,8 @@ pub struct AgentSlots {
     pub free: u32,
     /// False when the agent is draining, paused or not attached.
     pub accepting: bool,
+    /// Privileged mode and host mounts it allows.
+    pub policy: HostPolicy,
 }
 
 /// One decision: run `job` on `agent`.
@@ -47,13 +54,17 @@ pub fn matches(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, St
 /// most free slots, then the smallest id, which spreads load deterministically). A job that no agent can
 /// take now is passed over, so it never blocks later jobs that other agents can run.
 pub fn schedule<K: Clone>(jobs: &[QueuedJob<K>], agents: &[AgentSlots]) -> Vec<Placement<K>> {
-    schedule_by(jobs.iter().map(|j| (j.key.clone(), &j.selector)), agents)
+    schedule_by(
+        jobs.iter()
+            .map(|j| (j.key.clone(), &j.selector, j.needs.clone())),
+        agents,
+    )
 }
 
-/// [`schedule`] over a lazy sequence of (key, selector), oldest first: it stops drawing jobs as soon as
+/// [`schedule`] over a lazy sequence of (key, selector, host needs), oldest first: it stops drawing jobs as soon as
 /// every slot is taken, so a long queue costs nothing while the fleet is busy.
 pub fn schedule_by<'s, K>(
-    jobs: impl IntoIterator<Item = (K, &'s BTreeMap<String, String>)>,
+    jobs: impl IntoIterator<Item = (K, &'s BTreeMap<String, String>, HostNeeds)>,
     agents: &[AgentSlots],
 ) -> Vec<Placement<K>> {
     let mut free: Vec<u32> = agents
@@ -62,14 +73,18 @@ pub fn schedule_by<'s, K>(
         .collect();
     let mut left: u64 = free.iter().map(|f| u64::from(*f)).sum();
     let mut out = Vec::new();
-    for (key, selector) in jobs {
+    for (key, selector, needs) in jobs {
         if left == 0 {
             break;
         }
         let best = agents
             .iter()
             .enumerate()
-            .filter(|(i, a)| free[*i] > 0 && matches(selector, &a.labels))
+            .filter(|(i, a)| {
+                free[*i] > 0
+                    && matches(selector, &a.labels)
+                    && refusals(&a.policy, &needs).is_empty()
+            })
             .max_by(|(i, a), (j, b)| free[*i].cmp(&free[*j]).then_with(|| b.id.cmp(&a.id)));
         if let Some((i, a)) = best {
             free[i] -= 1;
@@ -98,6 +113,7 @@ mod tests {
         QueuedJob {
             key,
             selector: labels(sel),
+            needs: HostNeeds::default(),
         }
     }
 
@@ -107,6 +123,7 @@ mod tests {
             labels: labels(l),
             free,
             accepting: true,
+            policy: HostPolicy::default(),
         }
     }
 
@@ -176,5 +193,29 @@ mod tests {
             agent("m", &[("os", "mac")], 1),
         ];
         assert_eq!(placed(&schedule(&jobs, &agents)), vec![(1, "m"), (2, "l")]);
+    }
+
+    #[test]
+    fn privileged_and_host_mount_jobs_go_only_to_agents_allowing_them() {
+        let mut privileged = job(1, &[]);
+        privileged.needs.privileged = true;
+        let mut mounts = job(2, &[]);
+        mounts.needs.host_paths = vec!["/srv/cache".into()];
+        let plain = agent("a-plain", &[], 2);
+        assert!(schedule(
+            &[privileged.clone(), mounts.clone()],
+            std::slice::from_ref(&plain)
+        )
+        .is_empty());
+        let mut root = agent("b-root", &[], 1);
+        root.policy.allow_privileged = true;
+        let mut disks = agent("c-disks", &[], 1);
+        disks.policy.allow_host_mounts = true;
+        disks.policy.host_mount_prefixes = vec!["/srv".into()];
+        let jobs = [privileged, mounts, job(3, &[])];
+        assert_eq!(
+            placed(&schedule(&jobs, &[plain, root, disks])),
+            vec![(1, "b-root"), (2, "c-disks"), (3, "a-plain")]
+        );
     }
 }

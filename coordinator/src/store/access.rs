@@ -1,9 +1,24 @@
 //! API tokens (hashed, with a role), kept apart from runs and agents so access data never mixes with
 //! scheduling data.
 
+use std::collections::BTreeMap;
+
 use rusqlite::params;
 
-use super::{Store, StoreError};
+use super::{parse_labels, Store, StoreError};
+
+/// A stored enrollment token as listed (its hash, never the token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrollmentTokenInfo {
+    /// sha256 of the token, hex.
+    pub hash: String,
+    /// Enrollments left.
+    pub uses_left: u32,
+    /// Unix milliseconds when it expires.
+    pub expires_ms: i64,
+    /// Labels an enrolling agent must have.
+    pub labels: BTreeMap<String, String>,
+}
 
 /// A stored API token: only its sha256 is kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,5 +61,48 @@ impl Store {
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await
+    }
+
+    /// Deletes the API token hashed `hash`; false when there was none.
+    pub async fn delete_api_token(&self, hash: String) -> Result<bool, StoreError> {
+        self.call(move |c| {
+            Ok(c.execute("DELETE FROM api_tokens WHERE hash = ?1", params![hash])? > 0)
+        })
+        .await
+    }
+
+    /// Every enrollment token, soonest to expire first.
+    pub async fn enrollment_tokens(&self) -> Result<Vec<EnrollmentTokenInfo>, StoreError> {
+        self.call(|c| {
+            let mut st = c.prepare(
+                "SELECT hash, uses_left, expires_ms, labels FROM tokens ORDER BY expires_ms, hash",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (hash, uses, expires_ms, labels) = row?;
+                out.push(EnrollmentTokenInfo {
+                    hash,
+                    uses_left: u32::try_from(uses.max(0)).unwrap_or(u32::MAX),
+                    expires_ms,
+                    labels: parse_labels(&labels)?,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Deletes the enrollment token hashed `hash`; false when there was none.
+    pub async fn delete_enrollment_token(&self, hash: String) -> Result<bool, StoreError> {
+        self.call(move |c| Ok(c.execute("DELETE FROM tokens WHERE hash = ?1", params![hash])? > 0))
+            .await
     }
 }

@@ -11,7 +11,7 @@ pub mod commit;
 mod secrets;
 mod traces;
 
-pub use access::ApiTokenRec;
+pub use access::{ApiTokenRec, EnrollmentTokenInfo};
 pub use secrets::SecretRow;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -859,6 +859,7 @@ mod tests {
                 timeout_secs: None,
                 pull: PullPolicy::IfNotPresent,
                 resources: Default::default(),
+                host: Default::default(),
             }],
             artifacts: vec![],
             timeout_secs: None,

@@ -89,6 +89,7 @@ impl FakeAgent {
                 token,
                 labels: label_map(labels),
                 hostname: "test-host".into(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -114,6 +115,7 @@ impl FakeAgent {
             capacity: self.capacity,
             running: vec![],
             hostname: "test-host".into(),
+            host_policy: None,
         };
         tx.send(pb::AgentMessage {
             msg: Some(pb::agent_message::Msg::Hello(hello)),

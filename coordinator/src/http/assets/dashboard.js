@@ -31,8 +31,47 @@ function badge(state) {
   return '<span class="badge" data-state="' + esc(state) + '">' + esc(state.replace("_", " ")) + "</span>";
 }
 
+// ---------------------------------------------------------------- API token
+// The JSON API needs a token with role read or higher. It is kept in sessionStorage (this tab only,
+// gone when it closes), taken from the login form or from `?token=` in the address, which is then
+// removed from the address bar and history.
+const TOKEN_KEY = "drover-token";
+(function tokenFromAddress() {
+  const q = new URLSearchParams(location.search);
+  const t = q.get("token");
+  if (t) {
+    sessionStorage.setItem(TOKEN_KEY, t.trim());
+    q.delete("token");
+    const rest = q.toString();
+    history.replaceState(null, "", location.pathname + (rest ? "?" + rest : "") + location.hash);
+  }
+})();
+
+function authHeaders() {
+  const t = sessionStorage.getItem(TOKEN_KEY);
+  return t ? { Authorization: "Bearer " + t } : {};
+}
+
+function askForToken(message) {
+  const form = $("#login");
+  if (!form.hidden) return;
+  $("#login-message").textContent = message;
+  form.hidden = false;
+  $("#login-token").focus();
+}
+
+async function apiFetch(path, options) {
+  const r = await fetch(path, Object.assign({ cache: "no-store", headers: authHeaders() }, options || {}));
+  if (r.status === 401 || r.status === 403) {
+    const why = (await r.text()).trim();
+    askForToken(why);
+    throw new Error(path + ": " + r.status + " " + why);
+  }
+  return r;
+}
+
 async function getJSON(path) {
-  const r = await fetch(path, { cache: "no-store" });
+  const r = await apiFetch(path);
   if (!r.ok) throw new Error(path + ": " + r.status + " " + (await r.text()).trim());
   return r.json();
 }
@@ -150,7 +189,7 @@ async function openLog(runId, job, step) {
   const dec = new TextDecoder("utf-8");
   const path = "/api/logs/" + encodeURIComponent(runId) + "/" + encodeURIComponent(job) + "/" + encodeURIComponent(step) + "?offset=0&follow=1";
   try {
-    const r = await fetch(path, { signal: controller.signal, cache: "no-store" });
+    const r = await apiFetch(path, { signal: controller.signal });
     if (!r.ok) throw new Error((await r.text()).trim() || r.status);
     const reader = r.body.getReader();
     for (;;) {
@@ -347,6 +386,16 @@ document.addEventListener("click", (ev) => {
   if (step && route.view === "run" && selectedJob) {
     location.hash = "#/run/" + encodeURIComponent(route.id) + "/" + encodeURIComponent(selectedJob) + "/" + encodeURIComponent(step.dataset.step);
   }
+});
+
+$("#login").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const t = $("#login-token").value.trim();
+  if (!t) return;
+  sessionStorage.setItem(TOKEN_KEY, t);
+  $("#login-token").value = "";
+  $("#login").hidden = true;
+  refresh();
 });
 
 window.addEventListener("hashchange", onRoute);
