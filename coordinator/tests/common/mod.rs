@@ -32,8 +32,20 @@ pub async fn start(dir: &std::path::Path) -> RunningServer {
         lease_ttl: Duration::from_secs(5),
         ..Config::with_data_dir(dir)
     };
-    Server::bind(config).await.unwrap().spawn()
+    let s = Server::bind(config).await.unwrap().spawn();
+    // The HTTP API needs a read token: `http_get` sends this server's.
+    let token = s
+        .access()
+        .create(drover_coordinator::access::Role::Read, "http tests")
+        .await
+        .unwrap();
+    HTTP_TOKENS.lock().unwrap().insert(s.http_addr(), token);
+    s
 }
+
+/// A read API token per HTTP address of the servers `start` made.
+static HTTP_TOKENS: std::sync::Mutex<std::collections::BTreeMap<SocketAddr, String>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
 
 /// A ControlService client.
 pub async fn control(s: &RunningServer) -> drover_coordinator::access::ControlClient {
@@ -294,7 +306,13 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
         .await
         .unwrap()
         .unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let auth = HTTP_TOKENS
+        .lock()
+        .unwrap()
+        .get(&addr)
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
     stream.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
     let head_end = loop {
