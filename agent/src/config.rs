@@ -65,6 +65,21 @@ pub struct Cli {
     /// `<data>/tls/ca.pem`; kept in the state directory at enrollment and used from then on.
     #[arg(long, env = "DROVER_CA_FILE", value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
+    /// Where steps run: `docker` (default: one container per step) or `shell` (host processes,
+    /// NOT isolated: for hosts without Docker; the agent warns at start).
+    #[arg(long, env = "DROVER_EXECUTOR", value_enum)]
+    pub executor: Option<ExecutorKind>,
+}
+
+/// Which executor runs the steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorKind {
+    /// One Docker container per step, isolated from the host.
+    #[default]
+    Docker,
+    /// `sh -e` on the host in the workspace directory, as the agent's user: not isolated.
+    Shell,
 }
 
 /// The TOML configuration file.
@@ -98,6 +113,8 @@ pub struct FileConfig {
     pub otlp_endpoint: Option<String>,
     /// CA certificate (PEM) to trust for an https:// coordinator.
     pub ca_file: Option<PathBuf>,
+    /// "docker" or "shell" (unisolated).
+    pub executor: Option<ExecutorKind>,
 }
 
 /// Invalid configuration.
@@ -159,6 +176,8 @@ pub struct AgentConfig {
     pub otlp_endpoint: Option<String>,
     /// CA certificate (PEM) to trust for an https:// coordinator, if given.
     pub ca_file: Option<PathBuf>,
+    /// Where steps run.
+    pub executor: ExecutorKind,
 }
 
 /// Parses `os=linux,queue=default`.
@@ -243,6 +262,7 @@ impl AgentConfig {
                 .or(file.otlp_endpoint)
                 .filter(|e| !e.is_empty()),
             ca_file: cli.ca_file.or(file.ca_file),
+            executor: cli.executor.or(file.executor).unwrap_or_default(),
         })
     }
 }
@@ -279,6 +299,22 @@ mod tests {
         assert_eq!(cfg.capacity, 5);
         assert_eq!(cfg.labels.get("os").map(String::as_str), Some("linux"));
         assert_eq!(cfg.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(cfg.executor, ExecutorKind::Docker, "Docker unless asked");
+
+        std::fs::write(&path, "executor = \"shell\"\n").unwrap();
+        let cfg = AgentConfig::resolve(Cli {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(cfg.executor, ExecutorKind::Shell);
+        std::fs::write(&path, "executor = \"chroot\"\n").unwrap();
+        let err = AgentConfig::resolve(Cli {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("executor"), "{err}");
 
         std::fs::write(&path, "capacty = 3\n").unwrap();
         let err = AgentConfig::resolve(Cli {

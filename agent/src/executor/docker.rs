@@ -18,7 +18,7 @@ use bollard::query_parameters::{
     StopContainerOptionsBuilder, UploadToContainerOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use bollard::{body_try_stream, Docker};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tokio_util::io::ReaderStream;
@@ -260,9 +260,17 @@ impl DockerExecutor {
             tokio::select! {
                 item = output.next() => match item {
                     Some(Ok(chunk)) => {
-                        sink.write(chunk.as_ref()).await.map_err(|e| {
+                        let (data, next) = gather(chunk.into_bytes(), output);
+                        sink.write(&data).await.map_err(|e| {
                             ExecError::io("writing step output to the spool", e)
                         })?;
+                        match next {
+                            Gathered::More => {}
+                            Gathered::End => break,
+                            Gathered::Failed(e) => {
+                                return Err(ExecError::Docker(format!("reading step output: {e}")));
+                            }
+                        }
                     }
                     Some(Err(e)) => {
                         return Err(ExecError::Docker(format!("reading step output: {e}")));
@@ -653,6 +661,53 @@ impl Executor for DockerExecutor {
             Leftover::Volume { name, .. } => self.remove_volume(name).await,
         }
     }
+}
+
+/// Most step output gathered into one write to the spool: one log chunk.
+const GATHER_BYTES: usize = drover_proto::CHUNK_BYTES;
+
+/// What followed the frames [`gather`] took.
+enum Gathered {
+    /// The stream goes on.
+    More,
+    /// The stream ended.
+    End,
+    /// The stream failed (after the bytes gathered).
+    Failed(BollardError),
+}
+
+/// `first` plus the attach frames the engine has already delivered (never waiting for more), up to
+/// [`GATHER_BYTES`]. A fast writer's output arrives in frames of a few KiB; one spool write, one
+/// shipper wake-up and one log chunk per frame would cost more than the bytes. A lone frame goes
+/// out at once, so the first byte is not delayed.
+fn gather(
+    first: bytes::Bytes,
+    output: &mut (impl futures::Stream<Item = Result<bollard::container::LogOutput, BollardError>>
+              + Unpin),
+) -> (bytes::Bytes, Gathered) {
+    let mut buf: Option<Vec<u8>> = None;
+    let mut next = Gathered::More;
+    while buf.as_ref().map_or(first.len(), Vec::len) < GATHER_BYTES {
+        match output.next().now_or_never() {
+            Some(Some(Ok(frame))) => buf
+                .get_or_insert_with(|| {
+                    let mut v = Vec::with_capacity(GATHER_BYTES + first.len());
+                    v.extend_from_slice(&first);
+                    v
+                })
+                .extend_from_slice(frame.as_ref()),
+            Some(Some(Err(e))) => {
+                next = Gathered::Failed(e);
+                break;
+            }
+            Some(None) => {
+                next = Gathered::End;
+                break;
+            }
+            None => break,
+        }
+    }
+    (buf.map_or(first, bytes::Bytes::from), next)
 }
 
 fn is_not_found(e: &BollardError) -> bool {

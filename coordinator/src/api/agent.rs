@@ -336,8 +336,10 @@ async fn agent_session(
     engine.detach(&agent_id, session);
 }
 
-/// One PushLogs stream: append each chunk (fenced), then after draining what is immediately available, sync
-/// and acknowledge the durable offset of every touched step log.
+/// One PushLogs stream: append each chunk (fenced) as it comes; the logs touched are handed to a syncer
+/// beside it, which makes them durable and acknowledges each one's durable offset. While the syncer waits
+/// for the disk, the next chunks are appended (and gathered into its next round), so the disk's flush
+/// time overlaps the network instead of stalling it; an ack still only names bytes that are on disk.
 async fn ship_logs(
     engine: Engine,
     agent_id: String,
@@ -345,19 +347,35 @@ async fn ship_logs(
     tx: mpsc::Sender<Result<pb::LogAck, Status>>,
 ) {
     let mut closing = engine.closing();
+    // One round waiting at most: the rest gathers in `pending` meanwhile.
+    let (sync_tx, sync_rx) = mpsc::channel::<Vec<(String, u32)>>(1);
+    let syncer = tokio::spawn(sync_and_ack(engine.clone(), sync_rx, tx.clone()));
+    let mut pending: Vec<(String, u32)> = Vec::new();
     loop {
         let first = tokio::select! {
             m = inbound.next() => m,
+            permit = sync_tx.reserve(), if !pending.is_empty() => match permit {
+                Ok(permit) => {
+                    permit.send(std::mem::take(&mut pending));
+                    continue;
+                }
+                // The syncer failed and said so on the stream.
+                Err(_) => return,
+            },
             _ = closing.changed() => return,
         };
         let first = match first {
             Some(Ok(c)) => c,
             Some(Err(e)) => {
                 // Say why (an undecodable or oversized chunk) rather than end the stream as if all was well.
+                finish_syncs(sync_tx, syncer, pending).await;
                 let _ = tx.send(Err(bad_log_stream(&agent_id, e))).await;
                 return;
             }
-            None => return,
+            None => {
+                finish_syncs(sync_tx, syncer, pending).await;
+                return;
+            }
         };
         let mut batch = vec![first];
         let mut ended = false;
@@ -378,47 +396,84 @@ async fn ship_logs(
             }
         }
         engine.touch(&agent_id);
-        let mut touched: Vec<(String, u32)> = Vec::new();
         for c in batch {
-            let r = async {
-                let steps = engine.check_attempt(&agent_id, &c.attempt_id, c.epoch)?;
-                if c.step_index >= steps {
-                    return Err(CoordError::InvalidArgument(format!(
-                        "step_index {} out of range: the job has {steps} steps",
-                        c.step_index
-                    )));
-                }
-                // Times first: a follower asking for them never sees bytes whose times are missing.
-                engine
-                    .logs()
-                    .record_times(&c.attempt_id, c.step_index, &c.times)
-                    .await?;
-                if c.truncated {
-                    engine
-                        .logs()
-                        .mark_truncated(&c.attempt_id, c.step_index)
-                        .await?;
-                }
-                engine
-                    .logs()
-                    .append(&c.attempt_id, c.step_index, c.offset, &c.data, c.eof)
-                    .await?;
-                engine.metrics().log_bytes(c.data.len() as u64);
-                Ok(())
-            }
-            .await;
-            if let Err(e) = r {
+            if let Err(e) = append_chunk(&engine, &agent_id, &c).await {
                 tracing::warn!(agent = %agent_id, attempt = %c.attempt_id, "log chunk rejected: {e}");
                 let _ = tx.send(Err(e.into())).await;
                 return;
             }
-            if !touched
+            if !pending
                 .iter()
                 .any(|(a, s)| *a == c.attempt_id && *s == c.step_index)
             {
-                touched.push((c.attempt_id, c.step_index));
+                pending.push((c.attempt_id, c.step_index));
             }
         }
+        if ended {
+            finish_syncs(sync_tx, syncer, pending).await;
+            if let Some(e) = broken {
+                let _ = tx.send(Err(bad_log_stream(&agent_id, e))).await;
+            }
+            return;
+        }
+        // Hand the logs over now if the syncer is free; otherwise they join its next round.
+        if !pending.is_empty() {
+            if let Ok(permit) = sync_tx.try_reserve() {
+                permit.send(std::mem::take(&mut pending));
+            }
+        }
+    }
+}
+
+/// Appends one chunk (its times first, so a follower asking for them never sees bytes whose times are
+/// missing), fenced by the attempt's epoch.
+async fn append_chunk(engine: &Engine, agent_id: &str, c: &pb::LogChunk) -> Result<(), CoordError> {
+    let steps = engine.check_attempt(agent_id, &c.attempt_id, c.epoch)?;
+    if c.step_index >= steps {
+        return Err(CoordError::InvalidArgument(format!(
+            "step_index {} out of range: the job has {steps} steps",
+            c.step_index
+        )));
+    }
+    engine
+        .logs()
+        .record_times(&c.attempt_id, c.step_index, &c.times)
+        .await?;
+    if c.truncated {
+        engine
+            .logs()
+            .mark_truncated(&c.attempt_id, c.step_index)
+            .await?;
+    }
+    engine
+        .logs()
+        .append(&c.attempt_id, c.step_index, c.offset, &c.data, c.eof)
+        .await?;
+    engine.metrics().log_bytes(c.data.len() as u64);
+    Ok(())
+}
+
+/// Hands the last logs to the syncer, then waits until it has acknowledged everything.
+async fn finish_syncs(
+    sync_tx: mpsc::Sender<Vec<(String, u32)>>,
+    syncer: tokio::task::JoinHandle<()>,
+    pending: Vec<(String, u32)>,
+) {
+    if !pending.is_empty() {
+        let _ = sync_tx.send(pending).await;
+    }
+    drop(sync_tx);
+    let _ = syncer.await;
+}
+
+/// The syncer of one PushLogs stream: for each round of touched logs, sync each and acknowledge its
+/// durable offset. A failed sync ends the stream with the error.
+async fn sync_and_ack(
+    engine: Engine,
+    mut rounds: mpsc::Receiver<Vec<(String, u32)>>,
+    tx: mpsc::Sender<Result<pb::LogAck, Status>>,
+) {
+    while let Some(touched) = rounds.recv().await {
         for (attempt_id, step_index) in touched {
             let ack = match engine.logs().sync(&attempt_id, step_index).await {
                 Ok(s) => pb::LogAck {
@@ -435,12 +490,6 @@ async fn ship_logs(
             if tx.send(Ok(ack)).await.is_err() {
                 return;
             }
-        }
-        if let Some(e) = broken {
-            let _ = tx.send(Err(bad_log_stream(&agent_id, e))).await;
-        }
-        if ended {
-            return;
         }
     }
 }
