@@ -18,7 +18,7 @@ pub const DEFAULT_CAPACITY: u32 = 1;
 #[command(
     name = "drover-agent",
     version,
-    about = "Drover build agent: runs job steps in Docker"
+    about = "Drover build agent: runs job steps in Docker (or, with --executor shell, unisolated on the host)"
 )]
 pub struct Cli {
     /// TOML configuration file (flags and environment override it).

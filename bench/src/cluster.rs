@@ -32,8 +32,8 @@ pub(crate) fn sibling_bin(name: &str) -> Result<PathBuf> {
     let p = dir.join(name);
     if !p.exists() {
         bail!(
-            "{} is missing: build it with `cargo build --release -p drover-coordinator -p drover-agent` \
-             (scripts/bench does)",
+            "{} is missing: build it with `cargo build --release -p drover-coordinator -p drover-agent \
+             -p drover-cli -p drover-bench` (scripts/bench does)",
             p.display()
         );
     }

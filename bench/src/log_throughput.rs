@@ -199,8 +199,10 @@ async fn through_drover(coord: &Coordinator, client: &mut Control, bytes: u64) -
     if stored != bytes {
         bail!("the coordinator stored {stored} bytes of log, expected {bytes}");
     }
+    let step_done = watched.step_done.unwrap_or(watched.finished);
     eprintln!(
-        "log_throughput: step running -> log complete {:?}, -> run succeeded {:?}",
+        "log_throughput: step running -> step finished {:?}, -> log complete {:?}, -> run succeeded {:?}",
+        step_done.saturating_duration_since(started),
         complete.saturating_duration_since(started),
         watched.finished.saturating_duration_since(started)
     );

@@ -253,30 +253,50 @@ impl DockerExecutor {
         tokio::pin!(deadline_sleep);
         let mut timed_out = false;
         let mut stopped = false;
+        // Reading the attach stream and writing the spool overlap: while one batch goes to disk the
+        // next is read, so a fast writer in the container is never held up by the spool's latency.
+        let (batches, mut to_write) = tokio::sync::mpsc::channel::<bytes::Bytes>(WRITE_AHEAD);
+        let reader = async move {
+            while let Some(item) = output.next().await {
+                let frame = item.map_err(|e| ExecError::Docker(format!("reading step output: {e}")))?;
+                let (data, next) = gather(frame.into_bytes(), output);
+                if batches.send(data).await.is_err() {
+                    break;
+                }
+                match next {
+                    Gathered::More => {}
+                    Gathered::End => break,
+                    Gathered::Failed(e) => {
+                        return Err(ExecError::Docker(format!("reading step output: {e}")));
+                    }
+                }
+            }
+            Ok::<(), ExecError>(())
+        };
+        let writer = async {
+            while let Some(data) = to_write.recv().await {
+                sink.write(&data)
+                    .await
+                    .map_err(|e| ExecError::io("writing step output to the spool", e))?;
+            }
+            Ok::<(), ExecError>(())
+        };
+        tokio::pin!(reader, writer);
+        let mut reading = true;
         // The stop/kill calls block until the container is gone; they run beside the output copy
         // so the last bytes are still captured.
         let mut control: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             tokio::select! {
-                item = output.next() => match item {
-                    Some(Ok(chunk)) => {
-                        let (data, next) = gather(chunk.into_bytes(), output);
-                        sink.write(&data).await.map_err(|e| {
-                            ExecError::io("writing step output to the spool", e)
-                        })?;
-                        match next {
-                            Gathered::More => {}
-                            Gathered::End => break,
-                            Gathered::Failed(e) => {
-                                return Err(ExecError::Docker(format!("reading step output: {e}")));
-                            }
-                        }
-                    }
-                    Some(Err(e)) => {
-                        return Err(ExecError::Docker(format!("reading step output: {e}")));
-                    }
-                    None => break,
-                },
+                read = &mut reader, if reading => {
+                    reading = false;
+                    read?;
+                }
+                // Ends once the reader is done and every batch is written.
+                written = &mut writer => {
+                    written?;
+                    break;
+                }
                 () = &mut deadline_sleep, if !timed_out && !stopped && deadline.is_some() => {
                     timed_out = true;
                     let docker = self.docker.clone();
@@ -444,9 +464,11 @@ impl Executor for DockerExecutor {
         let mut stream = self
             .docker
             .download_from_container(&helper.container, Some(options));
-        let mut file = tokio::fs::File::create(dest)
+        let file = tokio::fs::File::create(dest)
             .await
             .map_err(|e| ExecError::io(format!("creating {}", dest.display()), e))?;
+        // The engine sends the archive in pieces of a few KiB: a MiB per trip to the disk.
+        let mut file = tokio::io::BufWriter::with_capacity(ARCHIVE_BUFFER, file);
         while let Some(chunk) = stream.next().await {
             let chunk = match chunk {
                 Ok(c) => c,
@@ -662,6 +684,12 @@ impl Executor for DockerExecutor {
         }
     }
 }
+
+/// Buffer between archives fetched from the engine and the local disk.
+const ARCHIVE_BUFFER: usize = 1 << 20;
+
+/// Batches of step output read ahead of the spool writes.
+const WRITE_AHEAD: usize = 4;
 
 /// Most step output gathered into one write to the spool: one log chunk.
 const GATHER_BYTES: usize = drover_proto::CHUNK_BYTES;

@@ -396,7 +396,7 @@ async fn ship_logs(
             }
         }
         engine.touch(&agent_id);
-        for c in batch {
+        for c in merge_contiguous(batch) {
             if let Err(e) = append_chunk(&engine, &agent_id, &c).await {
                 tracing::warn!(agent = %agent_id, attempt = %c.attempt_id, "log chunk rejected: {e}");
                 let _ = tx.send(Err(e.into())).await;
@@ -423,6 +423,30 @@ async fn ship_logs(
             }
         }
     }
+}
+
+/// Joins chunks that continue each other (same log and epoch, each starting where the previous one
+/// ends) into one, so a batch of a fast log costs one write rather than one per 128 KiB chunk.
+fn merge_contiguous(batch: Vec<pb::LogChunk>) -> Vec<pb::LogChunk> {
+    let mut out: Vec<pb::LogChunk> = Vec::with_capacity(batch.len());
+    for c in batch {
+        if let Some(last) = out.last_mut() {
+            let continues = last.attempt_id == c.attempt_id
+                && last.epoch == c.epoch
+                && last.step_index == c.step_index
+                && !last.eof
+                && last.truncated == c.truncated
+                && last.offset.checked_add(last.data.len() as u64) == Some(c.offset);
+            if continues {
+                last.data.extend_from_slice(&c.data);
+                last.times.extend(c.times);
+                last.eof = c.eof;
+                continue;
+            }
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Appends one chunk (its times first, so a follower asking for them never sees bytes whose times are
@@ -503,7 +527,58 @@ fn bad_log_stream(agent_id: &str, e: Status) -> Status {
 
 #[cfg(test)]
 mod tests {
-    use super::check_artifact_path;
+    use super::{check_artifact_path, merge_contiguous, pb};
+
+    #[test]
+    fn contiguous_chunks_of_one_log_are_merged_and_others_kept_apart() {
+        let chunk = |attempt: &str, step: u32, offset: u64, data: &[u8], eof: bool| pb::LogChunk {
+            attempt_id: attempt.to_string(),
+            epoch: 1,
+            step_index: step,
+            offset,
+            data: data.to_vec(),
+            eof,
+            times: vec![pb::LineTime {
+                offset,
+                unix_ms: offset as i64,
+            }],
+            truncated: false,
+        };
+        let merged = merge_contiguous(vec![
+            chunk("a", 0, 0, b"ab", false),
+            chunk("a", 0, 2, b"cd", false),
+            chunk("a", 0, 4, b"e", true),
+            // After eof, a resend: kept apart so the store judges it.
+            chunk("a", 0, 5, b"", true),
+            chunk("a", 1, 0, b"x", false),
+            // A gap: not merged, the store reports it.
+            chunk("a", 1, 5, b"y", false),
+            chunk("b", 1, 6, b"z", false),
+        ]);
+        let got: Vec<(String, u32, u64, Vec<u8>, bool, usize)> = merged
+            .into_iter()
+            .map(|c| {
+                (
+                    c.attempt_id,
+                    c.step_index,
+                    c.offset,
+                    c.data,
+                    c.eof,
+                    c.times.len(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a".into(), 0, 0, b"abcde".to_vec(), true, 3),
+                ("a".into(), 0, 5, vec![], true, 1),
+                ("a".into(), 1, 0, b"x".to_vec(), false, 1),
+                ("a".into(), 1, 5, b"y".to_vec(), false, 1),
+                ("b".into(), 1, 6, b"z".to_vec(), false, 1),
+            ]
+        );
+    }
 
     #[test]
     fn artifact_paths_stay_in_the_workspace() {
