@@ -181,6 +181,11 @@ impl DockerExecutor {
                 Err(e) => return Err(ExecError::Docker(format!("waiting for container: {e}"))),
             }
         }
+        // An OOM kill is a SIGKILL (exit code 137): only then (or without a code) is the
+        // container's state worth another round trip to the engine.
+        if let Some(code) = code.filter(|&c| c != 137) {
+            return Ok((code, false));
+        }
         let inspect = self
             .docker
             .inspect_container(id, None::<InspectContainerOptions>)
@@ -274,7 +279,19 @@ impl DockerExecutor {
             Ok::<(), ExecError>(())
         };
         let writer = async {
-            while let Some(data) = to_write.recv().await {
+            while let Some(first) = to_write.recv().await {
+                // Whatever piled up while the last write was on its way goes in one write.
+                let mut data = first;
+                let mut joined: Option<Vec<u8>> = None;
+                while joined.as_ref().map_or(data.len(), Vec::len) < WRITE_BYTES {
+                    let Ok(more) = to_write.try_recv() else { break };
+                    joined
+                        .get_or_insert_with(|| data.to_vec())
+                        .extend_from_slice(&more);
+                }
+                if let Some(joined) = joined {
+                    data = bytes::Bytes::from(joined);
+                }
                 sink.write(&data)
                     .await
                     .map_err(|e| ExecError::io("writing step output to the spool", e))?;
@@ -688,8 +705,11 @@ impl Executor for DockerExecutor {
 /// Buffer between archives fetched from the engine and the local disk.
 const ARCHIVE_BUFFER: usize = 1 << 20;
 
-/// Batches of step output read ahead of the spool writes.
-const WRITE_AHEAD: usize = 4;
+/// Batches of step output read ahead of the spool writes (at most [`GATHER_BYTES`] each).
+const WRITE_AHEAD: usize = 32;
+
+/// Most step output written to the spool at once.
+const WRITE_BYTES: usize = 1 << 20;
 
 /// Most step output gathered into one write to the spool: one log chunk.
 const GATHER_BYTES: usize = drover_proto::CHUNK_BYTES;
