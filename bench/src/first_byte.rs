@@ -63,8 +63,7 @@ fn stamp(out: &str) -> Option<i64> {
 
 /// One job of `steps` steps, each printing the time first; returns each step's write -> seen latency.
 async fn follow_steps(coord: &Coordinator, steps: usize) -> Result<Samples> {
-    let mut pipeline =
-        String::from("jobs:\n  stamps:\n    agents: { os: linux }\n    steps:\n");
+    let mut pipeline = String::from("jobs:\n  stamps:\n    agents: { os: linux }\n    steps:\n");
     for i in 0..steps {
         pipeline.push_str(&format!(
             "      - name: s{i}\n        image: {IMAGE}\n        commands: [\"adjtimex\"]\n"

@@ -76,9 +76,8 @@ async fn watch(client: &mut Control, run_id: &str) -> Result<Watched> {
         if step_running.is_none() && first_step.is_some_and(|s| s.state() != JobState::Queued) {
             step_running = Some(now);
         }
-        let done = |s: &drover_proto::v1::Step| {
-            !matches!(s.state(), JobState::Queued | JobState::Running)
-        };
+        let done =
+            |s: &drover_proto::v1::Step| !matches!(s.state(), JobState::Queued | JobState::Running);
         if step_done.is_none() && first_step.is_some_and(done) {
             step_done = Some(now);
         }

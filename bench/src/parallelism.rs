@@ -25,7 +25,11 @@ pub(crate) async fn run(opts: &Opts) -> Result<Vec<Line>> {
     let mut lines = Vec::new();
     for n in LEVELS {
         // Enough steps that each level runs several waves; fewer for a quick look.
-        let steps = if opts.quick { 2 * n.max(2) } else { 6 * n.max(4) };
+        let steps = if opts.quick {
+            2 * n.max(2)
+        } else {
+            6 * n.max(4)
+        };
         let floor = xargs_floor(n, steps).await.context("xargs floor")?;
         let left = leftovers(&format!("label={LABEL}=1")).await?;
         if !left.is_empty() {
@@ -49,9 +53,8 @@ pub(crate) async fn run(opts: &Opts) -> Result<Vec<Line>> {
 
 /// `seq STEPS | xargs -P N -n 1 docker run --rm ... true`: steps per second.
 async fn xargs_floor(n: usize, steps: usize) -> Result<f64> {
-    let script = format!(
-        "seq {steps} | xargs -P {n} -I{{}} docker run --rm --label {LABEL}=1 {IMAGE} true"
-    );
+    let script =
+        format!("seq {steps} | xargs -P {n} -I{{}} docker run --rm --label {LABEL}=1 {IMAGE} true");
     let t0 = Instant::now();
     let out = tokio::process::Command::new("sh")
         .arg("-c")

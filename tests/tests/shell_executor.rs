@@ -82,7 +82,11 @@ jobs:
         "-o",
         got.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(std::fs::read_to_string(&got).unwrap(), "from the context\n");
     let tool = cluster.scratch().join("tool.sh");
     let out = cluster.drover(&[
@@ -94,7 +98,11 @@ jobs:
         "-o",
         tool.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&tool).unwrap().permissions().mode() & 0o777,
@@ -110,7 +118,11 @@ jobs:
         if left.is_empty() {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "left in {}: {left:?}", root.display());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left in {}: {left:?}",
+            root.display()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -152,5 +164,8 @@ jobs:
     assert_eq!(hangs.state(), JobState::TimedOut, "{run:#?}");
     // The background child would touch the marker 3 s after the start had it survived the kill.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(!marker.exists(), "a process of the timed-out step survived it");
+    assert!(
+        !marker.exists(),
+        "a process of the timed-out step survived it"
+    );
 }

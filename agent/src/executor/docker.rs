@@ -263,7 +263,8 @@ impl DockerExecutor {
         let (batches, mut to_write) = tokio::sync::mpsc::channel::<bytes::Bytes>(WRITE_AHEAD);
         let reader = async move {
             while let Some(item) = output.next().await {
-                let frame = item.map_err(|e| ExecError::Docker(format!("reading step output: {e}")))?;
+                let frame =
+                    item.map_err(|e| ExecError::Docker(format!("reading step output: {e}")))?;
                 let (data, next) = gather(frame.into_bytes(), output);
                 if batches.send(data).await.is_err() {
                     break;

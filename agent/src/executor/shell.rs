@@ -33,7 +33,9 @@ const READ_BYTES: usize = 128 * 1024;
 
 /// Environment variables of the agent that steps inherit; everything else (the agent's token
 /// and credentials among it) stays out.
-const PASSED_ENV: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR"];
+const PASSED_ENV: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR",
+];
 
 /// Name of the variable holding the workspace directory, for scripts that need its host path.
 pub const WORKSPACE_ENV: &str = "DROVER_WORKSPACE";
@@ -84,7 +86,10 @@ fn check_attempt(attempt_id: &str) -> Result<(), ExecError> {
 fn host_path(ws_dir: &Path, path: &str) -> Result<PathBuf, ExecError> {
     let rest = if path == WORKSPACE_DIR {
         ""
-    } else if let Some(rest) = path.strip_prefix(WORKSPACE_DIR).and_then(|r| r.strip_prefix('/')) {
+    } else if let Some(rest) = path
+        .strip_prefix(WORKSPACE_DIR)
+        .and_then(|r| r.strip_prefix('/'))
+    {
         rest
     } else {
         return Err(ExecError::Escape(format!(
@@ -317,9 +322,7 @@ impl Executor for ShellExecutor {
                 _ => {}
             }
             std::fs::create_dir_all(&d)
-                .and_then(|()| {
-                    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755))
-                })
+                .and_then(|()| std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)))
                 .map_err(|e| ExecError::io(format!("creating {}", d.display()), e))
         })
         .await?;
@@ -460,14 +463,15 @@ impl Executor for ShellExecutor {
             let _ = tokio::fs::remove_file(self.pgid_path(&ws.attempt_id)).await;
         }
         let dir = self.root.join(&ws.attempt_id);
-        blocking("removing the workspace", move || {
-            match std::fs::remove_dir_all(&dir) {
+        blocking(
+            "removing the workspace",
+            move || match std::fs::remove_dir_all(&dir) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
                     Err(ExecError::io(format!("removing {}", dir.display()), e))
                 }
                 _ => Ok(()),
-            }
-        })
+            },
+        )
         .await
     }
 

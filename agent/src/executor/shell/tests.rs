@@ -39,13 +39,30 @@ async fn runs_the_commands_in_the_workspace_with_the_step_env_and_keeps_output_o
         "echo made > file.txt",
         "env",
     ]);
-    let end = exec.run_step(&ws, &s, &mut out, None, never()).await.unwrap();
-    assert_eq!(end, StepEnd::Exited { code: 0, oom_killed: false });
+    let end = exec
+        .run_step(&ws, &s, &mut out, None, never())
+        .await
+        .unwrap();
+    assert_eq!(
+        end,
+        StepEnd::Exited {
+            code: 0,
+            oom_killed: false
+        }
+    );
     let text = String::from_utf8(out).unwrap();
     let mut lines = text.lines();
     assert_eq!(lines.next(), Some("hello there"));
-    assert_eq!(lines.next(), Some("to-stderr"), "stderr interleaved in order");
-    assert_eq!(lines.next(), Some(ws.volume.as_str()), "runs in the workspace");
+    assert_eq!(
+        lines.next(),
+        Some("to-stderr"),
+        "stderr interleaved in order"
+    );
+    assert_eq!(
+        lines.next(),
+        Some(ws.volume.as_str()),
+        "runs in the workspace"
+    );
     assert!(text.contains(&format!("{WORKSPACE_ENV}={}", ws.volume)));
     assert!(
         !text.contains("DROVER_SHELL_TEST_AGENT_SECRET"),
@@ -60,15 +77,37 @@ async fn a_failing_command_stops_the_script_with_its_exit_code() {
     let (_dir, exec, ws) = executor().await;
     let mut out = Vec::new();
     let s = step(&["echo before", "exit 7", "echo after"]);
-    let end = exec.run_step(&ws, &s, &mut out, None, never()).await.unwrap();
-    assert_eq!(end, StepEnd::Exited { code: 7, oom_killed: false });
+    let end = exec
+        .run_step(&ws, &s, &mut out, None, never())
+        .await
+        .unwrap();
+    assert_eq!(
+        end,
+        StepEnd::Exited {
+            code: 7,
+            oom_killed: false
+        }
+    );
     assert_eq!(out, b"before\n");
     let mut out = Vec::new();
     let end = exec
-        .run_step(&ws, &step(&["false", "echo after"]), &mut out, None, never())
+        .run_step(
+            &ws,
+            &step(&["false", "echo after"]),
+            &mut out,
+            None,
+            never(),
+        )
         .await
         .unwrap();
-    assert_eq!(end, StepEnd::Exited { code: 1, oom_killed: false }, "sh -e");
+    assert_eq!(
+        end,
+        StepEnd::Exited {
+            code: 1,
+            oom_killed: false
+        },
+        "sh -e"
+    );
     assert!(out.is_empty());
 }
 
@@ -123,7 +162,11 @@ async fn a_stop_sends_sigterm_then_sigkill_after_the_grace_period() {
     let (_dir, exec, ws) = executor().await;
     // Handles SIGTERM: exits by itself with its own code.
     let mut out = Vec::new();
-    let s = step(&["trap 'echo terminated; exit 3' TERM", "echo ready", "sleep 30 & wait"]);
+    let s = step(&[
+        "trap 'echo terminated; exit 3' TERM",
+        "echo ready",
+        "sleep 30 & wait",
+    ]);
     let stop = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         Duration::from_secs(10)
@@ -135,7 +178,11 @@ async fn a_stop_sends_sigterm_then_sigkill_after_the_grace_period() {
     assert_eq!(String::from_utf8_lossy(&out), "ready\nterminated\n");
     // Ignores SIGTERM: killed once the grace period is over.
     let mut out = Vec::new();
-    let s = step(&["trap '' TERM", "echo ready", "while true; do sleep 0.05; done"]);
+    let s = step(&[
+        "trap '' TERM",
+        "echo ready",
+        "while true; do sleep 0.05; done",
+    ]);
     let stop = async {
         tokio::time::sleep(Duration::from_millis(200)).await;
         Duration::from_millis(300)
@@ -162,7 +209,9 @@ async fn archives_go_in_and_come_out_and_paths_stay_in_the_workspace() {
         b.append_data(&mut h, "src/run.sh", &b"hi\n"[..]).unwrap();
         b.finish().unwrap();
     }
-    exec.put_archive(&helper, WORKSPACE_DIR, &tar_in).await.unwrap();
+    exec.put_archive(&helper, WORKSPACE_DIR, &tar_in)
+        .await
+        .unwrap();
     let run_sh = Path::new(&ws.volume).join("src/run.sh");
     assert_eq!(std::fs::read(&run_sh).unwrap(), b"hi\n");
     assert_eq!(
@@ -170,14 +219,28 @@ async fn archives_go_in_and_come_out_and_paths_stay_in_the_workspace() {
         0o750
     );
     std::os::unix::fs::symlink("/etc/passwd", Path::new(&ws.volume).join("out")).unwrap();
-    let info = exec.stat_path(&helper, "/workspace/src").await.unwrap().unwrap();
+    let info = exec
+        .stat_path(&helper, "/workspace/src")
+        .await
+        .unwrap()
+        .unwrap();
     assert!(info.is_dir && info.link_target.is_none());
-    let link = exec.stat_path(&helper, "/workspace/out").await.unwrap().unwrap();
+    let link = exec
+        .stat_path(&helper, "/workspace/out")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(link.link_target.as_deref(), Some("/etc/passwd"));
-    assert!(exec.stat_path(&helper, "/workspace/nope").await.unwrap().is_none());
+    assert!(exec
+        .stat_path(&helper, "/workspace/nope")
+        .await
+        .unwrap()
+        .is_none());
     // Out: named by the fetched path's last component, as Docker's archives are.
     let tar_out = dir.path().join("out.tar");
-    exec.get_archive(&helper, "/workspace/src", &tar_out).await.unwrap();
+    exec.get_archive(&helper, "/workspace/src", &tar_out)
+        .await
+        .unwrap();
     let mut names: Vec<String> = tar::Archive::new(std::fs::File::open(&tar_out).unwrap())
         .entries()
         .unwrap()
@@ -186,7 +249,9 @@ async fn archives_go_in_and_come_out_and_paths_stay_in_the_workspace() {
     names.sort();
     assert_eq!(names, vec!["src", "src/run.sh"]);
     // The symlink is archived as a link, never followed out of the workspace.
-    exec.get_archive(&helper, "/workspace/out", &tar_out).await.unwrap();
+    exec.get_archive(&helper, "/workspace/out", &tar_out)
+        .await
+        .unwrap();
     let mut archive = tar::Archive::new(std::fs::File::open(&tar_out).unwrap());
     let entry = archive.entries().unwrap().next().unwrap().unwrap();
     assert_eq!(entry.header().entry_type(), tar::EntryType::Symlink);
@@ -196,7 +261,10 @@ async fn archives_go_in_and_come_out_and_paths_stay_in_the_workspace() {
     ));
     for bad in ["/etc/passwd", "/workspace/../etc", "/workspacex"] {
         assert!(
-            matches!(exec.stat_path(&helper, bad).await, Err(ExecError::Escape(_))),
+            matches!(
+                exec.stat_path(&helper, bad).await,
+                Err(ExecError::Escape(_))
+            ),
             "{bad}"
         );
     }
