@@ -136,6 +136,14 @@ pub(crate) struct Coordinator {
     dir: tempfile::TempDir,
 }
 
+/// A new scratch directory for a coordinator's data (see [`Coordinator::start_in`]).
+pub(crate) fn scratch_dir() -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix("drover-bench-")
+        .tempdir()
+        .context("creating a scratch directory")
+}
+
 /// A ControlService client sending the coordinator's admin token.
 pub(crate) type Control = ControlServiceClient<InterceptedService<Channel, BearerToken>>;
 
@@ -153,10 +161,11 @@ impl Interceptor for BearerToken {
 impl Coordinator {
     /// Starts the coordinator on a free loopback port with these extra flags.
     pub(crate) async fn start(args: &[&str]) -> Result<Coordinator> {
-        let dir = tempfile::Builder::new()
-            .prefix("drover-bench-")
-            .tempdir()
-            .context("creating a scratch directory")?;
+        Self::start_in(scratch_dir()?, args).await
+    }
+
+    /// Starts the coordinator with its data in `dir/coordinator` (which may hold a store already).
+    pub(crate) async fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Result<Coordinator> {
         let data = dir.path().join("coordinator");
         let mut cmd = Command::new(sibling_bin("drover-coordinator")?);
         cmd.arg("--listen")
@@ -280,6 +289,12 @@ impl Coordinator {
     /// The coordinator's last stderr lines.
     pub(crate) fn tail(&self) -> String {
         self.proc.tail()
+    }
+
+    /// SIGKILL the coordinator and hand back its directory (for a restart over the same data).
+    pub(crate) async fn kill(mut self) -> tempfile::TempDir {
+        self.proc.kill().await;
+        self.dir
     }
 }
 

@@ -25,6 +25,8 @@ const JOB_TIMEOUT: Duration = Duration::from_secs(30);
 /// Latencies of sequential one-job runs on one idle simulated agent.
 #[derive(Debug)]
 pub(crate) struct Sequential {
+    /// The SubmitRun round trip.
+    pub(crate) submit: Samples,
     /// Just before SubmitRun -> the assignment at the agent.
     pub(crate) dispatch: Samples,
     /// Just before SubmitRun -> WatchRun shows the run succeeded.
@@ -39,6 +41,11 @@ pub(crate) struct Sequential {
 /// only after the previous run was seen succeeded, so the agent is idle at every submit.
 pub(crate) async fn sequential_jobs(n: usize) -> Result<Sequential> {
     let coord = Coordinator::start(&[]).await?;
+    sequential_jobs_on(&coord, n).await
+}
+
+/// [`sequential_jobs`] on a running coordinator (a new simulated agent attaches to it).
+pub(crate) async fn sequential_jobs_on(coord: &Coordinator, n: usize) -> Result<Sequential> {
     let token = coord.token(1).await?;
     let (tx, assignments) = mpsc::channel(4);
     let (results_tx, results) = mpsc::channel(4);
@@ -58,6 +65,7 @@ pub(crate) async fn sequential_jobs(n: usize) -> Result<Sequential> {
     )
     .await?;
     let mut client = coord.control().await?;
+    let mut submit = Vec::with_capacity(n);
     let mut dispatch = Vec::with_capacity(n);
     let mut e2e = Vec::with_capacity(n);
     let mut agent_share = Vec::with_capacity(n);
@@ -73,6 +81,7 @@ pub(crate) async fn sequential_jobs(n: usize) -> Result<Sequential> {
             format!("job {i}{alive}; coordinator said:\n{}", coord.tail())
         })?;
         if i >= WARMUP {
+            submit.push(t.submitted - t.submit);
             dispatch.push(t.assigned - t.submit);
             e2e.push(t.seen - t.submit);
             agent_share.push(t.result_sent.saturating_duration_since(t.assigned));
@@ -80,6 +89,7 @@ pub(crate) async fn sequential_jobs(n: usize) -> Result<Sequential> {
         }
     }
     Ok(Sequential {
+        submit: Samples::new(submit),
         dispatch: Samples::new(dispatch),
         e2e: Samples::new(e2e),
         agent: Samples::new(agent_share),
@@ -96,6 +106,7 @@ struct AgentEvents {
 /// The instants of one job's life.
 struct Timeline {
     submit: Instant,
+    submitted: Instant,
     assigned: Instant,
     result_sent: Instant,
     seen: Instant,
@@ -116,6 +127,7 @@ async fn one_job(
         .context("SubmitRun")?
         .into_inner()
         .run_id;
+    let submitted = Instant::now();
     let assigned = tokio::time::timeout(JOB_TIMEOUT, events.assignments.recv())
         .await
         .map_err(|_| anyhow!("run {run_id}: no assignment within {JOB_TIMEOUT:?}"))?
@@ -134,6 +146,7 @@ async fn one_job(
         .ok_or_else(|| anyhow!("the simulated agent's session ended"))?;
     Ok(Timeline {
         submit: t0,
+        submitted,
         assigned: assigned.max(t0),
         result_sent,
         seen,

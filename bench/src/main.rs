@@ -15,6 +15,7 @@ mod log_throughput;
 mod parallelism;
 mod report;
 mod sim_agent;
+mod store_size;
 mod throughput;
 
 use std::io::Write;
@@ -24,13 +25,14 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 /// The benchmarks, in the order they run.
-const BENCHMARKS: [&str; 10] = [
+const BENCHMARKS: [&str; 11] = [
     "failure_detection",
     "dispatch",
     "e2e_noop",
     "throughput",
     "container_step",
     "fleet",
+    "store_size",
     "log_throughput",
     "first_byte",
     "artifact_throughput",
@@ -128,6 +130,7 @@ async fn run_one(name: &str, opts: &Opts) -> Result<Vec<report::Line>> {
         "throughput" => throughput::run(opts).await,
         "container_step" => container_step::run(opts).await,
         "fleet" => fleet::run(opts).await,
+        "store_size" => store_size::run(opts).await,
         "log_throughput" => log_throughput::run(opts).await,
         "first_byte" => first_byte::run(opts).await,
         "artifact_throughput" => artifact_throughput::run(opts).await,

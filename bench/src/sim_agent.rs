@@ -47,6 +47,8 @@ type Client = AgentServiceClient<InterceptedService<Channel, Bearer>>;
 pub(crate) struct SimReport {
     /// Receives the arrival time of every assignment, when set (bounded: the benchmark must keep up).
     pub(crate) assignments: Option<mpsc::Sender<Instant>>,
+    /// Receives the run id and arrival time of every assignment, when set (bounded, like `assignments`).
+    pub(crate) assigned_runs: Option<mpsc::Sender<(String, Instant)>>,
     /// Receives the time each JobResult was sent, when set (bounded, like `assignments`).
     pub(crate) results: Option<mpsc::Sender<Instant>>,
     /// Incremented after each JobResult is sent.
@@ -194,6 +196,11 @@ impl Session {
     async fn run_assignment(&mut self, a: pb::Assignment, arrived: Instant) -> Result<()> {
         if let Some(tx) = &self.report.assignments {
             tx.send(arrived)
+                .await
+                .map_err(|_| anyhow!("the benchmark stopped listening for assignments"))?;
+        }
+        if let Some(tx) = &self.report.assigned_runs {
+            tx.send((a.run_id.clone(), arrived))
                 .await
                 .map_err(|_| anyhow!("the benchmark stopped listening for assignments"))?;
         }

@@ -25,6 +25,12 @@ const SQLITE_BATCH: usize = 64;
 /// Longest the whole load may take to finish.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// The open-loop load: runs submitted per second, whatever the coordinator answers.
+const OFFERED_RATE: f64 = 5_000.0;
+
+/// Agents serving the open-loop load.
+const OFFERED_AGENTS: usize = 64;
+
 /// The benchmark.
 pub(crate) async fn run(opts: &Opts) -> Result<Vec<Line>> {
     let jobs = if opts.quick { 600 } else { 3_000 };
@@ -51,7 +57,122 @@ pub(crate) async fn run(opts: &Opts) -> Result<Vec<Line>> {
             target,
         ));
     }
+    let offered_secs = if opts.quick { 1.0 } else { 3.0 };
+    let echo = crate::echo::round_trips(if opts.quick { 1_000 } else { 5_000 })
+        .await
+        .context("echo floor")?;
+    let coord = Coordinator::start(&[]).await?;
+    let at_rate = offered(&coord, OFFERED_RATE, Duration::from_secs_f64(offered_secs))
+        .await
+        .with_context(|| format!("offered load; coordinator said:\n{}", coord.tail()))?;
+    eprintln!(
+        "throughput: {OFFERED_RATE} jobs/s offered for {offered_secs} s to {OFFERED_AGENTS} agents: \
+         dispatch p50 {:?}, p99 {:?}, {:.0} jobs/s completed",
+        at_rate.dispatch.p50(),
+        at_rate.dispatch.p99(),
+        at_rate.completed_rate
+    );
+    lines.push(Line::new(
+        Figure::us(
+            "throughput.dispatch_p99_at_5000_offered",
+            at_rate.dispatch.p99(),
+        ),
+        Figure::us("echo.p99", echo.p99()),
+        "<= 1000 us",
+    ));
     Ok(lines)
+}
+
+/// What the open-loop load gave.
+struct Offered {
+    /// Scheduled submit time -> assignment at an agent, every run.
+    dispatch: crate::report::Samples,
+    /// Completed jobs per second over the whole load (first submit -> last result).
+    completed_rate: f64,
+}
+
+/// Open loop: submits one-job runs at `rate` per second for `duration` (each on its schedule, whether or
+/// not earlier ones were answered, from [`CLIENTS`] connections) to [`OFFERED_AGENTS`] agents; measures
+/// each run's dispatch latency from its scheduled submit time, so a stall counts for every run behind it.
+async fn offered(coord: &Coordinator, rate: f64, duration: Duration) -> Result<Offered> {
+    let jobs = (rate * duration.as_secs_f64()) as usize;
+    let token = coord.token(OFFERED_AGENTS as u32).await?;
+    let completed = Arc::new(AtomicU64::new(0));
+    let (assigned_tx, mut assigned_rx) = tokio::sync::mpsc::channel(jobs.max(1));
+    let report = SimReport {
+        completed: completed.clone(),
+        assigned_runs: Some(assigned_tx),
+        ..Default::default()
+    };
+    let mut fleet = start_many(&coord.url, &token, OFFERED_AGENTS, 16, report).await?;
+    let mut clients = Vec::with_capacity(CLIENTS);
+    for _ in 0..CLIENTS {
+        clients.push(coord.control().await?);
+    }
+    let collector = tokio::spawn(async move {
+        let mut arrivals = std::collections::HashMap::with_capacity(jobs);
+        while let Some((run_id, at)) = assigned_rx.recv().await {
+            arrivals.insert(run_id, at);
+            if arrivals.len() == jobs {
+                break;
+            }
+        }
+        arrivals
+    });
+    let t0 = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let mut submits = Vec::with_capacity(jobs);
+    for i in 0..jobs {
+        let due = t0 + interval.mul_f64(i as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let mut client = clients[i % CLIENTS].clone();
+        submits.push(tokio::spawn(async move {
+            let id = client
+                .submit_run(SubmitRunRequest {
+                    pipeline: NOOP_PIPELINE.to_string(),
+                    context_digest: String::new(),
+                    name: "bench".to_string(),
+                })
+                .await
+                .context("SubmitRun")?
+                .into_inner()
+                .run_id;
+            Ok::<_, anyhow::Error>((id, due))
+        }));
+    }
+    let mut due_of = Vec::with_capacity(jobs);
+    for s in submits {
+        due_of.push(s.await.context("a submit task panicked")??);
+    }
+    let deadline = t0 + LOAD_TIMEOUT;
+    while completed.load(Ordering::Relaxed) < jobs as u64 {
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {jobs} offered jobs completed within {LOAD_TIMEOUT:?}",
+                completed.load(Ordering::Relaxed)
+            );
+        }
+        for a in &mut fleet {
+            a.check_alive()?;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let completed_rate = jobs as f64 / t0.elapsed().as_secs_f64();
+    let arrivals = tokio::time::timeout(Duration::from_secs(30), collector)
+        .await
+        .context("not every assignment was reported")?
+        .context("the assignment collector panicked")?;
+    let mut latencies = Vec::with_capacity(jobs);
+    for (id, due) in due_of {
+        let at = arrivals
+            .get(&id)
+            .with_context(|| format!("run {id} was never assigned"))?;
+        latencies.push(at.saturating_duration_since(due));
+    }
+    Ok(Offered {
+        dispatch: crate::report::Samples::new(latencies),
+        completed_rate,
+    })
 }
 
 /// Attaches `agents` simulated agents, submits `jobs` one-job runs from [`CLIENTS`] clients at once and

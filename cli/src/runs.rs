@@ -175,7 +175,10 @@ pub(crate) async fn list(url: &str, out: OutputFormat, limit: u32) -> anyhow::Re
     let coordinator = Coordinator::connect(url).await?;
     let runs = coordinator
         .client()
-        .list_runs(ListRunsRequest { limit })
+        .list_runs(ListRunsRequest {
+            limit,
+            ..Default::default()
+        })
         .await
         .map_err(|s| coordinator.error(s, "list runs"))?
         .into_inner()

@@ -248,6 +248,7 @@ impl ControlService for Scripted {
         assert_eq!(request.into_inner().limit, 5);
         Ok(Response::new(ListRunsResponse {
             runs: vec![snapshots().pop().unwrap()],
+            next_page_token: String::new(),
         }))
     }
 

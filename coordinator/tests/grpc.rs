@@ -366,7 +366,10 @@ async fn run_succeeds_end_to_end_and_survives_restart() {
     assert_eq!(bad.code(), Code::InvalidArgument);
     assert!(bad.message().contains("line 3"), "{}", bad.message());
     assert!(c
-        .list_runs(pb::ListRunsRequest { limit: 0 })
+        .list_runs(pb::ListRunsRequest {
+            limit: 0,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()

@@ -91,7 +91,10 @@ jobs:
         .client()
         .await
         .unwrap()
-        .list_runs(ListRunsRequest { limit: 10 })
+        .list_runs(ListRunsRequest {
+            limit: 10,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -146,7 +149,10 @@ jobs:
         .client()
         .await
         .unwrap()
-        .list_runs(ListRunsRequest { limit: 10 })
+        .list_runs(ListRunsRequest {
+            limit: 10,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -371,7 +377,10 @@ async fn bad_pipelines_are_rejected_with_their_reason() {
         .client()
         .await
         .unwrap()
-        .list_runs(ListRunsRequest { limit: 10 })
+        .list_runs(ListRunsRequest {
+            limit: 10,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()

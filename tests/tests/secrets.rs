@@ -82,7 +82,10 @@ async fn secrets_reach_the_step_masked_and_never_leak() {
     // An unknown secret is refused at submit, at its line and column, and nothing is created.
     let mut client = cluster.client().await.unwrap();
     let before = client
-        .list_runs(ListRunsRequest { limit: 100 })
+        .list_runs(ListRunsRequest {
+            limit: 100,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -102,7 +105,10 @@ async fn secrets_reach_the_step_masked_and_never_leak() {
         "{err:?}"
     );
     let after = client
-        .list_runs(ListRunsRequest { limit: 100 })
+        .list_runs(ListRunsRequest {
+            limit: 100,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -162,7 +168,10 @@ async fn secrets_reach_the_step_masked_and_never_leak() {
         format!(
             "{:?}",
             client
-                .list_runs(ListRunsRequest { limit: 10 })
+                .list_runs(ListRunsRequest {
+                    limit: 10,
+                    ..Default::default()
+                })
                 .await
                 .unwrap()
                 .into_inner()

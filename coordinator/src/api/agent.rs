@@ -21,6 +21,9 @@ use crate::error::CoordError;
 /// How long a new Attach stream may take to send its hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// State changes of one agent session queued for commit and not yet known durable, at most.
+const MAX_INFLIGHT_COMMITS: usize = 64;
+
 /// Log chunks handled before the durable acknowledgement of a batch.
 const LOG_BATCH: usize = 64;
 
@@ -251,14 +254,21 @@ async fn agent_session(
     // The engine keeps the only strong sender: when it drops the session (lease expired, replaced by a newer
     // session, shutdown) the response stream ends and the agent reconnects.
     let weak = tx.downgrade();
-    let session = match engine.hello(&agent_id, hello, tx.clone()).await {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = tx.send(Err(e.into())).await;
-            return;
-        }
-    };
+    let crate::engine::Attached { session, seen } =
+        match engine.hello(&agent_id, hello, tx.clone()).await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+        };
     drop(tx);
+    let mut inflight: std::collections::VecDeque<crate::engine::Commit> = Default::default();
+    let ack_every = engine.config().lease_ttl / 4;
+    // The first heartbeat is acknowledged at once.
+    let mut last_ack = std::time::Instant::now()
+        .checked_sub(ack_every)
+        .unwrap_or_else(std::time::Instant::now);
     let mut closing = engine.closing();
     loop {
         let msg = tokio::select! {
@@ -279,11 +289,15 @@ async fn agent_session(
                 break;
             }
         };
-        engine.touch(&agent_id);
+        seen.touch();
         let stale = match msg.msg {
+            Some(Msg::Heartbeat(_)) if last_ack.elapsed() < ack_every => None,
             Some(Msg::Heartbeat(_)) => {
                 // The agent's side of the lease: without these it cannot tell a silent partition
-                // from a quiet coordinator. A full channel skips one ack; the next heartbeat retries.
+                // from a quiet coordinator. It needs one message per lease TTL, so a quarter TTL
+                // apart is plenty (an idle fleet is mostly heartbeats: every ack is a socket write).
+                // A full channel skips one ack; the next heartbeat retries.
+                last_ack = std::time::Instant::now();
                 if let Some(tx) = weak.upgrade() {
                     let ack = pb::CoordinatorMessage {
                         msg: Some(pb::coordinator_message::Msg::HeartbeatAck(
@@ -311,17 +325,34 @@ async fn agent_session(
                 .map(|e| (a.attempt_id, e)),
             Some(Msg::Step(u)) => {
                 let id = u.attempt_id.clone();
-                engine
-                    .step_update(&agent_id, u)
-                    .await
-                    .err()
-                    .map(|e| (id, e))
+                match engine.step_update_queued(&agent_id, u) {
+                    Ok(c) => {
+                        inflight.extend(c);
+                        None
+                    }
+                    Err(e) => Some((id, e)),
+                }
             }
             Some(Msg::Result(r)) => {
                 let id = r.attempt_id.clone();
-                engine.job_result(&agent_id, r).await.err().map(|e| (id, e))
+                match engine.job_result_queued(&agent_id, r).await {
+                    Ok(c) => {
+                        inflight.extend(c);
+                        None
+                    }
+                    Err(e) => Some((id, e)),
+                }
             }
         };
+        // Nothing answers these changes, so the next message is read while they commit (in order: they
+        // were queued in order); a bounded window keeps a fast agent from queueing without end.
+        while inflight.len() > MAX_INFLIGHT_COMMITS {
+            if let Some(c) = inflight.pop_front() {
+                if let Err(e) = c.durable().await {
+                    tracing::error!(agent = %agent_id, "state change not committed: {e}");
+                }
+            }
+        }
         if let Some((attempt, e)) = stale {
             tracing::warn!(agent = %agent_id, attempt = %attempt, "rejected: {e}");
             // A fenced-off attempt must stop writing: tell the agent (it may already have finished).

@@ -150,8 +150,12 @@ impl ControlService for ControlApi {
         &self,
         req: Request<pb::ListRunsRequest>,
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
-        let runs = self.engine.list_runs(req.into_inner().limit).await?;
-        Ok(Response::new(pb::ListRunsResponse { runs }))
+        let r = req.into_inner();
+        let (runs, next_page_token) = self.engine.list_runs_page(r.limit, &r.page_token).await?;
+        Ok(Response::new(pb::ListRunsResponse {
+            runs,
+            next_page_token,
+        }))
     }
 
     async fn watch_run(
@@ -227,9 +231,10 @@ impl ControlService for ControlApi {
         &self,
         _req: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
-        Ok(Response::new(pb::ListAgentsResponse {
-            agents: self.engine.list_agents(),
-        }))
+        let agents = self.engine.list_agents();
+        // Answer only once what was read is durable.
+        self.engine.settled().await?;
+        Ok(Response::new(pb::ListAgentsResponse { agents }))
     }
 
     async fn create_token(

@@ -77,7 +77,7 @@ impl Engine {
         }
         tracing::info!(agent = %agent_id, availability, "agent availability changed");
         if availability == ACTIVE {
-            self.dispatch_locked().await;
+            self.dispatch().await;
         }
         self.list_agents()
             .into_iter()
@@ -115,9 +115,10 @@ impl Engine {
     /// skipped); a running one is stopped through its agent (SIGTERM, SIGKILL after the grace) and
     /// ends `canceled` when the agent reports. Returns false when the job had already finished.
     pub async fn cancel_job(&self, run_id: &str, job: &str) -> CoordResult<bool> {
-        let _op = self.inner.op.lock().await;
         let active = self.lock().runs.contains_key(run_id);
         if !active {
+            // A run that just finished may not be in the file yet.
+            self.settled().await?;
             let run = self
                 .inner
                 .store
@@ -159,13 +160,13 @@ impl Engine {
                 }
                 super::machine::settle(run, now);
                 tx.messages.extend(stop);
+                // Before anything else can see the job: its attempt's result must end it canceled.
+                st.canceled_jobs
+                    .insert((run_id.to_string(), job.to_string()));
                 Ok(true)
             })
             .await?;
         if canceled {
-            self.lock()
-                .canceled_jobs
-                .insert((run_id.to_string(), job.to_string()));
             tracing::info!(run = %run_id, job, "job canceled");
         }
         Ok(canceled)

@@ -1,10 +1,15 @@
 //! The domain core: runs, jobs, attempts, agents and their leases, on top of the store, logs and blobs.
 //!
-//! Concurrency: every state change runs under `op` (a tokio mutex, so changes are applied one at a time and
-//! may await the store); it stages copies of the records it changes in a [`Tx`], commits them in one store
-//! transaction, and only then publishes them to the in-memory `state` (a std mutex, held only for short
-//! sections and never across an `.await`), sends messages to agents and notifies watchers. So nothing is
-//! visible to anyone before it is durable.
+//! Concurrency: a state change runs under the state lock (a std mutex, held only for short sections and
+//! never across an `.await`): it stages copies of the records it changes in a [`Tx`], applies them to the
+//! in-memory state at once (so the next change builds on it), and queues the rows that changed for the
+//! store's group committer, still under the lock, so the commit order is the order of the changes. Changes
+//! made while a transaction is being written share the next one (one fsync). Nothing is acknowledged before
+//! it is durable: messages to agents and watchers' notifications are published by the committer after the
+//! commit, in order; callers answer after awaiting their batch; reads from memory wait until everything
+//! queued when they read is durable ([`Engine::settled`]). A failed commit stops all further commits (see
+//! [`crate::store::commit`]); a restart reloads the last durable state. `op` (a tokio mutex) now only
+//! serializes the few operator changes that await the store directly (availability, secrets).
 
 pub mod availability;
 pub mod machine;
@@ -15,7 +20,7 @@ pub mod traces;
 pub mod why;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -32,7 +37,8 @@ use crate::config::Config;
 use crate::error::{CoordError, CoordResult};
 use crate::http::metrics::Metrics;
 use crate::logs::LogStore;
-use crate::scheduler::{self, AgentSlots, QueuedJob};
+use crate::scheduler::{self, AgentSlots};
+pub use crate::store::commit::Commit;
 use crate::store::{EnrollRefusal, Store, Write};
 use model::{
     AgentRec, ArtifactRec, AttemptRec, JobRec, RunRec, RunStatus, Status, StepRec, TokenRec,
@@ -94,6 +100,9 @@ struct Inner {
 struct State {
     /// Runs not finished yet (finished ones are read from the store).
     runs: HashMap<String, RunRec>,
+    /// Every queued job of `runs`, oldest first: (run seq, job index) -> run id. The scheduler reads this
+    /// rather than scanning every run.
+    queued: BTreeMap<(i64, u32), String>,
     /// Attempts running now.
     attempts: HashMap<String, AttemptRec>,
     /// Every enrolled agent.
@@ -111,13 +120,86 @@ struct State {
     attempt_spans: HashMap<String, tracing::Span>,
 }
 
+impl State {
+    /// Add the queued jobs of `r` to the queue index.
+    fn index_queued(&mut self, r: &RunRec) {
+        if r.state != RunStatus::Running {
+            return;
+        }
+        for (i, j) in r.jobs.iter().enumerate() {
+            if j.state == Status::Queued {
+                self.queued.insert((r.seq, i as u32), r.id.clone());
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct AgentLive {
     rec: AgentRec,
     /// Last time anything arrived from it: the lease clock.
-    last_seen: Instant,
-    last_seen_ms: i64,
+    seen: Arc<LastSeen>,
     session: Option<Session>,
+}
+
+impl AgentLive {
+    fn new(rec: AgentRec) -> AgentLive {
+        AgentLive {
+            rec,
+            seen: Arc::new(LastSeen::now()),
+            session: None,
+        }
+    }
+}
+
+/// When anything last arrived from an agent. Its session renews it on every message without taking the
+/// engine's lock (a heartbeat costs two atomic stores), and the lease timer reads it.
+#[derive(Debug)]
+pub struct LastSeen {
+    base: Instant,
+    /// Milliseconds after `base` (monotonic: the lease clock).
+    mono_ms: AtomicU64,
+    /// Unix milliseconds, for operators.
+    unix_ms: AtomicI64,
+}
+
+impl LastSeen {
+    fn now() -> LastSeen {
+        LastSeen {
+            base: Instant::now(),
+            mono_ms: AtomicU64::new(0),
+            unix_ms: AtomicI64::new(now_ms()),
+        }
+    }
+
+    /// Something arrived from the agent now.
+    pub fn touch(&self) {
+        let mono = self.base.elapsed().as_millis() as u64;
+        self.mono_ms.store(mono, Ordering::Relaxed);
+        self.unix_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// How long the agent has been silent.
+    fn silent_for(&self) -> Duration {
+        let mono = self.mono_ms.load(Ordering::Relaxed);
+        self.base
+            .elapsed()
+            .saturating_sub(Duration::from_millis(mono))
+    }
+
+    /// Unix ms of the last message.
+    fn unix_ms(&self) -> i64 {
+        self.unix_ms.load(Ordering::Relaxed)
+    }
+}
+
+/// An attached session: its id (for [`Engine::detach`]) and the agent's lease clock to renew.
+#[derive(Debug)]
+pub struct Attached {
+    /// Session id.
+    pub session: u64,
+    /// Renew on every message from the agent.
+    pub seen: Arc<LastSeen>,
 }
 
 #[derive(Debug)]
@@ -158,6 +240,74 @@ impl Tx {
     }
 }
 
+/// What applied changes publish once durable: their rows, messages to agents, logs to mark abandoned, and
+/// the runs whose watchers to wake.
+#[derive(Debug, Default)]
+struct Effects {
+    writes: Vec<Write>,
+    messages: Vec<(String, Option<u64>, pb::CoordinatorMessage)>,
+    abandon: Vec<(String, u32, String)>,
+    changed: Vec<String>,
+}
+
+impl Effects {
+    fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+            && self.messages.is_empty()
+            && self.abandon.is_empty()
+            && self.changed.is_empty()
+    }
+}
+
+fn lock_state(inner: &Inner) -> MutexGuard<'_, State> {
+    // Sections under this lock do not panic on bad input; recover from a bug rather than wedge.
+    inner.state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs on the committer thread once a batch is durable, in commit order: push the messages to agents
+/// (a full channel drops that session: the agent reconnects and reconciles), wake watchers, and mark the
+/// logs of ended attempts abandoned (then wake watchers again, so log followers see it).
+fn publish(
+    inner: &Arc<Inner>,
+    rt: &tokio::runtime::Handle,
+    messages: Vec<(String, Option<u64>, pb::CoordinatorMessage)>,
+    abandon: Vec<(String, u32, String)>,
+    changed: Vec<String>,
+) {
+    if !messages.is_empty() {
+        let mut st = lock_state(inner);
+        for (agent, session, msg) in messages {
+            let Some(live) = st.agents.get_mut(&agent) else {
+                continue;
+            };
+            // Only to the session the change was made for: a newer session starts with its own welcome
+            // and reconciles through its hello, as if the message had been lost with the old stream.
+            if let Some(s) = live.session.as_ref().filter(|s| Some(s.id) == session) {
+                if let Err(e) = s.tx.try_send(Ok(msg)) {
+                    tracing::warn!(agent = %agent, "cannot push to agent ({e}); dropping its session");
+                    live.session = None;
+                }
+            }
+        }
+    }
+    for id in &changed {
+        let _ = inner.changes.send(id.clone());
+    }
+    if !abandon.is_empty() {
+        let inner = inner.clone();
+        rt.spawn(async move {
+            for (attempt, steps, reason) in abandon {
+                if let Err(e) = inner.logs.abandon(&attempt, steps, &reason).await {
+                    tracing::warn!(attempt = %attempt, "cannot mark logs incomplete: {e}");
+                }
+            }
+            for id in changed {
+                let _ = inner.changes.send(id);
+            }
+        });
+    }
+}
+
 /// A submitted or loaded run's job, as FollowLogs needs it.
 #[derive(Debug, Clone)]
 pub struct JobView {
@@ -191,25 +341,20 @@ impl Engine {
     ) -> CoordResult<Engine> {
         let loaded = store.load().await?;
         // A running attempt's lease starts counting now: its agent gets a full TTL to reconnect.
-        let now = Instant::now();
         let mut state = State {
             next_seq: loaded.max_seq,
             availability: store.availabilities().await?,
             ..State::default()
         };
         for a in loaded.agents {
-            let last_seen_ms = a.last_seen_ms;
-            state.agents.insert(
-                a.id.clone(),
-                AgentLive {
-                    rec: a,
-                    last_seen: now,
-                    last_seen_ms,
-                    session: None,
-                },
-            );
+            let live = AgentLive::new(a);
+            live.seen
+                .unix_ms
+                .store(live.rec.last_seen_ms, Ordering::Relaxed);
+            state.agents.insert(live.rec.id.clone(), live);
         }
         for r in loaded.runs {
+            state.index_queued(&r);
             state.runs.insert(r.id.clone(), r);
         }
         state.run_traces = store
@@ -221,6 +366,9 @@ impl Engine {
         let (changes, _) = broadcast::channel(1024);
         let (closing, _) = watch::channel(false);
         let secrets = crate::secrets::Secrets::open(store.clone(), &config.data_dir).await?;
+        let metrics = Arc::new(Metrics::new());
+        let observed = metrics.clone();
+        store.observe_commits(Arc::new(move |took| observed.store_commit(took)));
         Ok(Engine {
             inner: Arc::new(Inner {
                 config,
@@ -232,7 +380,7 @@ impl Engine {
                 changes,
                 closing,
                 next_session: AtomicU64::new(1),
-                metrics: Arc::new(Metrics::new()),
+                metrics,
                 secrets,
             }),
         })
@@ -260,6 +408,11 @@ impl Engine {
 
     /// Readiness: the store is open and answers a query.
     pub async fn ready(&self) -> CoordResult<()> {
+        if let Some(why) = self.inner.store.poisoned() {
+            return Err(CoordError::Unavailable(format!(
+                "the store stopped committing: {why}; restart the coordinator"
+            )));
+        }
         self.inner.store.list_runs(1).await?;
         Ok(())
     }
@@ -293,7 +446,7 @@ impl Engine {
                     connected: a.session.is_some(),
                     revoked: a.rec.revoked,
                     running,
-                    last_seen_ms: a.last_seen_ms,
+                    last_seen_ms: a.seen.unix_ms(),
                 }
             })
             .collect();
@@ -309,6 +462,7 @@ impl Engine {
     ) -> CoordResult<pb::ExplainJobResponse> {
         let run = self.run_rec(run_id).await?;
         let fleet = self.fleet_view();
+        self.settled().await?;
         // An active run is re-read from the same snapshot so the job and the queue agree.
         let run = fleet
             .runs
@@ -331,8 +485,7 @@ impl Engine {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // Sections under this lock do not panic on bad input; recover from a bug rather than wedge.
-        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock_state(&self.inner)
     }
 
     /// Stop: close every agent session and tell streams to end.
@@ -346,169 +499,239 @@ impl Engine {
 
     // ---------------------------------------------------------------- change machinery
 
-    /// Run `f` against the state, commit what it staged, then publish. Caller holds `op`.
+    /// Run `f` against the state and apply what it staged at once (so the next change builds on it), queue
+    /// the changed rows for the group committer, and return once they are durable. Messages to agents and
+    /// change notifications go out from the committer, in order, only after that.
     async fn mutate<R>(
         &self,
         f: impl FnOnce(&mut State, &mut Tx, i64) -> CoordResult<R>,
     ) -> CoordResult<R> {
-        let mut tx = Tx::default();
-        let r = {
-            let mut st = self.lock();
-            f(&mut st, &mut tx, now_ms())?
-        };
-        self.commit(tx).await?;
+        self.change(false, f).await
+    }
+
+    /// [`Engine::mutate`], then place queued jobs on free agents in the same batch.
+    async fn mutate_and_dispatch<R>(
+        &self,
+        f: impl FnOnce(&mut State, &mut Tx, i64) -> CoordResult<R>,
+    ) -> CoordResult<R> {
+        self.change(true, f).await
+    }
+
+    /// Place queued jobs on free agents and push their assignments (once durable).
+    async fn dispatch(&self) {
+        if let Err(e) = self.change(true, |_, _, _| Ok(())).await {
+            tracing::error!("dispatch failed: {e}");
+        }
+    }
+
+    async fn change<R>(
+        &self,
+        dispatch: bool,
+        f: impl FnOnce(&mut State, &mut Tx, i64) -> CoordResult<R>,
+    ) -> CoordResult<R> {
+        let (r, commit) = self.change_queued(dispatch, f)?;
+        if let Some(commit) = commit {
+            commit.durable().await?;
+        }
         Ok(r)
     }
 
-    async fn commit(&self, tx: Tx) -> CoordResult<()> {
-        let mut writes = Vec::new();
-        writes.extend(tx.agents.values().cloned().map(Write::Agent));
-        writes.extend(tx.runs.values().cloned().map(Write::Run));
-        writes.extend(tx.attempts.values().cloned().map(Write::Attempt));
-        let began = std::time::Instant::now();
-        self.inner.store.commit(writes).await?;
-        self.inner.metrics.store_commit(began.elapsed());
-        let changed: Vec<String> = tx.runs.keys().cloned().collect();
-        {
-            let mut st = self.lock();
-            let now = now_ms();
-            for (id, r) in tx.runs {
-                self.inner.metrics.run_changed(st.runs.get(&id), &r, now);
-                if r.state == RunStatus::Running {
-                    st.runs.insert(id, r);
-                } else {
-                    st.run_traces.remove(&id);
-                    st.runs.remove(&id);
-                }
+    /// Apply a change and queue its rows without waiting for them: for changes nobody is answered about,
+    /// whose effects the committer publishes once durable anyway. The caller awaits the commit when it
+    /// needs to (and to bound how many it has in flight).
+    fn change_queued<R>(
+        &self,
+        dispatch: bool,
+        f: impl FnOnce(&mut State, &mut Tx, i64) -> CoordResult<R>,
+    ) -> CoordResult<(R, Option<Commit>)> {
+        let mut st = self.lock();
+        let now = now_ms();
+        let mut tx = Tx::default();
+        let r = f(&mut st, &mut tx, now)?;
+        let mut fx = Effects::default();
+        self.apply(&mut st, tx, now, &mut fx);
+        if dispatch {
+            let mut tx = Tx::default();
+            match self.schedule(&mut st, &mut tx, now) {
+                Ok(()) => self.apply(&mut st, tx, now, &mut fx),
+                Err(e) => tracing::error!("dispatch failed: {e}"),
             }
-            for (id, a) in tx.attempts {
-                if a.state == Status::Running {
-                    st.attempts.insert(id, a);
-                } else {
-                    // Ends the attempt's span (it is exported when the last handle drops).
-                    if let Some(span) = st.attempt_spans.remove(&id) {
-                        span.record("state", a.state.as_str());
-                    }
-                    st.attempts.remove(&id);
-                }
-            }
-            for (id, a) in tx.agents {
-                match st.agents.get_mut(&id) {
-                    Some(live) => live.rec = a,
-                    None => {
-                        let last_seen_ms = a.last_seen_ms;
-                        st.agents.insert(
-                            id,
-                            AgentLive {
-                                rec: a,
-                                last_seen: Instant::now(),
-                                last_seen_ms,
-                                session: None,
-                            },
-                        );
-                    }
-                }
-            }
-            let mut dead = Vec::new();
-            for (agent, msg) in tx.messages {
-                if let Some(s) = st.agents.get(&agent).and_then(|a| a.session.as_ref()) {
-                    if let Err(e) = s.tx.try_send(Ok(msg)) {
-                        tracing::warn!(agent = %agent, "cannot push to agent ({e}); dropping its session");
-                        dead.push(agent);
-                    }
-                }
-            }
-            for agent in dead {
-                if let Some(a) = st.agents.get_mut(&agent) {
-                    a.session = None;
+        }
+        // Queued under the state lock: the commit order is the order changes were applied.
+        Ok((r, self.enqueue(fx)))
+    }
+
+    /// Move what `tx` staged into the state; collect the rows that changed and what to publish.
+    fn apply(&self, st: &mut State, tx: Tx, now: i64, fx: &mut Effects) {
+        for (id, a) in tx.agents {
+            fx.writes.push(Write::Agent(a.clone()));
+            match st.agents.get_mut(&id) {
+                Some(live) => live.rec = a,
+                None => {
+                    st.agents.insert(id, AgentLive::new(a));
                 }
             }
         }
-        for (attempt, steps, reason) in tx.abandon {
-            if let Err(e) = self.inner.logs.abandon(&attempt, steps, &reason).await {
-                tracing::warn!(attempt = %attempt, "cannot mark logs incomplete: {e}");
+        for (id, r) in tx.runs {
+            match st.runs.get(&id) {
+                Some(old) => crate::store::run_changes(old, &r, &mut fx.writes),
+                None => fx.writes.push(Write::Run(r.clone())),
+            }
+            self.inner.metrics.run_changed(st.runs.get(&id), &r, now);
+            if !fx.changed.contains(&id) {
+                fx.changed.push(id.clone());
+            }
+            if let Some(old) = st.runs.get(&id) {
+                for (i, j) in old.jobs.iter().enumerate() {
+                    if j.state == Status::Queued {
+                        st.queued.remove(&(old.seq, i as u32));
+                    }
+                }
+            }
+            st.index_queued(&r);
+            if r.state == RunStatus::Running {
+                st.runs.insert(id, r);
+            } else {
+                st.run_traces.remove(&id);
+                st.runs.remove(&id);
             }
         }
-        for id in changed {
-            let _ = self.inner.changes.send(id);
+        for (id, a) in tx.attempts {
+            fx.writes.push(Write::Attempt(a.clone()));
+            if a.state == Status::Running {
+                st.attempts.insert(id, a);
+            } else {
+                // Ends the attempt's span (it is exported when the last handle drops).
+                if let Some(span) = st.attempt_spans.remove(&id) {
+                    span.record("state", a.state.as_str());
+                }
+                st.attempts.remove(&id);
+            }
         }
+        for (agent, msg) in tx.messages {
+            let session = st
+                .agents
+                .get(&agent)
+                .and_then(|a| a.session.as_ref())
+                .map(|s| s.id);
+            fx.messages.push((agent, session, msg));
+        }
+        fx.abandon.extend(tx.abandon);
+    }
+
+    /// Queue the effects' rows; the rest is published by the committer once they are durable.
+    fn enqueue(&self, fx: Effects) -> Option<Commit> {
+        if fx.is_empty() {
+            return None;
+        }
+        let Effects {
+            writes,
+            messages,
+            abandon,
+            changed,
+        } = fx;
+        let inner = self.inner.clone();
+        let rt = tokio::runtime::Handle::current();
+        let after: crate::store::commit::After =
+            Box::new(move || publish(&inner, &rt, messages, abandon, changed));
+        Some(self.inner.store.enqueue(writes, Some(after)))
+    }
+
+    /// Wait until every change applied so far is durable (before answering from memory).
+    pub async fn settled(&self) -> CoordResult<()> {
+        let seq = self.inner.store.enqueued();
+        self.inner.store.wait_durable(seq).await?;
         Ok(())
     }
 
-    /// Place queued jobs on free agents and push their assignments. Caller holds `op`.
-    async fn dispatch_locked(&self) {
-        let r = self
-            .mutate(|st, tx, now| {
-                let mut runs: Vec<&RunRec> = st.runs.values().collect();
-                runs.sort_by_key(|r| r.seq);
-                let mut queued = Vec::new();
-                for r in runs {
-                    for (i, j) in r.jobs.iter().enumerate() {
-                        if j.state == Status::Queued {
-                            queued.push(QueuedJob { key: (r.id.clone(), i), selector: j.spec.agents.clone() });
-                        }
-                    }
-                }
-                if queued.is_empty() {
-                    return Ok(());
-                }
-                let mut running: HashMap<&str, u32> = HashMap::new();
-                for a in st.attempts.values() {
-                    *running.entry(a.agent_id.as_str()).or_default() += 1;
-                }
-                let mut agents: Vec<AgentSlots> = st
-                    .agents
-                    .values()
-                    .map(|a| AgentSlots {
-                        id: a.rec.id.clone(),
-                        labels: a.rec.labels.clone(),
-                        free: a.rec.capacity.saturating_sub(running.get(a.rec.id.as_str()).copied().unwrap_or(0)),
-                        accepting: a.session.is_some() && !a.rec.revoked && st.accepts_work(&a.rec.id),
-                    })
-                    .collect();
-                agents.sort_by(|a, b| a.id.cmp(&b.id));
-                for p in scheduler::schedule(&queued, &agents) {
-                    let (run_id, idx) = p.job;
-                    let attempt_id = uuid::Uuid::new_v4().to_string();
-                    let run = tx.run_mut(st, &run_id)?;
-                    machine::start_attempt(&mut run.jobs[idx], &attempt_id, &p.agent);
-                    let (job_name, epoch) = (run.jobs[idx].name.clone(), run.jobs[idx].epoch);
-                    tracing::info!(run = %run_id, job = %job_name, agent = %p.agent, attempt = %attempt_id,
-                        epoch, "dispatch");
-                    let mut assign = assignment(run, idx);
-                    // Only this message carries the values: never the store, the logs or any API.
-                    assign.secrets = self.inner.secrets.values(&run.jobs[idx].spec.secrets).into_iter().collect();
-                    let run_trace = st.run_traces.get(&run_id).map(String::as_str);
-                    traces::schedule_span(run_trace, &run_id, &assign.job, &p.agent).in_scope(|| {
-                        tracing::debug!(attempt = %assign.attempt_id, "placed");
-                    });
-                    let span = traces::attempt_span(run_trace, &run_id, &assign.job, &assign.attempt_id, &p.agent, epoch);
-                    assign.traceparent = drover_telemetry::traceparent(&span).unwrap_or_default();
-                    st.attempt_spans.insert(assign.attempt_id.clone(), span);
-                    tx.attempts.insert(
-                        attempt_id.clone(),
-                        AttemptRec {
-                            id: attempt_id,
-                            run_id: run_id.clone(),
-                            job: job_name,
-                            agent_id: p.agent.clone(),
-                            epoch,
-                            state: Status::Running,
-                            created_ms: now,
-                            finished_ms: None,
-                        },
-                    );
-                    tx.messages.push((
-                        p.agent,
-                        pb::CoordinatorMessage { msg: Some(pb::coordinator_message::Msg::Assign(assign)) },
-                    ));
-                }
-                Ok(())
-            })
-            .await;
-        if let Err(e) = r {
-            tracing::error!("dispatch failed: {e}");
+    /// Place queued jobs on free agents: start their attempts and stage their assignments.
+    fn schedule(&self, st: &mut State, tx: &mut Tx, now: i64) -> CoordResult<()> {
+        // Nothing queued (the common case of a hello or result in an idle fleet): no agent scan either.
+        if st.queued.is_empty() {
+            return Ok(());
         }
+        let mut running: HashMap<&str, u32> = HashMap::new();
+        for a in st.attempts.values() {
+            *running.entry(a.agent_id.as_str()).or_default() += 1;
+        }
+        // Only agents that can take a job now: with none, there is nothing to do (and no queue to scan).
+        let mut agents: Vec<AgentSlots> = st
+            .agents
+            .values()
+            .filter(|a| a.session.is_some() && !a.rec.revoked)
+            .map(|a| AgentSlots {
+                id: a.rec.id.clone(),
+                labels: a.rec.labels.clone(),
+                free: a
+                    .rec
+                    .capacity
+                    .saturating_sub(running.get(a.rec.id.as_str()).copied().unwrap_or(0)),
+                accepting: st.accepts_work(&a.rec.id),
+            })
+            .filter(|a| a.free > 0 && a.accepting)
+            .collect();
+        drop(running);
+        if agents.is_empty() {
+            return Ok(());
+        }
+        agents.sort_by(|a, b| a.id.cmp(&b.id));
+        let runs = &st.runs;
+        let queued = st.queued.iter().filter_map(|((_, idx), run_id)| {
+            let job = runs.get(run_id)?.jobs.get(*idx as usize)?;
+            Some(((run_id.clone(), *idx as usize), &job.spec.agents))
+        });
+        let placements = scheduler::schedule_by(queued, &agents);
+        for p in placements {
+            let (run_id, idx) = p.job;
+            let attempt_id = uuid::Uuid::new_v4().to_string();
+            let run = tx.run_mut(st, &run_id)?;
+            machine::start_attempt(&mut run.jobs[idx], &attempt_id, &p.agent);
+            let (job_name, epoch) = (run.jobs[idx].name.clone(), run.jobs[idx].epoch);
+            tracing::info!(run = %run_id, job = %job_name, agent = %p.agent, attempt = %attempt_id,
+                epoch, "dispatch");
+            let mut assign = assignment(run, idx);
+            // Only this message carries the values: never the store, the logs or any API.
+            assign.secrets = self
+                .inner
+                .secrets
+                .values(&run.jobs[idx].spec.secrets)
+                .into_iter()
+                .collect();
+            let run_trace = st.run_traces.get(&run_id).map(String::as_str);
+            traces::schedule_span(run_trace, &run_id, &assign.job, &p.agent).in_scope(|| {
+                tracing::debug!(attempt = %assign.attempt_id, "placed");
+            });
+            let span = traces::attempt_span(
+                run_trace,
+                &run_id,
+                &assign.job,
+                &assign.attempt_id,
+                &p.agent,
+                epoch,
+            );
+            assign.traceparent = drover_telemetry::traceparent(&span).unwrap_or_default();
+            st.attempt_spans.insert(assign.attempt_id.clone(), span);
+            tx.attempts.insert(
+                attempt_id.clone(),
+                AttemptRec {
+                    id: attempt_id,
+                    run_id: run_id.clone(),
+                    job: job_name,
+                    agent_id: p.agent.clone(),
+                    epoch,
+                    state: Status::Running,
+                    created_ms: now,
+                    finished_ms: None,
+                },
+            );
+            tx.messages.push((
+                p.agent,
+                pb::CoordinatorMessage {
+                    msg: Some(pb::coordinator_message::Msg::Assign(assign)),
+                },
+            ));
+        }
+        Ok(())
     }
 
     /// Mark a running attempt lost and requeue or end its job. Stages into `tx`.
@@ -608,7 +831,6 @@ impl Engine {
             created_ms: now,
             last_seen_ms: now,
         };
-        let _op = self.inner.op.lock().await;
         let rec = match self.inner.store.enroll(sha256_hex(token), now, rec).await? {
             Ok(rec) => rec,
             Err(EnrollRefusal::Unknown) => {
@@ -634,15 +856,9 @@ impl Engine {
             }
         };
         tracing::info!(agent = %agent_id, hostname, "agent enrolled");
-        self.lock().agents.insert(
-            agent_id.clone(),
-            AgentLive {
-                rec,
-                last_seen: Instant::now(),
-                last_seen_ms: now,
-                session: None,
-            },
-        );
+        self.lock()
+            .agents
+            .insert(agent_id.clone(), AgentLive::new(rec));
         Ok((agent_id.clone(), format!("{agent_id}.{secret}")))
     }
 
@@ -680,112 +896,117 @@ impl Engine {
 
     /// Handle a hello: register the session, reconcile the attempts it lists, send Welcome, dispatch.
     /// Returns the session id to pass to [`Engine::detach`].
-    pub async fn hello(&self, agent_id: &str, hello: pb::Hello, out: AgentTx) -> CoordResult<u64> {
-        let _op = self.inner.op.lock().await;
+    pub async fn hello(
+        &self,
+        agent_id: &str,
+        hello: pb::Hello,
+        out: AgentTx,
+    ) -> CoordResult<Attached> {
         let session_id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
         let cfg = self.inner.config.clone();
-        self.mutate(|st, tx, now| {
-            if !hello.agent_id.is_empty() && hello.agent_id != agent_id {
-                return Err(CoordError::PermissionDenied(format!(
-                    "hello names agent {} but the credential is agent {agent_id}",
-                    hello.agent_id
-                )));
-            }
-            let labels: BTreeMap<String, String> = hello.labels.clone().into_iter().collect();
-            Self::clear_self_draining(st, agent_id);
-            let live = st
-                .agents
-                .get_mut(agent_id)
-                .ok_or_else(|| CoordError::Unauthenticated(format!("unknown agent {agent_id}")))?;
-            let missing: Vec<String> = live
-                .rec
-                .required_labels
-                .iter()
-                .filter(|(k, v)| labels.get(*k) != Some(*v))
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            if !missing.is_empty() {
-                return Err(CoordError::PermissionDenied(format!(
-                    "agent {agent_id} must keep the labels of its enrollment token: missing {}",
-                    missing.join(", ")
-                )));
-            }
-            live.session = Some(Session {
-                id: session_id,
-                tx: out,
-            });
-            live.last_seen = Instant::now();
-            live.last_seen_ms = now;
-            let mut rec = live.rec.clone();
-            rec.labels = labels;
-            rec.capacity = hello.capacity.max(1);
-            if !hello.hostname.is_empty() {
-                rec.hostname = hello.hostname.clone();
-            }
-            rec.last_seen_ms = now;
-            tx.agents.insert(agent_id.to_string(), rec);
+        let seen = self
+            .mutate_and_dispatch(|st, tx, now| {
+                if !hello.agent_id.is_empty() && hello.agent_id != agent_id {
+                    return Err(CoordError::PermissionDenied(format!(
+                        "hello names agent {} but the credential is agent {agent_id}",
+                        hello.agent_id
+                    )));
+                }
+                let labels: BTreeMap<String, String> = hello.labels.clone().into_iter().collect();
+                Self::clear_self_draining(st, agent_id);
+                let live = st.agents.get_mut(agent_id).ok_or_else(|| {
+                    CoordError::Unauthenticated(format!("unknown agent {agent_id}"))
+                })?;
+                let missing: Vec<String> = live
+                    .rec
+                    .required_labels
+                    .iter()
+                    .filter(|(k, v)| labels.get(*k) != Some(*v))
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                if !missing.is_empty() {
+                    return Err(CoordError::PermissionDenied(format!(
+                        "agent {agent_id} must keep the labels of its enrollment token: missing {}",
+                        missing.join(", ")
+                    )));
+                }
+                live.session = Some(Session {
+                    id: session_id,
+                    tx: out,
+                });
+                live.seen.touch();
+                let seen = live.seen.clone();
+                let mut rec = live.rec.clone();
+                rec.labels = labels;
+                rec.capacity = hello.capacity.max(1);
+                if !hello.hostname.is_empty() {
+                    rec.hostname = hello.hostname.clone();
+                }
+                rec.last_seen_ms = now;
+                tx.agents.insert(agent_id.to_string(), rec);
 
-            let mut stale = Vec::new();
-            let mut kept = Vec::new();
-            for ra in &hello.running {
-                match st.attempts.get(&ra.attempt_id) {
-                    Some(a) if a.agent_id == agent_id && a.epoch == ra.epoch => {
-                        kept.push(a.clone())
+                let mut stale = Vec::new();
+                let mut kept = Vec::new();
+                for ra in &hello.running {
+                    match st.attempts.get(&ra.attempt_id) {
+                        Some(a) if a.agent_id == agent_id && a.epoch == ra.epoch => {
+                            kept.push(a.clone())
+                        }
+                        _ => stale.push(ra.attempt_id.clone()),
                     }
-                    _ => stale.push(ra.attempt_id.clone()),
                 }
-            }
-            let forgotten: Vec<String> = st
-                .attempts
-                .values()
-                .filter(|a| {
-                    a.agent_id == agent_id && !hello.running.iter().any(|r| r.attempt_id == a.id)
-                })
-                .map(|a| a.id.clone())
-                .collect();
-            tx.messages.push((
-                agent_id.to_string(),
-                pb::CoordinatorMessage {
-                    msg: Some(pb::coordinator_message::Msg::Welcome(pb::Welcome {
-                        agent_id: agent_id.to_string(),
-                        heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
-                        lease_ttl_ms: cfg.lease_ttl.as_millis() as u64,
-                        stale_attempts: stale,
-                    })),
-                },
-            ));
-            for id in forgotten {
-                self.lose_attempt(
-                    st,
-                    tx,
-                    &id,
-                    &format!("agent {agent_id} reconnected without attempt {id}"),
-                    now,
-                )?;
-            }
-            for a in kept {
-                tracing::info!(agent = %agent_id, attempt = %a.id, "attempt re-adopted");
-                if st.runs.get(&a.run_id).is_some_and(|r| r.cancel_requested) {
-                    tx.messages.push((
-                        agent_id.to_string(),
-                        cancel_msg(&a.id, cfg.cancel_grace, "run canceled"),
-                    ));
+                let forgotten: Vec<String> = st
+                    .attempts
+                    .values()
+                    .filter(|a| {
+                        a.agent_id == agent_id
+                            && !hello.running.iter().any(|r| r.attempt_id == a.id)
+                    })
+                    .map(|a| a.id.clone())
+                    .collect();
+                tx.messages.push((
+                    agent_id.to_string(),
+                    pb::CoordinatorMessage {
+                        msg: Some(pb::coordinator_message::Msg::Welcome(pb::Welcome {
+                            agent_id: agent_id.to_string(),
+                            heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
+                            lease_ttl_ms: cfg.lease_ttl.as_millis() as u64,
+                            stale_attempts: stale,
+                        })),
+                    },
+                ));
+                for id in forgotten {
+                    self.lose_attempt(
+                        st,
+                        tx,
+                        &id,
+                        &format!("agent {agent_id} reconnected without attempt {id}"),
+                        now,
+                    )?;
                 }
-            }
-            Ok(())
-        })
-        .await?;
+                for a in kept {
+                    tracing::info!(agent = %agent_id, attempt = %a.id, "attempt re-adopted");
+                    if st.runs.get(&a.run_id).is_some_and(|r| r.cancel_requested) {
+                        tx.messages.push((
+                            agent_id.to_string(),
+                            cancel_msg(&a.id, cfg.cancel_grace, "run canceled"),
+                        ));
+                    }
+                }
+                Ok(seen)
+            })
+            .await?;
         tracing::info!(agent = %agent_id, session = session_id, "agent attached");
-        self.dispatch_locked().await;
-        Ok(session_id)
+        Ok(Attached {
+            session: session_id,
+            seen,
+        })
     }
 
     /// Note that something arrived from the agent: renews its lease.
     pub fn touch(&self, agent_id: &str) {
-        let mut st = self.lock();
-        if let Some(a) = st.agents.get_mut(agent_id) {
-            a.last_seen = Instant::now();
-            a.last_seen_ms = now_ms();
+        if let Some(a) = self.lock().agents.get(agent_id) {
+            a.seen.touch();
         }
     }
 
@@ -805,10 +1026,9 @@ impl Engine {
     pub async fn check_leases(&self) -> CoordResult<()> {
         let ttl = self.inner.config.lease_ttl;
         let expired = |st: &State| -> Vec<String> {
-            let now = Instant::now();
             st.agents
                 .values()
-                .filter(|a| now.duration_since(a.last_seen) > ttl)
+                .filter(|a| a.seen.silent_for() > ttl)
                 .filter(|a| {
                     a.session.is_some() || st.attempts.values().any(|at| at.agent_id == a.rec.id)
                 })
@@ -818,8 +1038,7 @@ impl Engine {
         if expired(&self.lock()).is_empty() {
             return Ok(());
         }
-        let _op = self.inner.op.lock().await;
-        self.mutate(|st, tx, now| {
+        self.mutate_and_dispatch(|st, tx, now| {
             for agent in expired(st) {
                 if let Some(a) = st.agents.get_mut(&agent) {
                     if a.session.take().is_some() {
@@ -836,7 +1055,6 @@ impl Engine {
             Ok(())
         })
         .await?;
-        self.dispatch_locked().await;
         Ok(())
     }
 
@@ -918,8 +1136,19 @@ impl Engine {
 
     /// A step started or finished.
     pub async fn step_update(&self, agent_id: &str, u: pb::StepUpdate) -> CoordResult<()> {
-        let _op = self.inner.op.lock().await;
-        self.mutate(|st, tx, now| {
+        if let Some(c) = self.step_update_queued(agent_id, u)? {
+            c.durable().await?;
+        }
+        Ok(())
+    }
+
+    /// [`Engine::step_update`] without waiting for durability (nothing answers a step update).
+    pub fn step_update_queued(
+        &self,
+        agent_id: &str,
+        u: pb::StepUpdate,
+    ) -> CoordResult<Option<Commit>> {
+        let (_, commit) = self.change_queued(false, |st, tx, now| {
             let (run_id, idx, steps) = Self::fence(st, agent_id, &u.attempt_id, u.epoch)?;
             if u.step_index >= steps {
                 return Err(CoordError::InvalidArgument(format!(
@@ -947,19 +1176,31 @@ impl Engine {
                 job.started_ms.get_or_insert(now);
             }
             Ok(())
-        })
-        .await
+        })?;
+        Ok(commit)
     }
 
     /// The attempt is over. A success is accepted only once every step log of the attempt is complete.
     pub async fn job_result(&self, agent_id: &str, r: pb::JobResult) -> CoordResult<()> {
+        if let Some(c) = self.job_result_queued(agent_id, r).await? {
+            c.durable().await?;
+        }
+        Ok(())
+    }
+
+    /// [`Engine::job_result`] without waiting for durability (nothing answers a result; the next jobs'
+    /// assignments go out once it is durable).
+    pub async fn job_result_queued(
+        &self,
+        agent_id: &str,
+        r: pb::JobResult,
+    ) -> CoordResult<Option<Commit>> {
         let state = JobState::try_from(r.state).map_err(|_| {
             CoordError::InvalidArgument(format!("job result: unknown state {}", r.state))
         })?;
         let failure = FailureClass::try_from(r.failure).map_err(|_| {
             CoordError::InvalidArgument(format!("job result: unknown failure class {}", r.failure))
         })?;
-        let _op = self.inner.op.lock().await;
         let (_, _, steps) = Self::fence(&self.lock(), agent_id, &r.attempt_id, r.epoch)?;
         if state == JobState::Succeeded {
             for i in 0..steps {
@@ -973,7 +1214,7 @@ impl Engine {
             }
         }
         let max_retries = self.inner.config.max_retries;
-        self.mutate(|st, tx, now| {
+        let (_, commit) = self.change_queued(true, |st, tx, now| {
             let (run_id, idx, _) = Self::fence(st, agent_id, &r.attempt_id, r.epoch)?;
             let run = tx.run_mut(st, &run_id)?;
             let cancel = run.cancel_requested || st.job_canceled(&run_id, &run.jobs[idx].name);
@@ -999,10 +1240,8 @@ impl Engine {
             a.finished_ms = Some(now);
             tx.attempts.insert(a.id.clone(), a);
             Ok(())
-        })
-        .await?;
-        self.dispatch_locked().await;
-        Ok(())
+        })?;
+        Ok(commit)
     }
 
     /// Record an uploaded artifact file for the attempt (replacing one at the same path).
@@ -1012,7 +1251,6 @@ impl Engine {
         epoch: u64,
         art: ArtifactRec,
     ) -> CoordResult<()> {
-        let _op = self.inner.op.lock().await;
         self.mutate(|st, tx, _now| {
             let (run_id, idx, _) = Self::fence(st, agent_id, &art.attempt_id, epoch)?;
             let run = tx.run_mut(st, &run_id)?;
@@ -1098,8 +1336,8 @@ impl Engine {
         };
         let root = traces::run_span(&id, &name, pipeline.jobs.len());
         let trace = drover_telemetry::traceparent(&root);
-        let _op = self.inner.op.lock().await;
-        self.mutate(|st, tx, now| {
+        // The run and the assignments of its first jobs share one batch: one commit before the push.
+        self.mutate_and_dispatch(|st, tx, now| {
             st.next_seq += 1;
             if let Some(tp) = &trace {
                 st.run_traces.insert(id.clone(), tp.clone());
@@ -1161,15 +1399,15 @@ impl Engine {
         }
         root.in_scope(|| tracing::info!(run = %id, "run submitted"));
         drop(root);
-        self.dispatch_locked().await;
         Ok(id)
     }
 
     /// Cancel a run's unfinished jobs: pending ones at once, running ones through their agents.
     /// Returns how many jobs were canceled or asked to stop.
     pub async fn cancel_run(&self, run_id: &str) -> CoordResult<u32> {
-        let _op = self.inner.op.lock().await;
         if !self.lock().runs.contains_key(run_id) {
+            // A run that just finished may not be in the file yet.
+            self.settled().await?;
             return match self.inner.store.get_run(run_id).await? {
                 Some(_) => Ok(0),
                 None => Err(CoordError::NotFound(format!("run {run_id} not found"))),
@@ -1205,7 +1443,14 @@ impl Engine {
 
     /// A run, active or finished.
     pub async fn run_rec(&self, run_id: &str) -> CoordResult<RunRec> {
-        if let Some(r) = self.lock().runs.get(run_id).cloned() {
+        // Memory may be ahead of the file by the batches being committed: answer only once what was read
+        // is durable (and read the file only after that).
+        let (mem, seq) = {
+            let st = self.lock();
+            (st.runs.get(run_id).cloned(), self.inner.store.enqueued())
+        };
+        self.inner.store.wait_durable(seq).await?;
+        if let Some(r) = mem {
             return Ok(r);
         }
         self.inner
@@ -1223,8 +1468,29 @@ impl Engine {
 
     /// The newest runs, newest first.
     pub async fn list_runs(&self, limit: u32) -> CoordResult<Vec<pb::Run>> {
+        Ok(self.list_runs_page(limit, "").await?.0)
+    }
+
+    /// One page of runs, newest first, after the run `page_token` (empty: the newest); with the token of
+    /// the next page (empty when this page is the last).
+    pub async fn list_runs_page(
+        &self,
+        limit: u32,
+        page_token: &str,
+    ) -> CoordResult<(Vec<pb::Run>, String)> {
         let limit = if limit == 0 { 50 } else { limit.min(1000) };
-        let runs = self.inner.store.list_runs(limit).await?;
+        self.settled().await?;
+        let after = (!page_token.is_empty()).then(|| page_token.to_string());
+        let runs = self
+            .inner
+            .store
+            .list_runs_page(limit, after)
+            .await?
+            .ok_or_else(|| {
+                CoordError::InvalidArgument(format!(
+                    "page_token {page_token:?} is not a run id; pass the next_page_token of the previous page"
+                ))
+            })?;
         let mut out = Vec::with_capacity(runs.len());
         for r in &runs {
             // The store is authoritative (memory equals what was committed); prefer memory for consistency.
@@ -1236,7 +1502,12 @@ impl Engine {
                 .unwrap_or_else(|| r.clone());
             out.push(self.run_to_proto(&r).await);
         }
-        Ok(out)
+        self.settled().await?;
+        let next = match runs.last() {
+            Some(last) if runs.len() == limit as usize => last.id.clone(),
+            _ => String::new(),
+        };
+        Ok((out, next))
     }
 
     /// Convert a run to its wire form, reading each started step's log length.
@@ -1378,7 +1649,7 @@ impl Engine {
                     capacity: a.rec.capacity,
                     state: state.into(),
                     running,
-                    last_seen_ms: a.last_seen_ms,
+                    last_seen_ms: a.seen.unix_ms(),
                     availability: st.availability_of(&a.rec.id).to_string(),
                 }
             })

@@ -16,8 +16,7 @@ impl Engine {
     /// Revoke `agent_id`. Idempotent; returns the agent as listed afterwards.
     pub async fn revoke_agent(&self, agent_id: &str) -> CoordResult<pb::Agent> {
         {
-            let _op = self.inner.op.lock().await;
-            self.mutate(|st, tx, now| {
+            self.mutate_and_dispatch(|st, tx, now| {
                 let live = st.agents.get_mut(agent_id).ok_or_else(|| {
                     CoordError::NotFound(format!("no agent {agent_id}; `drover agents` lists them"))
                 })?;
@@ -40,7 +39,6 @@ impl Engine {
             })
             .await?;
             tracing::warn!(agent = %agent_id, "agent revoked");
-            self.dispatch_locked().await;
         }
         self.list_agents()
             .into_iter()

@@ -231,14 +231,17 @@ pub struct RunsQuery {
     /// At most this many (default 50).
     #[serde(default)]
     pub limit: u32,
+    /// Only runs older than this run id (the last id of the previous page).
+    #[serde(default)]
+    pub after: String,
 }
 
-/// `GET /api/runs?limit=N`: recent runs, newest first.
+/// `GET /api/runs?limit=N&after=RUN_ID`: recent runs, newest first, one page at a time.
 pub async fn runs(
     State(engine): State<Engine>,
     Query(q): Query<RunsQuery>,
 ) -> Result<Json<Vec<RunJson>>, HttpError> {
-    let runs = engine.list_runs(q.limit).await?;
+    let (runs, _) = engine.list_runs_page(q.limit, &q.after).await?;
     Ok(Json(runs.iter().map(run_json).collect()))
 }
 
@@ -285,6 +288,8 @@ pub struct AgentJson {
 /// `GET /api/agents`: every enrolled agent.
 pub async fn agents(State(engine): State<Engine>) -> Json<Vec<AgentJson>> {
     let fleet = engine.fleet_view();
+    // Shown only once durable (a failed store shows up on /readyz; the view is still worth showing).
+    let _ = engine.settled().await;
     Json(
         fleet
             .agents
@@ -340,6 +345,8 @@ pub struct QueueJson {
 /// `GET /api/queue`: jobs waiting for an agent, per label selector.
 pub async fn queue(State(engine): State<Engine>) -> Json<Vec<QueueJson>> {
     let fleet = engine.fleet_view();
+    // Shown only once durable (a failed store shows up on /readyz; the view is still worth showing).
+    let _ = engine.settled().await;
     let queues = engine.metrics().queues(&fleet, now_ms());
     Json(
         queues

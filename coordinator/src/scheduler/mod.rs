@@ -47,24 +47,35 @@ pub fn matches(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, St
 /// most free slots, then the smallest id, which spreads load deterministically). A job that no agent can
 /// take now is passed over, so it never blocks later jobs that other agents can run.
 pub fn schedule<K: Clone>(jobs: &[QueuedJob<K>], agents: &[AgentSlots]) -> Vec<Placement<K>> {
+    schedule_by(jobs.iter().map(|j| (j.key.clone(), &j.selector)), agents)
+}
+
+/// [`schedule`] over a lazy sequence of (key, selector), oldest first: it stops drawing jobs as soon as
+/// every slot is taken, so a long queue costs nothing while the fleet is busy.
+pub fn schedule_by<'s, K>(
+    jobs: impl IntoIterator<Item = (K, &'s BTreeMap<String, String>)>,
+    agents: &[AgentSlots],
+) -> Vec<Placement<K>> {
     let mut free: Vec<u32> = agents
         .iter()
         .map(|a| if a.accepting { a.free } else { 0 })
         .collect();
+    let mut left: u64 = free.iter().map(|f| u64::from(*f)).sum();
     let mut out = Vec::new();
-    for job in jobs {
-        if free.iter().all(|f| *f == 0) {
+    for (key, selector) in jobs {
+        if left == 0 {
             break;
         }
         let best = agents
             .iter()
             .enumerate()
-            .filter(|(i, a)| free[*i] > 0 && matches(&job.selector, &a.labels))
+            .filter(|(i, a)| free[*i] > 0 && matches(selector, &a.labels))
             .max_by(|(i, a), (j, b)| free[*i].cmp(&free[*j]).then_with(|| b.id.cmp(&a.id)));
         if let Some((i, a)) = best {
             free[i] -= 1;
+            left -= 1;
             out.push(Placement {
-                job: job.key.clone(),
+                job: key,
                 agent: a.id.clone(),
             });
         }

@@ -1,10 +1,13 @@
 //! The durable store: SQLite (WAL, `synchronous=FULL`). All SQL of the coordinator lives here.
 //!
 //! Every call runs on a blocking thread (`spawn_blocking`) against one connection, so the async runtime
-//! never waits on an fsync; a call returns only after its transaction committed.
+//! never waits on an fsync; a call returns only after its transaction committed. The engine's state changes
+//! go through the group committer ([`commit`]): batches queued while a transaction is being written share
+//! the next one, so concurrent changes cost one fsync together.
 
 mod access;
 mod availability;
+pub mod commit;
 mod secrets;
 mod traces;
 
@@ -43,17 +46,170 @@ pub enum StoreError {
     /// The blocking task died.
     #[error("store task failed: {0}")]
     Task(String),
+    /// An earlier commit failed; nothing is committed any more until the coordinator restarts.
+    #[error("the store stopped committing after a failed commit ({0}); restart the coordinator")]
+    Poisoned(String),
 }
 
-/// One change to write; a batch of them commits in one transaction.
+/// One change to write; a batch of them commits in one transaction. A transition writes only the rows it
+/// changed: the whole run is written once, at submit.
 #[derive(Debug, Clone)]
 pub enum Write {
     /// Insert or replace a run with all its jobs, steps and artifacts.
     Run(RunRec),
+    /// The mutable columns of a run's row.
+    RunState(RunRow),
+    /// The mutable columns of one job's row (its spec never changes).
+    Job(JobRow),
+    /// One step's row.
+    Step {
+        /// Run id.
+        run_id: String,
+        /// Job name.
+        job: String,
+        /// Step index.
+        idx: u32,
+        /// State and exit code.
+        step: StepRec,
+    },
+    /// Replace every artifact of one job.
+    Artifacts {
+        /// Run id.
+        run_id: String,
+        /// Job name.
+        job: String,
+        /// The job's artifacts now.
+        artifacts: Vec<ArtifactRec>,
+    },
     /// Insert or replace an attempt.
     Attempt(AttemptRec),
     /// Insert or replace an agent.
     Agent(AgentRec),
+}
+
+/// The columns of a run that change after submit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRow {
+    /// Run id.
+    pub id: String,
+    /// State.
+    pub state: RunStatus,
+    /// A user asked to cancel it.
+    pub cancel_requested: bool,
+    /// Unix ms when finished.
+    pub finished_ms: Option<i64>,
+}
+
+impl RunRow {
+    /// The mutable columns of `r`.
+    pub fn of(r: &RunRec) -> RunRow {
+        RunRow {
+            id: r.id.clone(),
+            state: r.state,
+            cancel_requested: r.cancel_requested,
+            finished_ms: r.finished_ms,
+        }
+    }
+}
+
+/// The columns of a job that change after submit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRow {
+    /// Run id.
+    pub run_id: String,
+    /// Job name.
+    pub name: String,
+    /// State.
+    pub state: Status,
+    /// Failure class (`FailureClass` as i32).
+    pub failure: i32,
+    /// Reason shown to users.
+    pub reason: String,
+    /// Exit code of the failing step.
+    pub exit_code: i32,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// Current attempt.
+    pub attempt_id: Option<String>,
+    /// Fencing epoch of the current attempt.
+    pub epoch: u64,
+    /// Agent of the current attempt.
+    pub agent_id: Option<String>,
+    /// Unix ms when its first step started.
+    pub started_ms: Option<i64>,
+    /// Unix ms when it ended.
+    pub finished_ms: Option<i64>,
+}
+
+impl JobRow {
+    /// The mutable columns of job `j` of run `run_id`.
+    pub fn of(run_id: &str, j: &JobRec) -> JobRow {
+        JobRow {
+            run_id: run_id.to_string(),
+            name: j.name.clone(),
+            state: j.state,
+            failure: j.failure,
+            reason: j.reason.clone(),
+            exit_code: j.exit_code,
+            attempts: j.attempts,
+            attempt_id: j.attempt_id.clone(),
+            epoch: j.epoch,
+            agent_id: j.agent_id.clone(),
+            started_ms: j.started_ms,
+            finished_ms: j.finished_ms,
+        }
+    }
+
+    /// Do the mutable columns of `a` and `b` differ?
+    pub fn differs(a: &JobRec, b: &JobRec) -> bool {
+        a.state != b.state
+            || a.failure != b.failure
+            || a.reason != b.reason
+            || a.exit_code != b.exit_code
+            || a.attempts != b.attempts
+            || a.attempt_id != b.attempt_id
+            || a.epoch != b.epoch
+            || a.agent_id != b.agent_id
+            || a.started_ms != b.started_ms
+            || a.finished_ms != b.finished_ms
+    }
+}
+
+/// The rows that changed from `old` to `new` (the same run), in write order.
+pub fn run_changes(old: &RunRec, new: &RunRec, out: &mut Vec<Write>) {
+    if old.state != new.state
+        || old.cancel_requested != new.cancel_requested
+        || old.finished_ms != new.finished_ms
+    {
+        out.push(Write::RunState(RunRow::of(new)));
+    }
+    for (i, j) in new.jobs.iter().enumerate() {
+        let Some(o) = old.jobs.get(i).filter(|o| o.name == j.name) else {
+            // Jobs never change after submit; a mismatch means a bug: write the run whole.
+            out.push(Write::Run(new.clone()));
+            return;
+        };
+        if JobRow::differs(o, j) {
+            out.push(Write::Job(JobRow::of(&new.id, j)));
+        }
+        for (k, s) in j.steps.iter().enumerate() {
+            if o.steps.get(k) != Some(s) {
+                out.push(Write::Step {
+                    run_id: new.id.clone(),
+                    job: j.name.clone(),
+                    idx: k as u32,
+                    step: *s,
+                });
+            }
+        }
+        if o.artifacts != j.artifacts {
+            out.push(Write::Artifacts {
+                run_id: new.id.clone(),
+                job: j.name.clone(),
+                artifacts: j.artifacts.clone(),
+            });
+        }
+    }
 }
 
 /// What the engine loads at start: everything not finished.
@@ -82,10 +238,11 @@ pub enum EnrollRefusal {
     MissingLabels(Vec<String>),
 }
 
-/// The SQLite store. Clone is cheap (shared connection).
+/// The SQLite store. Clone is cheap (shared connection and committer).
 #[derive(Debug, Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    commits: Arc<commit::Committer>,
 }
 
 fn lock(m: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
@@ -98,7 +255,13 @@ impl Store {
     /// Open (or create) the database at `path` and apply the schema.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let conn = Connection::open(path)?;
-        Self::init(conn)
+        let store = Self::init(conn)?;
+        // Checkpoints move WAL pages into the database file and fsync it: done inline they would stall the
+        // commit that crossed the threshold (the p99 of every acknowledgement). A thread with its own
+        // connection does them instead; PASSIVE never blocks the committer.
+        lock(&store.conn).pragma_update(None, "wal_autocheckpoint", 0)?;
+        spawn_checkpointer(path, Arc::downgrade(&store.conn))?;
+        Ok(store)
     }
 
     /// An in-memory database, for tests.
@@ -120,9 +283,9 @@ impl Store {
         }
         conn.execute_batch(SCHEMA)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        Ok(Store {
-            conn: Arc::new(Mutex::new(conn)),
-        })
+        let conn = Arc::new(Mutex::new(conn));
+        let commits = Arc::new(commit::Committer::start(conn.clone())?);
+        Ok(Store { conn, commits })
     }
 
     async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -136,24 +299,35 @@ impl Store {
             .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
-    /// Commit a batch of writes in one transaction.
+    /// Commit a batch of writes (in one transaction, possibly shared with other batches).
     pub async fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        if writes.is_empty() {
-            return Ok(());
-        }
-        self.call(move |c| {
-            let tx = c.transaction()?;
-            for w in &writes {
-                match w {
-                    Write::Run(r) => write_run(&tx, r)?,
-                    Write::Attempt(a) => write_attempt(&tx, a)?,
-                    Write::Agent(a) => write_agent(&tx, a)?,
-                }
-            }
-            tx.commit()?;
-            Ok(())
-        })
-        .await
+        self.enqueue(writes, None).durable().await
+    }
+
+    /// Queue a batch for the group committer without waiting; `after` runs on the committer thread once
+    /// the batch is durable, in queue order (so effects are published in the order changes were made).
+    pub fn enqueue(&self, writes: Vec<Write>, after: Option<commit::After>) -> commit::Commit {
+        self.commits.enqueue(writes, after)
+    }
+
+    /// Sequence number of the last queued batch (see [`Store::wait_durable`]).
+    pub fn enqueued(&self) -> u64 {
+        self.commits.enqueued()
+    }
+
+    /// Wait until every batch up to `seq` (from [`Store::enqueued`]) is durable.
+    pub async fn wait_durable(&self, seq: u64) -> Result<(), StoreError> {
+        self.commits.wait_durable(seq).await
+    }
+
+    /// Tell `observer` how long each group transaction takes (write and fsync).
+    pub fn observe_commits(&self, observer: commit::Observer) {
+        self.commits.observe(observer);
+    }
+
+    /// Why the store stopped committing, if a commit failed.
+    pub fn poisoned(&self) -> Option<String> {
+        self.commits.poisoned()
     }
 
     /// Everything the engine keeps in memory: unfinished runs, running attempts, all agents.
@@ -208,10 +382,35 @@ impl Store {
 
     /// The newest `limit` runs, newest first.
     pub async fn list_runs(&self, limit: u32) -> Result<Vec<RunRec>, StoreError> {
+        Ok(self.list_runs_page(limit, None).await?.unwrap_or_default())
+    }
+
+    /// The newest `limit` runs submitted before run `after` (all runs when `None`), newest first; `None`
+    /// when there is no run `after`. Reads only the rows of the page (the primary key orders runs).
+    pub async fn list_runs_page(
+        &self,
+        limit: u32,
+        after: Option<String>,
+    ) -> Result<Option<Vec<RunRec>>, StoreError> {
         self.call(move |c| {
+            let before = match after {
+                None => i64::MAX,
+                Some(id) => {
+                    let seq: Option<i64> = c
+                        .prepare_cached("SELECT seq FROM runs WHERE id = ?1")?
+                        .query_row([&id], |r| r.get(0))
+                        .optional()?;
+                    match seq {
+                        Some(s) => s,
+                        None => return Ok(None),
+                    }
+                }
+            };
             let ids: Vec<String> = {
-                let mut st = c.prepare("SELECT id FROM runs ORDER BY seq DESC LIMIT ?1")?;
-                let rows = st.query_map([limit], |r| r.get(0))?;
+                let mut st = c.prepare_cached(
+                    "SELECT id FROM runs WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2",
+                )?;
+                let rows = st.query_map(params![before, limit], |r| r.get(0))?;
                 rows.collect::<Result<_, _>>()?
             };
             let mut out = Vec::new();
@@ -220,7 +419,7 @@ impl Store {
                     out.push(r);
                 }
             }
-            Ok(out)
+            Ok(Some(out))
         })
         .await
     }
@@ -285,6 +484,31 @@ impl Store {
     }
 }
 
+/// How often the checkpointer looks at the WAL.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Checkpoint the WAL of the database at `path` from a thread of its own until the store is dropped.
+fn spawn_checkpointer(
+    path: &Path,
+    store: std::sync::Weak<Mutex<Connection>>,
+) -> Result<(), StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    std::thread::Builder::new()
+        .name("drover-store-checkpoint".into())
+        .spawn(move || {
+            while store.strong_count() > 0 {
+                std::thread::sleep(CHECKPOINT_EVERY);
+                // Cheap when the WAL holds nothing new; never waits for the committer.
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!("WAL checkpoint failed: {e}");
+                }
+            }
+        })
+        .map_err(|e| StoreError::Task(format!("cannot start the checkpointer thread: {e}")))?;
+    Ok(())
+}
+
 fn labels_json(l: &BTreeMap<String, String>) -> String {
     serde_json::to_string(l).unwrap_or_else(|_| "{}".into())
 }
@@ -295,6 +519,85 @@ fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, StoreError> {
 
 fn status(s: &str) -> Result<Status, StoreError> {
     Status::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown state {s:?}")))
+}
+
+/// Apply one write inside a transaction.
+pub(crate) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreError> {
+    match w {
+        Write::Run(r) => write_run(tx, r),
+        Write::RunState(r) => {
+            tx.prepare_cached(
+                "UPDATE runs SET state = ?2, cancel_requested = ?3, finished_ms = ?4 WHERE id = ?1",
+            )?
+            .execute(params![
+                r.id,
+                r.state.as_str(),
+                r.cancel_requested,
+                r.finished_ms
+            ])?;
+            Ok(())
+        }
+        Write::Job(j) => {
+            tx.prepare_cached(
+                "UPDATE jobs SET state = ?3, failure = ?4, reason = ?5, exit_code = ?6, attempts = ?7,
+                     attempt_id = ?8, epoch = ?9, agent_id = ?10, started_ms = ?11, finished_ms = ?12
+                 WHERE run_id = ?1 AND name = ?2",
+            )?
+            .execute(params![
+                j.run_id,
+                j.name,
+                j.state.as_str(),
+                j.failure,
+                j.reason,
+                j.exit_code,
+                j.attempts,
+                j.attempt_id,
+                j.epoch as i64,
+                j.agent_id,
+                j.started_ms,
+                j.finished_ms
+            ])?;
+            Ok(())
+        }
+        Write::Step {
+            run_id,
+            job,
+            idx,
+            step,
+        } => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO steps (run_id, job, idx, state, exit_code) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![run_id, job, idx, step.state.as_str(), step.exit_code])?;
+            Ok(())
+        }
+        Write::Artifacts {
+            run_id,
+            job,
+            artifacts,
+        } => {
+            tx.prepare_cached("DELETE FROM artifacts WHERE run_id = ?1 AND job = ?2")?
+                .execute(params![run_id, job])?;
+            let mut ins = tx.prepare_cached(
+                "INSERT OR REPLACE INTO artifacts (run_id, job, path, digest, size, mode, attempt_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for a in artifacts {
+                ins.execute(params![
+                    run_id,
+                    job,
+                    a.path,
+                    a.digest,
+                    a.size as i64,
+                    a.mode,
+                    a.attempt_id
+                ])?;
+            }
+            Ok(())
+        }
+        Write::Attempt(a) => write_attempt(tx, a),
+        Write::Agent(a) => write_agent(tx, a),
+    }
 }
 
 fn write_run(tx: &Transaction<'_>, r: &RunRec) -> Result<(), StoreError> {
@@ -359,11 +662,11 @@ fn write_run(tx: &Transaction<'_>, r: &RunRec) -> Result<(), StoreError> {
 }
 
 fn write_attempt(tx: &Transaction<'_>, a: &AttemptRec) -> Result<(), StoreError> {
-    tx.execute(
+    tx.prepare_cached(
         "INSERT OR REPLACE INTO attempts (id, run_id, job, agent_id, epoch, state, created_ms, finished_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![a.id, a.run_id, a.job, a.agent_id, a.epoch as i64, a.state.as_str(), a.created_ms, a.finished_ms],
-    )?;
+    )?
+    .execute(params![a.id, a.run_id, a.job, a.agent_id, a.epoch as i64, a.state.as_str(), a.created_ms, a.finished_ms])?;
     Ok(())
 }
 
@@ -419,9 +722,11 @@ fn agent_row(r: &Row<'_>) -> Result<AgentRec, StoreError> {
 
 fn read_run(c: &Connection, id: &str) -> Result<Option<RunRec>, StoreError> {
     let row = c
-        .query_row(
+        .prepare_cached(
             "SELECT seq, id, name, state, cancel_requested, created_ms, finished_ms, context_digest, pipeline
              FROM runs WHERE id = ?1",
+        )?
+        .query_row(
             [id],
             |r| {
                 Ok((
@@ -456,7 +761,7 @@ fn read_run(c: &Connection, id: &str) -> Result<Option<RunRec>, StoreError> {
         .ok_or_else(|| StoreError::Corrupt(format!("run state {state:?}")))?;
     let mut jobs = Vec::new();
     {
-        let mut st = c.prepare(
+        let mut st = c.prepare_cached(
             "SELECT name, idx, spec, state, failure, reason, exit_code, attempts, attempt_id, epoch, agent_id,
                     started_ms, finished_ms FROM jobs WHERE run_id = ?1 ORDER BY idx",
         )?;
@@ -486,7 +791,7 @@ fn read_run(c: &Connection, id: &str) -> Result<Option<RunRec>, StoreError> {
         }
     }
     for j in &mut jobs {
-        let mut st = c.prepare(
+        let mut st = c.prepare_cached(
             "SELECT state, exit_code FROM steps WHERE run_id = ?1 AND job = ?2 ORDER BY idx",
         )?;
         let mut rows = st.query(params![id, j.name])?;
@@ -505,7 +810,7 @@ fn read_run(c: &Connection, id: &str) -> Result<Option<RunRec>, StoreError> {
                 exit_code: 0,
             },
         );
-        let mut st = c.prepare(
+        let mut st = c.prepare_cached(
             "SELECT path, digest, size, mode, attempt_id FROM artifacts WHERE run_id = ?1 AND job = ?2 ORDER BY path",
         )?;
         let mut rows = st.query(params![id, j.name])?;
@@ -615,6 +920,59 @@ mod tests {
         assert_eq!(loaded.runs, vec![r]);
         assert_eq!(loaded.max_seq, 1);
         assert!(store.get_run("nope").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn runs_list_in_pages_newest_first() {
+        let store = Store::open_in_memory().unwrap();
+        for i in 1..=5 {
+            let mut r = run();
+            r.seq = i;
+            r.id = format!("r{i}");
+            store.commit(vec![Write::Run(r)]).await.unwrap();
+        }
+        let ids = |p: Option<Vec<RunRec>>| -> Vec<String> {
+            p.unwrap().into_iter().map(|r| r.id).collect()
+        };
+        assert_eq!(
+            ids(store.list_runs_page(2, None).await.unwrap()),
+            ["r5", "r4"]
+        );
+        assert_eq!(
+            ids(store.list_runs_page(2, Some("r4".into())).await.unwrap()),
+            ["r3", "r2"]
+        );
+        assert_eq!(
+            ids(store.list_runs_page(2, Some("r2".into())).await.unwrap()),
+            ["r1"]
+        );
+        assert!(store
+            .list_runs_page(2, Some("nope".into()))
+            .await
+            .unwrap()
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn only_changed_rows_are_written_and_reload_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let store = Store::open(&path).unwrap();
+        let old = run();
+        store.commit(vec![Write::Run(old.clone())]).await.unwrap();
+        let mut new = old.clone();
+        new.jobs[0].state = Status::Running;
+        new.jobs[0].attempt_id = Some("at".into());
+        new.jobs[0].steps[0].state = Status::Succeeded;
+        new.cancel_requested = true;
+        let mut writes = Vec::new();
+        run_changes(&old, &new, &mut writes);
+        assert_eq!(writes.len(), 3, "{writes:?}");
+        assert!(writes.iter().all(|w| !matches!(w, Write::Run(_))));
+        store.commit(writes).await.unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.get_run("r1").await.unwrap().unwrap(), new);
     }
 
     #[tokio::test]

@@ -1,0 +1,243 @@
+//! Group commit: one thread drains a queue of write batches and commits every batch waiting at that moment
+//! in one SQLite transaction (one fsync), then runs each batch's `after` action in queue order and wakes
+//! its waiter.
+//!
+//! Callers enqueue without blocking (the engine does so under its state lock, so the queue order is the
+//! order in which changes were applied in memory) and await [`Commit::durable`]. The queue holds at most
+//! one batch per operation in flight, since every caller awaits its own batch before answering anyone.
+//!
+//! A failed commit poisons the store: memory is then ahead of the file, so every later batch fails too and
+//! nothing more is acknowledged; a restart reloads the last durable state.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use rusqlite::Connection;
+use tokio::sync::{oneshot, watch};
+
+use super::{apply_write, lock, StoreError, Write};
+
+/// Runs after its batch is durable, on the committer thread, in queue order. Keep it short and never block
+/// on anything the engine holds while it enqueues.
+pub type After = Box<dyn FnOnce() + Send>;
+
+/// One queued batch.
+struct Pending {
+    writes: Vec<Write>,
+    after: Option<After>,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    pending: Vec<Pending>,
+    /// Sequence number of the last enqueued batch.
+    enqueued: u64,
+    /// Why the store stopped committing.
+    poisoned: Option<String>,
+    /// Every [`Store`](super::Store) handle is gone: the thread exits once the queue is empty.
+    closed: bool,
+}
+
+/// State shared by the store handles and the committer thread.
+pub(super) struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    /// Sequence number of the last durable batch.
+    durable: watch::Sender<u64>,
+    /// Told how long each transaction took to write and sync.
+    observer: Mutex<Option<Observer>>,
+}
+
+/// Receives the duration of every committed transaction (for metrics).
+pub type Observer = Arc<dyn Fn(std::time::Duration) + Send + Sync>;
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("durable", &*self.durable.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+fn queue(s: &Shared) -> MutexGuard<'_, Queue> {
+    // Sections under this lock only move vectors and counters; recover rather than wedge.
+    s.queue.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Stops the committer thread when the last store handle is dropped.
+#[derive(Debug)]
+pub(super) struct Committer {
+    pub(super) shared: Arc<Shared>,
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        queue(&self.shared).closed = true;
+        self.shared.wake.notify_all();
+    }
+}
+
+/// A batch in the queue; await [`Commit::durable`].
+#[derive(Debug)]
+pub struct Commit {
+    rx: oneshot::Receiver<Result<(), StoreError>>,
+}
+
+impl Commit {
+    /// Resolves once the batch is committed (and its `after` action ran), or with the commit's error.
+    pub async fn durable(self) -> Result<(), StoreError> {
+        self.rx
+            .await
+            .map_err(|_| StoreError::Task("the committer thread stopped".into()))?
+    }
+}
+
+impl Committer {
+    /// Start the committer thread over `conn`.
+    pub(super) fn start(conn: Arc<Mutex<Connection>>) -> Result<Committer, StoreError> {
+        let (durable, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            durable,
+            observer: Mutex::new(None),
+        });
+        let thread_shared = shared.clone();
+        std::thread::Builder::new()
+            .name("drover-store-commit".into())
+            .spawn(move || run(&thread_shared, &conn))
+            .map_err(|e| StoreError::Task(format!("cannot start the committer thread: {e}")))?;
+        Ok(Committer { shared })
+    }
+
+    /// Queue `writes`; `after` runs once they are durable, before the waiter wakes.
+    pub(super) fn enqueue(&self, writes: Vec<Write>, after: Option<After>) -> Commit {
+        let (done, rx) = oneshot::channel();
+        let mut q = queue(&self.shared);
+        if let Some(why) = &q.poisoned {
+            let _ = done.send(Err(StoreError::Poisoned(why.clone())));
+            return Commit { rx };
+        }
+        q.enqueued += 1;
+        q.pending.push(Pending {
+            writes,
+            after,
+            done,
+        });
+        drop(q);
+        self.shared.wake.notify_one();
+        Commit { rx }
+    }
+
+    /// Sequence number of the last enqueued batch.
+    pub(super) fn enqueued(&self) -> u64 {
+        queue(&self.shared).enqueued
+    }
+
+    /// Wait until every batch up to `seq` is durable.
+    pub(super) async fn wait_durable(&self, seq: u64) -> Result<(), StoreError> {
+        let mut rx = self.shared.durable.subscribe();
+        loop {
+            if *rx.borrow_and_update() >= seq {
+                return Ok(());
+            }
+            if let Some(why) = &queue(&self.shared).poisoned {
+                return Err(StoreError::Poisoned(why.clone()));
+            }
+            rx.changed()
+                .await
+                .map_err(|_| StoreError::Task("the committer thread stopped".into()))?;
+        }
+    }
+
+    /// Tell `observer` how long each transaction takes from now on.
+    pub(super) fn observe(&self, observer: Observer) {
+        *self
+            .shared
+            .observer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(observer);
+    }
+
+    /// Why the store stopped committing, if it did.
+    pub(super) fn poisoned(&self) -> Option<String> {
+        queue(&self.shared).poisoned.clone()
+    }
+}
+
+fn run(shared: &Shared, conn: &Mutex<Connection>) {
+    let mut durable = 0u64;
+    loop {
+        let group = {
+            let mut q = queue(shared);
+            while q.pending.is_empty() && !q.closed {
+                q = shared.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+            }
+            if q.pending.is_empty() {
+                return;
+            }
+            std::mem::take(&mut q.pending)
+        };
+        let began = std::time::Instant::now();
+        let result = write_group(conn, &group);
+        match result {
+            Ok(wrote) => {
+                if wrote {
+                    let observer = shared
+                        .observer
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    if let Some(o) = observer {
+                        o(began.elapsed());
+                    }
+                }
+                durable += group.len() as u64;
+                let mut waiters = Vec::with_capacity(group.len());
+                for p in group {
+                    if let Some(after) = p.after {
+                        after();
+                    }
+                    waiters.push(p.done);
+                }
+                shared.durable.send_replace(durable);
+                for w in waiters {
+                    let _ = w.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                let why = e.to_string();
+                tracing::error!(
+                    "store commit failed: {why}; no further change will be acknowledged until restart"
+                );
+                let mut q = queue(shared);
+                q.poisoned = Some(why.clone());
+                // Batches queued behind the failed one were computed from state that never became durable.
+                let mut failed: Vec<Pending> = std::mem::take(&mut q.pending);
+                drop(q);
+                failed.extend(group);
+                for p in failed {
+                    let _ = p.done.send(Err(StoreError::Poisoned(why.clone())));
+                }
+                // Readers waiting for durability see the poison on their next wake-up.
+                shared.durable.send_modify(|_| {});
+            }
+        }
+    }
+}
+
+/// Write every batch of `group` in one transaction; false when there was nothing to write.
+fn write_group(conn: &Mutex<Connection>, group: &[Pending]) -> Result<bool, StoreError> {
+    if group.iter().all(|p| p.writes.is_empty()) {
+        return Ok(false);
+    }
+    let mut c = lock(conn);
+    let tx = c.transaction()?;
+    for p in group {
+        for w in &p.writes {
+            apply_write(&tx, w)?;
+        }
+    }
+    tx.commit()?;
+    Ok(true)
+}
