@@ -396,9 +396,10 @@ pub async fn upload_artifact(
     let path = header.path.clone();
     let (tx, rx) = mpsc::channel::<ArtifactChunk>(4);
     let source_name = source.display().to_string();
-    // The file is read beside the call so the request body streams while the call runs.
+    // The file is read beside the call so the request body streams while the call runs, a MiB per
+    // trip to the blocking pool (a trip per 128 KiB chunk would cost more than the read).
     let reader = tokio::spawn(async move {
-        let mut file = file;
+        let mut file = tokio::io::BufReader::with_capacity(FILE_BUFFER, file);
         if tx
             .send(ArtifactChunk {
                 part: Some(artifact_chunk::Part::Header(header)),
@@ -446,7 +447,13 @@ pub async fn upload_artifact(
         .map_err(|s| ClientError::rpc(format!("uploading artifact {path:?}"), s))
 }
 
-async fn read_full(file: &mut tokio::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+/// Buffer between large files and the blocking pool.
+const FILE_BUFFER: usize = 1 << 20;
+
+async fn read_full(
+    file: &mut (impl tokio::io::AsyncRead + Unpin),
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         let n = file.read(&mut buf[filled..]).await?;

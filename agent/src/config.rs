@@ -18,7 +18,7 @@ pub const DEFAULT_CAPACITY: u32 = 1;
 #[command(
     name = "drover-agent",
     version,
-    about = "Drover build agent: runs job steps in Docker"
+    about = "Drover build agent: runs job steps in Docker (or, with --executor shell, unisolated on the host)"
 )]
 pub struct Cli {
     /// TOML configuration file (flags and environment override it).
@@ -76,6 +76,21 @@ pub struct Cli {
     /// (comma-separated) [default: any].
     #[arg(long, env = "DROVER_HOST_MOUNT_PREFIXES", value_delimiter = ',')]
     pub host_mount_prefixes: Vec<PathBuf>,
+    /// Where steps run: `docker` (default: one container per step) or `shell` (host processes,
+    /// NOT isolated: for hosts without Docker; the agent warns at start).
+    #[arg(long, env = "DROVER_EXECUTOR", value_enum)]
+    pub executor: Option<ExecutorKind>,
+}
+
+/// Which executor runs the steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorKind {
+    /// One Docker container per step, isolated from the host.
+    #[default]
+    Docker,
+    /// `sh -e` on the host in the workspace directory, as the agent's user: not isolated.
+    Shell,
 }
 
 /// The TOML configuration file.
@@ -115,6 +130,8 @@ pub struct FileConfig {
     pub allow_host_mounts: Option<bool>,
     /// Host directories steps may mount (empty: any).
     pub host_mount_prefixes: Option<Vec<PathBuf>>,
+    /// "docker" or "shell" (unisolated).
+    pub executor: Option<ExecutorKind>,
 }
 
 /// Invalid configuration.
@@ -142,6 +159,12 @@ pub enum ConfigError {
     /// Capacity is zero.
     #[error("capacity must be at least 1")]
     Capacity,
+    /// Privileged mode or host mounts were allowed for the shell executor, which has neither.
+    #[error(
+        "--allow-privileged and --allow-host-mounts apply to the docker executor only: the shell \
+         executor runs steps on the host already, without containers to grant them to"
+    )]
+    PolicyWithShell,
     /// `idle_timeout` in the file is not a duration.
     #[error("idle_timeout: {0}")]
     Duration(String),
@@ -181,6 +204,8 @@ pub struct AgentConfig {
     pub ca_file: Option<PathBuf>,
     /// Privileged mode and host mounts steps may have (reported in the hello, enforced by the runner).
     pub host_policy: drover_proto::v1::HostPolicy,
+    /// Where steps run.
+    pub executor: ExecutorKind,
 }
 
 /// Parses `os=linux,queue=default`.
@@ -263,6 +288,12 @@ impl AgentConfig {
             allow_host_mounts: cli.allow_host_mounts || file.allow_host_mounts.unwrap_or(false),
             host_mount_prefixes,
         };
+        let executor = cli.executor.or(file.executor).unwrap_or_default();
+        if executor == ExecutorKind::Shell
+            && (host_policy.allow_privileged || host_policy.allow_host_mounts)
+        {
+            return Err(ConfigError::PolicyWithShell);
+        }
         Ok(Self {
             host_policy,
             coordinator: cli.coordinator.or(file.coordinator),
@@ -287,6 +318,7 @@ impl AgentConfig {
                 .or(file.otlp_endpoint)
                 .filter(|e| !e.is_empty()),
             ca_file: cli.ca_file.or(file.ca_file),
+            executor,
         })
     }
 }
@@ -323,6 +355,29 @@ mod tests {
         assert_eq!(cfg.capacity, 5);
         assert_eq!(cfg.labels.get("os").map(String::as_str), Some("linux"));
         assert_eq!(cfg.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(cfg.executor, ExecutorKind::Docker, "Docker unless asked");
+
+        std::fs::write(&path, "executor = \"shell\"\n").unwrap();
+        let cfg = AgentConfig::resolve(Cli {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(cfg.executor, ExecutorKind::Shell);
+        let err = AgentConfig::resolve(Cli {
+            config: Some(path.clone()),
+            allow_privileged: true,
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::PolicyWithShell), "{err}");
+        std::fs::write(&path, "executor = \"chroot\"\n").unwrap();
+        let err = AgentConfig::resolve(Cli {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("executor"), "{err}");
 
         std::fs::write(&path, "capacty = 3\n").unwrap();
         let err = AgentConfig::resolve(Cli {

@@ -7,13 +7,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::io::{self, SeekFrom};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use drover_proto::v1::{LogAck, LogChunk};
 use drover_proto::CHUNK_BYTES;
-use tokio::fs::File;
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tonic::{Code, Status};
 
@@ -106,12 +106,8 @@ impl AttemptSpool {
                 },
             );
         }
-        let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(step_path(&dir, current))
-            .await?;
-        let len = file.metadata().await?.len();
+        let file = open_for_append(step_path(&dir, current)).await?;
+        let len = file.metadata()?.len();
         state.steps.insert(
             current,
             StepLogState {
@@ -120,22 +116,18 @@ impl AttemptSpool {
                 ..Default::default()
             },
         );
-        let times = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(times_path(&dir, current))
-            .await?;
+        let times = open_for_append(times_path(&dir, current)).await?;
         let spool = Self {
             dir,
             state: watch::Sender::new(state),
             max_log_bytes: DEFAULT_MAX_LOG_BYTES,
         };
         let step = StepSpool {
-            file,
+            file: Arc::new(file),
             len,
             index: current,
             state: spool.state.clone(),
-            times,
+            times: Arc::new(times),
             // Where the earlier run stopped is unknown: the next read is stamped as a line start.
             clock: LineClock::default(),
             cap: spool.max_log_bytes,
@@ -157,17 +149,17 @@ impl AttemptSpool {
 
     /// Creates the spool of step `index` and announces it to the shipper.
     pub async fn open_step(&self, index: u32) -> io::Result<StepSpool> {
-        let file = File::create(self.step_path(index)).await?;
-        let times = File::create(times_path(&self.dir, index)).await?;
+        let file = create_for_append(self.step_path(index)).await?;
+        let times = create_for_append(times_path(&self.dir, index)).await?;
         self.state.send_modify(|s| {
             s.steps.insert(index, StepLogState::default());
         });
         Ok(StepSpool {
-            file,
+            file: Arc::new(file),
             len: 0,
             index,
             state: self.state.clone(),
-            times,
+            times: Arc::new(times),
             clock: LineClock::default(),
             cap: self.max_log_bytes,
             truncated: false,
@@ -197,12 +189,13 @@ impl AttemptSpool {
 /// The spool file of one step. Dropping it marks the step's log finished.
 #[derive(Debug)]
 pub struct StepSpool {
-    file: File,
+    /// Appended to on blocking threads, one write at a time (`append` awaits each).
+    file: Arc<std::fs::File>,
     len: u64,
     index: u32,
     state: watch::Sender<LogState>,
     /// The line-time sidecar.
-    times: File,
+    times: Arc<std::fs::File>,
     clock: LineClock,
     /// Bytes of step output kept at most.
     cap: u64,
@@ -226,18 +219,26 @@ impl StepSpool {
 
 impl StepSpool {
     /// Appends `data` to the spool, its line time (if it starts a line) to the sidecar first, so
-    /// the shipper never reads bytes whose times are not written yet.
+    /// the shipper never reads bytes whose times are not written yet. Both go in one trip to a
+    /// blocking thread; plain `write`s to files opened for appending, readable by the shipper as
+    /// soon as they return.
     async fn append(&mut self, data: &[u8]) -> io::Result<()> {
         if data.is_empty() {
             return Ok(());
         }
-        if let Some(t) = self.clock.observe(self.len, data, logtimes::now_ms()) {
-            self.times.write_all(&logtimes::encode(&t)).await?;
-            self.times.flush().await?;
-        }
-        self.file.write_all(data).await?;
-        // tokio's File finishes writes in the background; flush so the shipper can read them.
-        self.file.flush().await?;
+        let record = self
+            .clock
+            .observe(self.len, data, logtimes::now_ms())
+            .map(|t| logtimes::encode(&t));
+        let (file, times, bytes) = (self.file.clone(), self.times.clone(), data.to_vec());
+        tokio::task::spawn_blocking(move || {
+            if let Some(record) = record {
+                (&*times).write_all(&record)?;
+            }
+            (&*file).write_all(&bytes)
+        })
+        .await
+        .map_err(io::Error::other)??;
         self.len += data.len() as u64;
         self.ends_line = data.last() == Some(&b'\n');
         Ok(())
@@ -280,6 +281,31 @@ impl Drop for StepSpool {
             s.steps.entry(index).or_default().finished = true;
         });
     }
+}
+
+/// Opens `path` for appending, creating it if missing (keeps what is there).
+async fn open_for_append(path: PathBuf) -> io::Result<std::fs::File> {
+    tokio::task::spawn_blocking(move || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+/// Creates `path` empty for appending.
+async fn create_for_append(path: PathBuf) -> io::Result<std::fs::File> {
+    tokio::task::spawn_blocking(move || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(path)
+    })
+    .await
+    .map_err(io::Error::other)?
 }
 
 fn step_path(dir: &Path, index: u32) -> PathBuf {
@@ -454,7 +480,7 @@ impl<T: LogTransport> Shipper<T> {
                     )
                 })
                 .collect();
-            let mut files: HashMap<u32, File> = HashMap::new();
+            let mut files: HashMap<u32, Arc<std::fs::File>> = HashMap::new();
             loop {
                 let (next, finished, truncated) = {
                     let s = self.state.borrow_and_update();
@@ -491,8 +517,7 @@ impl<T: LogTransport> Shipper<T> {
                     permit = stream.chunks.reserve(), if next.is_some() => {
                         let Ok(permit) = permit else { break };
                         let Some((step, offset, len, eof)) = next else { continue };
-                        let data = self.read_at(&mut files, step, offset, len).await?;
-                        let times = self.times_in(step, offset, len).await?;
+                        let (data, times) = self.read_chunk(&mut files, step, offset, len).await?;
                         permit.send(LogChunk {
                             attempt_id: self.attempt_id.clone(),
                             epoch: self.epoch,
@@ -517,47 +542,38 @@ impl<T: LogTransport> Shipper<T> {
         }
     }
 
-    /// The line times recorded for `[offset, offset + len)` of a step.
-    async fn times_in(
+    /// The bytes `[offset, offset + len)` of a step's spool and the line times recorded for them,
+    /// read in one trip to a blocking thread (a chunk is 128 KiB: the trip costs more than the read).
+    async fn read_chunk(
         &self,
+        files: &mut HashMap<u32, Arc<std::fs::File>>,
         step: u32,
         offset: u64,
         len: usize,
-    ) -> Result<Vec<drover_proto::v1::LineTime>, ShipError> {
+    ) -> Result<(Vec<u8>, Vec<drover_proto::v1::LineTime>), ShipError> {
         if len == 0 {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
-        let path = times_path(&self.dir, step);
-        tokio::task::spawn_blocking(move || {
-            logtimes::read_range(&path, offset, offset + len as u64)
+        let err = |source| ShipError::Spool { step, source };
+        let cached = files.get(&step).cloned();
+        let path = step_path(&self.dir, step);
+        let times = times_path(&self.dir, step);
+        let (file, data, times) = tokio::task::spawn_blocking(move || {
+            let file = match cached {
+                Some(f) => f,
+                None => Arc::new(std::fs::File::open(&path)?),
+            };
+            let mut data = vec![0u8; len];
+            file.read_exact_at(&mut data, offset)?;
+            let times = logtimes::read_range(&times, offset, offset + len as u64)?;
+            Ok::<_, io::Error>((file, data, times))
         })
         .await
         .map_err(io::Error::other)
         .and_then(|r| r)
-        .map_err(|source| ShipError::Spool { step, source })
-    }
-
-    async fn read_at(
-        &self,
-        files: &mut HashMap<u32, File>,
-        step: u32,
-        offset: u64,
-        len: usize,
-    ) -> Result<Vec<u8>, ShipError> {
-        let mut data = vec![0u8; len];
-        if len == 0 {
-            return Ok(data);
-        }
-        let err = |source| ShipError::Spool { step, source };
-        let file = match files.entry(step) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(File::open(step_path(&self.dir, step)).await.map_err(err)?)
-            }
-        };
-        file.seek(SeekFrom::Start(offset)).await.map_err(err)?;
-        file.read_exact(&mut data).await.map_err(err)?;
-        Ok(data)
+        .map_err(err)?;
+        files.insert(step, file);
+        Ok((data, times))
     }
 }
 

@@ -1,4 +1,5 @@
-//! `drover-agent`: enrolls once, attaches to the coordinator and runs job steps in Docker.
+//! `drover-agent`: enrolls once, attaches to the coordinator and runs job steps in Docker (or, opted
+//! into with `--executor shell`, as unisolated host processes).
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -9,9 +10,9 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use drover_agent::backoff::Backoff;
 use drover_agent::client::{self, ClientError};
-use drover_agent::config::{AgentConfig, Cli};
+use drover_agent::config::{AgentConfig, Cli, ExecutorKind};
 use drover_agent::credential::{self, Credential};
-use drover_agent::executor::DockerExecutor;
+use drover_agent::executor::{DockerExecutor, Executor, ShellExecutor};
 use drover_agent::identity::{self, Identity};
 use drover_agent::reaper;
 use drover_agent::runner::RunnerContext;
@@ -117,7 +118,34 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
     };
 
-    let executor = DockerExecutor::connect().await?;
+    match cfg.executor {
+        ExecutorKind::Docker => {
+            let executor = DockerExecutor::connect().await?;
+            serve(&cfg, executor, cred, url, labels, drain).await
+        }
+        ExecutorKind::Shell => {
+            let root = cfg.state_dir.join("shell");
+            tracing::warn!(
+                workspaces = %root.display(),
+                "the shell executor runs every step directly on this host as this agent's user, \
+                 NOT isolated: a step can read and change anything that user can; use it only on \
+                 hosts dedicated to trusted pipelines"
+            );
+            let executor = ShellExecutor::new(root)?;
+            serve(&cfg, executor, cred, url, labels, drain).await
+        }
+    }
+}
+
+/// Recovers what an earlier run left, then serves the coordinator with `executor` until drained.
+async fn serve<E: Executor>(
+    cfg: &AgentConfig,
+    executor: E,
+    cred: Credential,
+    url: String,
+    labels: HashMap<String, String>,
+    drain: CancellationToken,
+) -> anyhow::Result<()> {
     // Attempts whose step container survived an earlier run are re-adopted; the rest is reaped.
     let adopted = reaper::recover(&executor, &cred.agent_id, &cfg.state_dir)
         .await

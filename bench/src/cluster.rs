@@ -32,8 +32,8 @@ pub(crate) fn sibling_bin(name: &str) -> Result<PathBuf> {
     let p = dir.join(name);
     if !p.exists() {
         bail!(
-            "{} is missing: build it with `cargo build --release -p drover-coordinator -p drover-agent` \
-             (scripts/bench does)",
+            "{} is missing: build it with `cargo build --release -p drover-coordinator -p drover-agent \
+             -p drover-cli -p drover-bench` (scripts/bench does)",
             p.display()
         );
     }
@@ -198,6 +198,11 @@ impl Coordinator {
         })
     }
 
+    /// The admin API token (for the `drover` CLI's `--token`).
+    pub(crate) fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
     /// The coordinator's process id.
     pub(crate) fn pid(&self) -> Result<u32> {
         self.proc.pid().context("the coordinator process is gone")
@@ -244,6 +249,17 @@ impl Coordinator {
         labels: &str,
         capacity: u32,
     ) -> Result<Agent> {
+        self.spawn_agent_with(name, labels, capacity, &[]).await
+    }
+
+    /// [`Coordinator::spawn_agent`] with extra agent flags (`--max-log-bytes 0`, `--executor shell`).
+    pub(crate) async fn spawn_agent_with(
+        &self,
+        name: &str,
+        labels: &str,
+        capacity: u32,
+        args: &[&str],
+    ) -> Result<Agent> {
         let token = self.token(1).await?;
         let state_dir = self.dir.path().join(format!("agent-{name}"));
         let mut cmd = Command::new(sibling_bin("drover-agent")?);
@@ -257,6 +273,7 @@ impl Coordinator {
             .arg(capacity.to_string())
             .arg("--state-dir")
             .arg(&state_dir)
+            .args(args)
             .stdin(Stdio::null())
             .env("RUST_LOG", "warn");
         let (proc, line) = Proc::spawn(cmd, format!("drover-agent {name}"), "attached to").await?;

@@ -179,9 +179,13 @@ pub(crate) async fn run(opts: &Opts) -> Result<Vec<Line>> {
     let echo = echo::round_trips(n).await.context("echo floor")?;
     let seq = sequential_jobs(n).await?;
     eprintln!(
-        "dispatch: {} jobs, echo {} round trips",
+        "dispatch: {} jobs, echo {} round trips; with the simulated agent, submit -> succeeded seen \
+         p50 {:?} (assignment -> result sent {:?}, result sent -> WatchRun succeeded {:?})",
         seq.dispatch.len(),
-        echo.len()
+        echo.len(),
+        seq.e2e.p50(),
+        seq.agent.p50(),
+        seq.settle.p50()
     );
     Ok(vec![
         Line::new(

@@ -1,13 +1,18 @@
 //! `drover-bench`: Drover's benchmarks. Each prints one line per result, beside a floor measured in the
 //! same run: `name value unit (floor X unit, ratio R, target T)`. See BENCHMARKS.md.
 
+mod artifact_throughput;
 mod cluster;
 mod container_step;
 mod dispatch;
 mod e2e_noop;
 mod echo;
 mod failure_detection;
+mod first_byte;
 mod fleet;
+mod jobs;
+mod log_throughput;
+mod parallelism;
 mod report;
 mod sim_agent;
 mod store_size;
@@ -20,7 +25,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 /// The benchmarks, in the order they run.
-const BENCHMARKS: [&str; 7] = [
+const BENCHMARKS: [&str; 11] = [
     "failure_detection",
     "dispatch",
     "e2e_noop",
@@ -28,13 +33,17 @@ const BENCHMARKS: [&str; 7] = [
     "container_step",
     "fleet",
     "store_size",
+    "log_throughput",
+    "first_byte",
+    "artifact_throughput",
+    "parallelism",
 ];
 
 /// Drover's benchmarks, each beside its floor.
 #[derive(Debug, Parser)]
 #[command(name = "drover-bench", version)]
 struct Cli {
-    /// Run only this benchmark (failure_detection, dispatch, e2e_noop, throughput, container_step, fleet, store_size).
+    /// Run only this benchmark (see BENCHMARKS.md for the list).
     #[arg(long, value_name = "NAME")]
     only: Option<String>,
     /// Smaller counts, for a quick look.
@@ -122,6 +131,10 @@ async fn run_one(name: &str, opts: &Opts) -> Result<Vec<report::Line>> {
         "container_step" => container_step::run(opts).await,
         "fleet" => fleet::run(opts).await,
         "store_size" => store_size::run(opts).await,
+        "log_throughput" => log_throughput::run(opts).await,
+        "first_byte" => first_byte::run(opts).await,
+        "artifact_throughput" => artifact_throughput::run(opts).await,
+        "parallelism" => parallelism::run(opts).await,
         other => anyhow::bail!("unknown benchmark {other:?}"),
     }
 }

@@ -18,7 +18,7 @@ use bollard::query_parameters::{
     StopContainerOptionsBuilder, UploadToContainerOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use bollard::{body_try_stream, Docker};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tokio_util::io::ReaderStream;
@@ -181,6 +181,11 @@ impl DockerExecutor {
                 Err(e) => return Err(ExecError::Docker(format!("waiting for container: {e}"))),
             }
         }
+        // An OOM kill is a SIGKILL (exit code 137): only then (or without a code) is the
+        // container's state worth another round trip to the engine.
+        if let Some(code) = code.filter(|&c| c != 137) {
+            return Ok((code, false));
+        }
         let inspect = self
             .docker
             .inspect_container(id, None::<InspectContainerOptions>)
@@ -253,22 +258,63 @@ impl DockerExecutor {
         tokio::pin!(deadline_sleep);
         let mut timed_out = false;
         let mut stopped = false;
+        // Reading the attach stream and writing the spool overlap: while one batch goes to disk the
+        // next is read, so a fast writer in the container is never held up by the spool's latency.
+        let (batches, mut to_write) = tokio::sync::mpsc::channel::<bytes::Bytes>(WRITE_AHEAD);
+        let reader = async move {
+            while let Some(item) = output.next().await {
+                let frame =
+                    item.map_err(|e| ExecError::Docker(format!("reading step output: {e}")))?;
+                let (data, next) = gather(frame.into_bytes(), output);
+                if batches.send(data).await.is_err() {
+                    break;
+                }
+                match next {
+                    Gathered::More => {}
+                    Gathered::End => break,
+                    Gathered::Failed(e) => {
+                        return Err(ExecError::Docker(format!("reading step output: {e}")));
+                    }
+                }
+            }
+            Ok::<(), ExecError>(())
+        };
+        let writer = async {
+            while let Some(first) = to_write.recv().await {
+                // Whatever piled up while the last write was on its way goes in one write.
+                let mut data = first;
+                let mut joined: Option<Vec<u8>> = None;
+                while joined.as_ref().map_or(data.len(), Vec::len) < WRITE_BYTES {
+                    let Ok(more) = to_write.try_recv() else { break };
+                    joined
+                        .get_or_insert_with(|| data.to_vec())
+                        .extend_from_slice(&more);
+                }
+                if let Some(joined) = joined {
+                    data = bytes::Bytes::from(joined);
+                }
+                sink.write(&data)
+                    .await
+                    .map_err(|e| ExecError::io("writing step output to the spool", e))?;
+            }
+            Ok::<(), ExecError>(())
+        };
+        tokio::pin!(reader, writer);
+        let mut reading = true;
         // The stop/kill calls block until the container is gone; they run beside the output copy
         // so the last bytes are still captured.
         let mut control: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             tokio::select! {
-                item = output.next() => match item {
-                    Some(Ok(chunk)) => {
-                        sink.write(chunk.as_ref()).await.map_err(|e| {
-                            ExecError::io("writing step output to the spool", e)
-                        })?;
-                    }
-                    Some(Err(e)) => {
-                        return Err(ExecError::Docker(format!("reading step output: {e}")));
-                    }
-                    None => break,
-                },
+                read = &mut reader, if reading => {
+                    reading = false;
+                    read?;
+                }
+                // Ends once the reader is done and every batch is written.
+                written = &mut writer => {
+                    written?;
+                    break;
+                }
                 () = &mut deadline_sleep, if !timed_out && !stopped && deadline.is_some() => {
                     timed_out = true;
                     let docker = self.docker.clone();
@@ -436,9 +482,11 @@ impl Executor for DockerExecutor {
         let mut stream = self
             .docker
             .download_from_container(&helper.container, Some(options));
-        let mut file = tokio::fs::File::create(dest)
+        let file = tokio::fs::File::create(dest)
             .await
             .map_err(|e| ExecError::io(format!("creating {}", dest.display()), e))?;
+        // The engine sends the archive in pieces of a few KiB: a MiB per trip to the disk.
+        let mut file = tokio::io::BufWriter::with_capacity(ARCHIVE_BUFFER, file);
         while let Some(chunk) = stream.next().await {
             let chunk = match chunk {
                 Ok(c) => c,
@@ -661,6 +709,62 @@ impl Executor for DockerExecutor {
             Leftover::Volume { name, .. } => self.remove_volume(name).await,
         }
     }
+}
+
+/// Buffer between archives fetched from the engine and the local disk.
+const ARCHIVE_BUFFER: usize = 1 << 20;
+
+/// Batches of step output read ahead of the spool writes (at most [`GATHER_BYTES`] each).
+const WRITE_AHEAD: usize = 32;
+
+/// Most step output written to the spool at once.
+const WRITE_BYTES: usize = 1 << 20;
+
+/// Most step output gathered into one write to the spool: one log chunk.
+const GATHER_BYTES: usize = drover_proto::CHUNK_BYTES;
+
+/// What followed the frames [`gather`] took.
+enum Gathered {
+    /// The stream goes on.
+    More,
+    /// The stream ended.
+    End,
+    /// The stream failed (after the bytes gathered).
+    Failed(BollardError),
+}
+
+/// `first` plus the attach frames the engine has already delivered (never waiting for more), up to
+/// [`GATHER_BYTES`]. A fast writer's output arrives in frames of a few KiB; one spool write, one
+/// shipper wake-up and one log chunk per frame would cost more than the bytes. A lone frame goes
+/// out at once, so the first byte is not delayed.
+fn gather(
+    first: bytes::Bytes,
+    output: &mut (impl futures::Stream<Item = Result<bollard::container::LogOutput, BollardError>>
+              + Unpin),
+) -> (bytes::Bytes, Gathered) {
+    let mut buf: Option<Vec<u8>> = None;
+    let mut next = Gathered::More;
+    while buf.as_ref().map_or(first.len(), Vec::len) < GATHER_BYTES {
+        match output.next().now_or_never() {
+            Some(Some(Ok(frame))) => buf
+                .get_or_insert_with(|| {
+                    let mut v = Vec::with_capacity(GATHER_BYTES + first.len());
+                    v.extend_from_slice(&first);
+                    v
+                })
+                .extend_from_slice(frame.as_ref()),
+            Some(Some(Err(e))) => {
+                next = Gathered::Failed(e);
+                break;
+            }
+            Some(None) => {
+                next = Gathered::End;
+                break;
+            }
+            None => break,
+        }
+    }
+    (buf.map_or(first, bytes::Bytes::from), next)
 }
 
 fn is_not_found(e: &BollardError) -> bool {

@@ -1,7 +1,8 @@
 //! Where steps run. The runner talks only to the [`Executor`] trait; [`docker`] implements it with
-//! bollard. (A `shell` executor for hosts without Docker is planned; it will be clearly unisolated.)
+//! bollard, [`shell`] with host processes for hosts without Docker (unisolated, opt-in).
 
 pub mod docker;
+pub mod shell;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -12,6 +13,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 pub use docker::DockerExecutor;
+pub use shell::ShellExecutor;
 
 /// Label carrying the id of the agent that made a container or volume.
 pub const LABEL_AGENT: &str = "drover.agent";

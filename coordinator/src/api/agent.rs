@@ -411,8 +411,10 @@ async fn agent_session(
     engine.detach(&agent_id, session);
 }
 
-/// One PushLogs stream: append each chunk (fenced), then after draining what is immediately available, sync
-/// and acknowledge the durable offset of every touched step log.
+/// One PushLogs stream: append each chunk (fenced) as it comes; the logs touched are handed to a syncer
+/// beside it, which makes them durable and acknowledges each one's durable offset. While the syncer waits
+/// for the disk, the next chunks are appended (and gathered into its next round), so the disk's flush
+/// time overlaps the network instead of stalling it; an ack still only names bytes that are on disk.
 async fn ship_logs(
     engine: Engine,
     agent_id: String,
@@ -420,19 +422,35 @@ async fn ship_logs(
     tx: mpsc::Sender<Result<pb::LogAck, Status>>,
 ) {
     let mut closing = engine.closing();
+    // One round waiting at most: the rest gathers in `pending` meanwhile.
+    let (sync_tx, sync_rx) = mpsc::channel::<Vec<(String, u32)>>(1);
+    let syncer = tokio::spawn(sync_and_ack(engine.clone(), sync_rx, tx.clone()));
+    let mut pending: Vec<(String, u32)> = Vec::new();
     loop {
         let first = tokio::select! {
             m = inbound.next() => m,
+            permit = sync_tx.reserve(), if !pending.is_empty() => match permit {
+                Ok(permit) => {
+                    permit.send(std::mem::take(&mut pending));
+                    continue;
+                }
+                // The syncer failed and said so on the stream.
+                Err(_) => return,
+            },
             _ = closing.changed() => return,
         };
         let first = match first {
             Some(Ok(c)) => c,
             Some(Err(e)) => {
                 // Say why (an undecodable or oversized chunk) rather than end the stream as if all was well.
+                finish_syncs(sync_tx, syncer, pending).await;
                 let _ = tx.send(Err(bad_log_stream(&agent_id, e))).await;
                 return;
             }
-            None => return,
+            None => {
+                finish_syncs(sync_tx, syncer, pending).await;
+                return;
+            }
         };
         let mut batch = vec![first];
         let mut ended = false;
@@ -453,47 +471,108 @@ async fn ship_logs(
             }
         }
         engine.touch(&agent_id);
-        let mut touched: Vec<(String, u32)> = Vec::new();
-        for c in batch {
-            let r = async {
-                let steps = engine.check_attempt(&agent_id, &c.attempt_id, c.epoch)?;
-                if c.step_index >= steps {
-                    return Err(CoordError::InvalidArgument(format!(
-                        "step_index {} out of range: the job has {steps} steps",
-                        c.step_index
-                    )));
-                }
-                // Times first: a follower asking for them never sees bytes whose times are missing.
-                engine
-                    .logs()
-                    .record_times(&c.attempt_id, c.step_index, &c.times)
-                    .await?;
-                if c.truncated {
-                    engine
-                        .logs()
-                        .mark_truncated(&c.attempt_id, c.step_index)
-                        .await?;
-                }
-                engine
-                    .logs()
-                    .append(&c.attempt_id, c.step_index, c.offset, &c.data, c.eof)
-                    .await?;
-                engine.metrics().log_bytes(c.data.len() as u64);
-                Ok(())
-            }
-            .await;
-            if let Err(e) = r {
+        for c in merge_contiguous(batch) {
+            if let Err(e) = append_chunk(&engine, &agent_id, &c).await {
                 tracing::warn!(agent = %agent_id, attempt = %c.attempt_id, "log chunk rejected: {e}");
                 let _ = tx.send(Err(e.into())).await;
                 return;
             }
-            if !touched
+            if !pending
                 .iter()
                 .any(|(a, s)| *a == c.attempt_id && *s == c.step_index)
             {
-                touched.push((c.attempt_id, c.step_index));
+                pending.push((c.attempt_id, c.step_index));
             }
         }
+        if ended {
+            finish_syncs(sync_tx, syncer, pending).await;
+            if let Some(e) = broken {
+                let _ = tx.send(Err(bad_log_stream(&agent_id, e))).await;
+            }
+            return;
+        }
+        // Hand the logs over now if the syncer is free; otherwise they join its next round.
+        if !pending.is_empty() {
+            if let Ok(permit) = sync_tx.try_reserve() {
+                permit.send(std::mem::take(&mut pending));
+            }
+        }
+    }
+}
+
+/// Joins chunks that continue each other (same log and epoch, each starting where the previous one
+/// ends) into one, so a batch of a fast log costs one write rather than one per 128 KiB chunk.
+fn merge_contiguous(batch: Vec<pb::LogChunk>) -> Vec<pb::LogChunk> {
+    let mut out: Vec<pb::LogChunk> = Vec::with_capacity(batch.len());
+    for c in batch {
+        if let Some(last) = out.last_mut() {
+            let continues = last.attempt_id == c.attempt_id
+                && last.epoch == c.epoch
+                && last.step_index == c.step_index
+                && !last.eof
+                && last.truncated == c.truncated
+                && last.offset.checked_add(last.data.len() as u64) == Some(c.offset);
+            if continues {
+                last.data.extend_from_slice(&c.data);
+                last.times.extend(c.times);
+                last.eof = c.eof;
+                continue;
+            }
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Appends one chunk (its times first, so a follower asking for them never sees bytes whose times are
+/// missing), fenced by the attempt's epoch.
+async fn append_chunk(engine: &Engine, agent_id: &str, c: &pb::LogChunk) -> Result<(), CoordError> {
+    let steps = engine.check_attempt(agent_id, &c.attempt_id, c.epoch)?;
+    if c.step_index >= steps {
+        return Err(CoordError::InvalidArgument(format!(
+            "step_index {} out of range: the job has {steps} steps",
+            c.step_index
+        )));
+    }
+    engine
+        .logs()
+        .record_times(&c.attempt_id, c.step_index, &c.times)
+        .await?;
+    if c.truncated {
+        engine
+            .logs()
+            .mark_truncated(&c.attempt_id, c.step_index)
+            .await?;
+    }
+    engine
+        .logs()
+        .append(&c.attempt_id, c.step_index, c.offset, &c.data, c.eof)
+        .await?;
+    engine.metrics().log_bytes(c.data.len() as u64);
+    Ok(())
+}
+
+/// Hands the last logs to the syncer, then waits until it has acknowledged everything.
+async fn finish_syncs(
+    sync_tx: mpsc::Sender<Vec<(String, u32)>>,
+    syncer: tokio::task::JoinHandle<()>,
+    pending: Vec<(String, u32)>,
+) {
+    if !pending.is_empty() {
+        let _ = sync_tx.send(pending).await;
+    }
+    drop(sync_tx);
+    let _ = syncer.await;
+}
+
+/// The syncer of one PushLogs stream: for each round of touched logs, sync each and acknowledge its
+/// durable offset. A failed sync ends the stream with the error.
+async fn sync_and_ack(
+    engine: Engine,
+    mut rounds: mpsc::Receiver<Vec<(String, u32)>>,
+    tx: mpsc::Sender<Result<pb::LogAck, Status>>,
+) {
+    while let Some(touched) = rounds.recv().await {
         for (attempt_id, step_index) in touched {
             let ack = match engine.logs().sync(&attempt_id, step_index).await {
                 Ok(s) => pb::LogAck {
@@ -511,12 +590,6 @@ async fn ship_logs(
                 return;
             }
         }
-        if let Some(e) = broken {
-            let _ = tx.send(Err(bad_log_stream(&agent_id, e))).await;
-        }
-        if ended {
-            return;
-        }
     }
 }
 
@@ -529,7 +602,58 @@ fn bad_log_stream(agent_id: &str, e: Status) -> Status {
 
 #[cfg(test)]
 mod tests {
-    use super::check_artifact_path;
+    use super::{check_artifact_path, merge_contiguous, pb};
+
+    #[test]
+    fn contiguous_chunks_of_one_log_are_merged_and_others_kept_apart() {
+        let chunk = |attempt: &str, step: u32, offset: u64, data: &[u8], eof: bool| pb::LogChunk {
+            attempt_id: attempt.to_string(),
+            epoch: 1,
+            step_index: step,
+            offset,
+            data: data.to_vec(),
+            eof,
+            times: vec![pb::LineTime {
+                offset,
+                unix_ms: offset as i64,
+            }],
+            truncated: false,
+        };
+        let merged = merge_contiguous(vec![
+            chunk("a", 0, 0, b"ab", false),
+            chunk("a", 0, 2, b"cd", false),
+            chunk("a", 0, 4, b"e", true),
+            // After eof, a resend: kept apart so the store judges it.
+            chunk("a", 0, 5, b"", true),
+            chunk("a", 1, 0, b"x", false),
+            // A gap: not merged, the store reports it.
+            chunk("a", 1, 5, b"y", false),
+            chunk("b", 1, 6, b"z", false),
+        ]);
+        let got: Vec<(String, u32, u64, Vec<u8>, bool, usize)> = merged
+            .into_iter()
+            .map(|c| {
+                (
+                    c.attempt_id,
+                    c.step_index,
+                    c.offset,
+                    c.data,
+                    c.eof,
+                    c.times.len(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a".into(), 0, 0, b"abcde".to_vec(), true, 3),
+                ("a".into(), 0, 5, vec![], true, 1),
+                ("a".into(), 1, 0, b"x".to_vec(), false, 1),
+                ("a".into(), 1, 5, b"y".to_vec(), false, 1),
+                ("b".into(), 1, 6, b"z".to_vec(), false, 1),
+            ]
+        );
+    }
 
     #[test]
     fn artifact_paths_stay_in_the_workspace() {

@@ -175,6 +175,9 @@ pub(super) struct LogEntry {
     /// Latest status, for followers; updated after every change.
     tx: watch::Sender<LogStatus>,
     io: Mutex<LogIo>,
+    /// Serialises syncs. A sync holds it (not `io`) while it waits for the disk, so appends go on
+    /// meanwhile: the bytes of the next batch are written while the previous batch is flushed.
+    syncing: Mutex<()>,
 }
 
 impl LogEntry {
@@ -183,6 +186,7 @@ impl LogEntry {
             paths: LogPaths::new(root, attempt, step),
             tx: watch::Sender::new(LogStatus::default()),
             io: Mutex::new(LogIo::default()),
+            syncing: Mutex::new(()),
         }
     }
 
@@ -315,47 +319,62 @@ impl LogEntry {
         Ok(self.publish(&io))
     }
 
-    /// Make everything appended durable; returns the durable status.
+    /// Make everything appended durable; returns the durable status. Appends made while the disk
+    /// works are not waited for (they are in the next sync); the returned status covers only what was
+    /// appended before the flush began, so an acknowledgement built from it never claims more.
     pub(super) async fn sync(&self) -> Result<LogStatus, LogError> {
-        let mut io = self.io.lock().await;
-        self.ensure_loaded(&mut io).await?;
-        if let Some(file) = io.file.clone() {
-            let paths = self.paths.clone();
+        let _one_sync_at_a_time = self.syncing.lock().await;
+        let (file, len, data_pending, dirs_pending, marker_pending) = {
+            let mut io = self.io.lock().await;
+            self.ensure_loaded(&mut io).await?;
+            let Some(file) = io.file.clone() else {
+                return Ok(LogStatus {
+                    len: io.synced_len,
+                    complete: io.marker_durable,
+                });
+            };
             let data_pending = io.len > io.synced_len;
             let dirs_pending = !io.dirs_synced;
             let marker_pending = io.complete && !io.marker_durable && !io.ended_absent;
-            let len = io.len;
-            if data_pending || dirs_pending || marker_pending {
-                blocking(move || {
-                    if data_pending {
-                        file.sync_data()
-                            .map_err(|e| io_context(e, "sync log", &paths.log))?;
-                    }
-                    if dirs_pending {
-                        sync_dir(&paths.attempt_dir)?;
-                        sync_dir(&paths.root)?;
-                    }
-                    if marker_pending {
-                        // The marker is written under a temporary name and renamed so a crash never leaves
-                        // a half-written one; it comes after the data sync, so it never claims lost bytes.
-                        let tmp = File::create(&paths.done_tmp)
-                            .map_err(|e| io_context(e, "create log marker", &paths.done_tmp))?;
-                        tmp.write_all_at(len.to_string().as_bytes(), 0)
-                            .and_then(|()| tmp.sync_all())
-                            .map_err(|e| io_context(e, "write log marker", &paths.done_tmp))?;
-                        std::fs::rename(&paths.done_tmp, &paths.done)
-                            .map_err(|e| io_context(e, "rename log marker", &paths.done))?;
-                        sync_dir(&paths.attempt_dir)?;
-                    }
-                    Ok(())
-                })
-                .await?;
-                io.synced_len = len;
-                io.dirs_synced = true;
-                if marker_pending {
-                    io.marker_durable = true;
-                }
+            if !(data_pending || dirs_pending || marker_pending) {
+                return Ok(LogStatus {
+                    len: io.synced_len,
+                    complete: io.marker_durable,
+                });
             }
+            (file, io.len, data_pending, dirs_pending, marker_pending)
+        };
+        let paths = self.paths.clone();
+        blocking(move || {
+            if data_pending {
+                file.sync_data()
+                    .map_err(|e| io_context(e, "sync log", &paths.log))?;
+            }
+            if dirs_pending {
+                sync_dir(&paths.attempt_dir)?;
+                sync_dir(&paths.root)?;
+            }
+            if marker_pending {
+                // The marker is written under a temporary name and renamed so a crash never leaves
+                // a half-written one; it comes after the data sync, so it never claims lost bytes.
+                // A complete log takes no more appends, so `len` is its final length.
+                let tmp = File::create(&paths.done_tmp)
+                    .map_err(|e| io_context(e, "create log marker", &paths.done_tmp))?;
+                tmp.write_all_at(len.to_string().as_bytes(), 0)
+                    .and_then(|()| tmp.sync_all())
+                    .map_err(|e| io_context(e, "write log marker", &paths.done_tmp))?;
+                std::fs::rename(&paths.done_tmp, &paths.done)
+                    .map_err(|e| io_context(e, "rename log marker", &paths.done))?;
+                sync_dir(&paths.attempt_dir)?;
+            }
+            Ok(())
+        })
+        .await?;
+        let mut io = self.io.lock().await;
+        io.synced_len = io.synced_len.max(len);
+        io.dirs_synced = true;
+        if marker_pending {
+            io.marker_durable = true;
         }
         Ok(LogStatus {
             len: io.synced_len,

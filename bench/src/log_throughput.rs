@@ -1,0 +1,210 @@
+//! `log_throughput`: a step writes 256 MiB of text lines; timed from the step's start to the whole log
+//! being stored and complete at the coordinator, beside the same command in a bare container
+//! (log driver `none`) whose attach stream is read into a sink.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
+use bollard::query_parameters::{AttachContainerOptionsBuilder, RemoveContainerOptionsBuilder};
+use bollard::Docker;
+use drover_proto::v1::FollowLogsRequest;
+use futures::StreamExt;
+
+use crate::cluster::{remove_labelled, Control, Coordinator};
+use crate::container_step::IMAGE;
+use crate::jobs;
+use crate::report::{Figure, Line};
+use crate::Opts;
+
+/// Label on the floor's containers, so an interrupted run's leftovers can be found.
+const LABEL: &str = "drover.bench.logs";
+
+/// Repetitions of each side; the median is printed, the spread goes to stderr.
+const REPEATS: usize = 3;
+
+/// The step's command: text lines (82 bytes each), exactly `bytes` of them. One MiB of lines is made
+/// first and then written again and again with `cat`, so the writer is not the limit (busybox `yes`
+/// manages only about 50 MiB/s here).
+fn command(bytes: u64) -> String {
+    let mib = 1u64 << 20;
+    format!(
+        "yes 'drover log throughput: the quick brown fox jumps over the lazy dog 0123456789' | head -c {mib} > /tmp/lines; \
+         i=0; while [ $i -lt {whole} ]; do cat /tmp/lines; i=$((i+1)); done; head -c {rest} /tmp/lines",
+        whole = bytes / mib,
+        rest = bytes % mib
+    )
+}
+
+/// The benchmark.
+pub(crate) async fn run(opts: &Opts) -> Result<Vec<Line>> {
+    let bytes: u64 = if opts.quick { 32 << 20 } else { 256 << 20 };
+    let repeats = if opts.quick { 1 } else { REPEATS };
+    let docker = Docker::connect_with_local_defaults()
+        .context("connecting to the Docker engine")?
+        .negotiate_version()
+        .await
+        .context("negotiating the Docker API version")?;
+    let coord = Coordinator::start(&[]).await?;
+    // No log cap: the whole output is the point.
+    let _agent = coord
+        .spawn_agent_with("logs", "os=linux", 1, &["--max-log-bytes", "0"])
+        .await?;
+    let mut client = coord.control().await?;
+    let mut floor = Vec::new();
+    let mut drover = Vec::new();
+    // Alternate the two sides so a burst of load from elsewhere on the machine hits both alike.
+    for i in 0..repeats {
+        let f = attach_floor(&docker, bytes).await.context("floor")?;
+        let d = through_drover(&coord, &mut client, bytes)
+            .await
+            .with_context(|| format!("drover run {}", i + 1))?;
+        let mib = bytes as f64 / (1 << 20) as f64;
+        eprintln!(
+            "log_throughput: repetition {}: floor {:.0} MiB/s ({f:?}), drover {:.0} MiB/s ({d:?})",
+            i + 1,
+            mib / f.as_secs_f64(),
+            mib / d.as_secs_f64()
+        );
+        floor.push(mib / f.as_secs_f64());
+        drover.push(mib / d.as_secs_f64());
+    }
+    remove_labelled(&format!("{LABEL}=1"));
+    let (d, dlo, dhi) = jobs::spread(&drover);
+    let (f, flo, fhi) = jobs::spread(&floor);
+    eprintln!(
+        "log_throughput: {} MiB per run; drover median {d:.0} MiB/s (range {dlo:.0}-{dhi:.0}), \
+         floor median {f:.0} MiB/s (range {flo:.0}-{fhi:.0})",
+        bytes >> 20
+    );
+    Ok(vec![Line::new(
+        Figure::new("log_throughput.rate", d, "MiB/s"),
+        Figure::new("docker_attach.rate", f, "MiB/s"),
+        ">= 0.8x",
+    )])
+}
+
+/// The bare container: created with the log driver `none`, attached, started; timed from the start to the
+/// end of its attach stream, every byte counted.
+async fn attach_floor(docker: &Docker, bytes: u64) -> Result<Duration> {
+    let body = ContainerCreateBody {
+        image: Some(IMAGE.to_string()),
+        cmd: Some(vec!["sh".into(), "-e".into(), "-c".into(), command(bytes)]),
+        labels: Some(HashMap::from([(LABEL.to_string(), "1".to_string())])),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        host_config: Some(HostConfig {
+            log_config: Some(HostConfigLogConfig {
+                typ: Some("none".to_string()),
+                config: None,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let id = docker
+        .create_container(
+            None::<bollard::query_parameters::CreateContainerOptions>,
+            body,
+        )
+        .await
+        .context("creating the container")?
+        .id;
+    let timed = async {
+        let options = AttachContainerOptionsBuilder::default()
+            .stream(true)
+            .stdout(true)
+            .stderr(true)
+            .logs(false)
+            .build();
+        let mut output = docker
+            .attach_container(&id, Some(options))
+            .await
+            .context("attaching")?
+            .output;
+        docker
+            .start_container(&id, None)
+            .await
+            .context("starting the container")?;
+        let t0 = Instant::now();
+        let mut got = 0u64;
+        while let Some(chunk) = output.next().await {
+            got += chunk.context("reading the attach stream")?.as_ref().len() as u64;
+        }
+        let took = t0.elapsed();
+        if got != bytes {
+            bail!("the container wrote {got} bytes, expected {bytes}");
+        }
+        Ok(took)
+    }
+    .await;
+    let options = RemoveContainerOptionsBuilder::default().force(true).build();
+    let removed = docker
+        .remove_container(&id, Some(options))
+        .await
+        .context("removing the container");
+    let took = timed?;
+    removed?;
+    Ok(took)
+}
+
+/// One run through the real agent and coordinator: from WatchRun showing the step running to a follower
+/// (FollowLogs from the final offset, so it reads nothing) seeing the log complete. Then checks the run
+/// succeeded with every byte stored.
+async fn through_drover(coord: &Coordinator, client: &mut Control, bytes: u64) -> Result<Duration> {
+    let pipeline = format!(
+        "jobs:\n  logs:\n    agents: {{ os: linux }}\n    steps:\n      - name: write\n        image: {IMAGE}\n        commands: [\"{}\"]\n",
+        command(bytes)
+    );
+    let run_id = jobs::submit(client, &pipeline).await?;
+    let mut follower = coord.control().await?;
+    let follow = {
+        let run_id = run_id.clone();
+        tokio::spawn(async move {
+            let mut stream = follower
+                .follow_logs(FollowLogsRequest {
+                    run_id,
+                    job: "logs".to_string(),
+                    step: "write".to_string(),
+                    offset: bytes,
+                    follow: true,
+                    timestamps: false,
+                })
+                .await
+                .context("FollowLogs")?
+                .into_inner();
+            while let Some(ev) = stream.message().await.context("FollowLogs stream")? {
+                if !ev.data.is_empty() {
+                    bail!("FollowLogs from offset {bytes} returned data: the log is too long");
+                }
+                if ev.eof {
+                    return Ok(Instant::now());
+                }
+            }
+            bail!("FollowLogs ended without the log's end")
+        })
+    };
+    let watched = jobs::watch_to_success(client, &run_id, Duration::from_secs(600)).await?;
+    let complete = follow.await.context("the follower task")??;
+    let started = watched
+        .step_running
+        .context("WatchRun never showed the step running")?;
+    let stored = watched
+        .run
+        .jobs
+        .first()
+        .and_then(|j| j.steps.first())
+        .map_or(0, |s| s.log_bytes);
+    if stored != bytes {
+        bail!("the coordinator stored {stored} bytes of log, expected {bytes}");
+    }
+    let step_done = watched.step_done.unwrap_or(watched.finished);
+    eprintln!(
+        "log_throughput: step running -> step finished {:?}, -> log complete {:?}, -> run succeeded {:?}",
+        step_done.saturating_duration_since(started),
+        complete.saturating_duration_since(started),
+        watched.finished.saturating_duration_since(started)
+    );
+    Ok(complete.saturating_duration_since(started))
+}
