@@ -1,8 +1,6 @@
 //! Operator-facing options of the agent: log format and durations given on the command line.
 //! (Logging itself is set up by `drover-telemetry`, shared with the coordinator.)
 
-use std::time::Duration;
-
 use serde::Deserialize;
 
 /// How the agent writes its own log lines (on stderr).
@@ -16,60 +14,4 @@ pub enum LogFormat {
     Json,
 }
 
-/// Parses `90s`, `5m`, `1h30m`, `500ms` (a bare number is seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    if t.is_empty() {
-        return Err("empty duration; expected e.g. 30s, 5m, 1h".into());
-    }
-    if let Ok(secs) = t.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = t;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(format!("bad duration {s:?}; expected e.g. 30s, 5m, 1h"));
-        }
-        let n: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("number too large in duration {s:?}"))?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let part = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n.saturating_mul(60)),
-            "h" => Duration::from_secs(n.saturating_mul(3600)),
-            unit => {
-                return Err(format!(
-                    "bad unit {unit:?} in duration {s:?}; expected ms, s, m or h"
-                ))
-            }
-        };
-        rest = &rest[unit_len..];
-        total = total.saturating_add(part);
-    }
-    Ok(total)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("750ms"), Ok(Duration::from_millis(750)));
-        assert_eq!(parse_duration("42"), Ok(Duration::from_secs(42)));
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("5 minutes").is_err());
-        assert!(parse_duration("m5").is_err());
-    }
-}
+pub use drover_proto::duration::parse_duration;
