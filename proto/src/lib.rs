@@ -22,5 +22,6 @@ pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Size of the data chunks of logs, artifacts and blobs.
 pub const CHUNK_BYTES: usize = 128 * 1024;
 
+pub mod cache_key;
 pub mod duration;
 pub mod policy;
