@@ -336,11 +336,18 @@ mod tests {
 
     #[test]
     fn renders_text_os_arch_and_file_hashes() {
-        let f = files(&[("Cargo.lock", "aa"), ("sub/Cargo.lock", "bb"), ("x.txt", "cc")]);
+        let f = files(&[
+            ("Cargo.lock", "aa"),
+            ("sub/Cargo.lock", "bb"),
+            ("x.txt", "cc"),
+        ]);
         let lock = render("{{hashFiles \"Cargo.lock\"}}", &f);
         assert_eq!(lock.len(), 64);
         assert_eq!(
-            render("cargo-{{ hashFiles \"Cargo.lock\" }}-{{ os }}-{{ arch }}", &f),
+            render(
+                "cargo-{{ hashFiles \"Cargo.lock\" }}-{{ os }}-{{ arch }}",
+                &f
+            ),
             format!("cargo-{lock}-linux-x86_64")
         );
         // `*` stays in its directory, `**` crosses.

@@ -226,6 +226,7 @@ mod tests {
                 artifacts: vec![],
                 timeout_secs: None,
                 secrets: Vec::new(),
+                cache: None,
             },
             state: if needs.is_empty() {
                 Status::Queued

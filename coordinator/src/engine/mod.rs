@@ -1745,5 +1745,10 @@ fn assignment(run: &RunRec, idx: usize) -> pb::Assignment {
         traceparent: String::new(),
         // Filled by dispatch from the open secrets.
         secrets: Default::default(),
+        cache: job.spec.cache.as_ref().map(|c| pb::CacheSpec {
+            key: c.key.clone(),
+            restore_keys: c.restore_keys.clone(),
+            paths: c.paths.clone(),
+        }),
     }
 }

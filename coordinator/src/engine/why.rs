@@ -396,6 +396,7 @@ mod tests {
             artifacts: Vec::new(),
             timeout_secs: None,
             secrets: Vec::new(),
+            cache: None,
         };
         JobRec {
             name: name.into(),

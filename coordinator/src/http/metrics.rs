@@ -368,6 +368,7 @@ mod tests {
                 artifacts: Vec::new(),
                 timeout_secs: None,
                 secrets: Vec::new(),
+                cache: None,
             },
             state,
             failure: 0,

@@ -1,5 +1,7 @@
 //! Pipeline files: the YAML model and its validation with line/column errors.
 
+#[cfg(test)]
+mod cache_tests;
 mod error;
 #[cfg(test)]
 mod host_tests;
@@ -12,5 +14,7 @@ mod tests;
 mod yaml;
 
 pub use error::PipelineError;
-pub use model::{HostAccess, JobSpec, Pipeline, PullPolicy, Resources, StepSpec, Volume};
+pub use model::{
+    CacheSpec, HostAccess, JobSpec, Pipeline, PullPolicy, Resources, StepSpec, Volume,
+};
 pub use parse::{parse, parse_with_secrets};

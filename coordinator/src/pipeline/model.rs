@@ -31,6 +31,22 @@ pub struct JobSpec {
     /// Names of coordinator secrets given to every step as environment variables (and masked in logs).
     #[serde(default)]
     pub secrets: Vec<String>,
+    /// `cache:`: restored into the workspace before the first step, saved after success.
+    #[serde(default)]
+    pub cache: Option<CacheSpec>,
+}
+
+/// A job's `cache:` (see `docs/caches.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheSpec {
+    /// Template of the exact key (`drover_proto::cache_key` syntax).
+    pub key: String,
+    /// Templates of fallback key prefixes, in order.
+    pub restore_keys: Vec<String>,
+    /// Workspace-relative files and directories to cache.
+    pub paths: Vec<String>,
+    /// Who shares the keys: `None` means the run's name (the pipeline file name by default).
+    pub scope: Option<String>,
 }
 
 impl JobSpec {

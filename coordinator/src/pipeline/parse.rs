@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::yaml::{self, Node, ScalarKind, Value};
 use super::{
-    HostAccess, JobSpec, Pipeline, PipelineError, PullPolicy, Resources, StepSpec, Volume,
+    CacheSpec, HostAccess, JobSpec, Pipeline, PipelineError, PullPolicy, Resources, StepSpec,
+    Volume,
 };
 
 /// Keys allowed at the top level of a pipeline file.
@@ -21,7 +22,12 @@ pub(super) const JOB_KEYS: &[&str] = &[
     "steps",
     "artifacts",
     "secrets",
+    "cache",
 ];
+/// Keys allowed in a job's `cache`.
+pub(super) const CACHE_KEYS: &[&str] = &["key", "restore-keys", "paths", "scope"];
+/// Most restore keys a cache may list.
+const MAX_RESTORE_KEYS: usize = 16;
 /// Keys allowed in a step.
 pub(super) const STEP_KEYS: &[&str] = &[
     "name",
@@ -211,6 +217,7 @@ impl Checker {
                 artifacts: Vec::new(),
                 timeout_secs: None,
                 secrets: Vec::new(),
+                cache: None,
             },
             key,
             needs: Vec::new(),
@@ -264,7 +271,138 @@ impl Checker {
         if let Some((_, v)) = fields.get("secrets") {
             draft.spec.secrets = self.secrets(v, &what);
         }
+        if let Some((key, v)) = fields.get("cache") {
+            draft.spec.cache = self.cache(key, v, &what);
+        }
         draft
+    }
+
+    /// `cache: {key, restore-keys, paths, scope}`.
+    fn cache(&mut self, key: &Node, node: &Node, owner: &str) -> Option<CacheSpec> {
+        let what = format!("\"cache\" of {owner}");
+        if node.value == Value::Null {
+            self.error(
+                key,
+                format!("{what} is empty; expected a mapping with \"key\" and \"paths\""),
+            );
+            return None;
+        }
+        let fields = self.fields(node, &what, CACHE_KEYS)?;
+        let mut spec = CacheSpec {
+            key: String::new(),
+            restore_keys: Vec::new(),
+            paths: Vec::new(),
+            scope: None,
+        };
+        let mut ok = true;
+        match fields.get("key") {
+            None => {
+                self.error(
+                    node,
+                    format!(
+                        "{what} has no \"key\"; expected a key template such as \
+                         cargo-{{{{ hashFiles \"Cargo.lock\" }}}}"
+                    ),
+                );
+                ok = false;
+            }
+            Some((_, v)) => match self.string(v, &format!("\"key\" of {what}")) {
+                Some(text) => {
+                    ok &= self.key_template(v, &text, &format!("\"key\" of {what}"));
+                    spec.key = text;
+                }
+                None => ok = false,
+            },
+        }
+        if let Some((_, v)) = fields.get("restore-keys") {
+            let list_what = format!("\"restore-keys\" of {what}");
+            let items = self.string_list(v, &list_what);
+            if items.len() > MAX_RESTORE_KEYS {
+                self.error(
+                    v,
+                    format!(
+                        "{list_what} lists {} keys; at most {MAX_RESTORE_KEYS} are allowed",
+                        items.len()
+                    ),
+                );
+            }
+            for item in items {
+                if let Some(text) = self.string(item, &format!("an entry of {list_what}")) {
+                    ok &= self.key_template(item, &text, &format!("an entry of {list_what}"));
+                    spec.restore_keys.push(text);
+                } else {
+                    ok = false;
+                }
+            }
+        }
+        match fields.get("paths") {
+            None => {
+                self.error(
+                    node,
+                    format!(
+                        "{what} has no \"paths\"; expected a list of workspace-relative files or \
+                         directories such as [target, .cargo/registry]"
+                    ),
+                );
+                ok = false;
+            }
+            Some((paths_key, v)) => {
+                let list_what = format!("\"paths\" of {what}");
+                let items = self.string_list(v, &list_what);
+                if items.is_empty() && matches!(v.value, Value::Seq(_) | Value::Null) {
+                    let at = if v.value == Value::Null { paths_key } else { v };
+                    self.error(
+                        at,
+                        format!("{list_what} is empty; expected at least one path"),
+                    );
+                    ok = false;
+                }
+                for item in items {
+                    if let Some(path) = self.string(item, &format!("an entry of {list_what}")) {
+                        if let Err(problem) = check_cache_path(&path) {
+                            self.error(item, problem);
+                            ok = false;
+                        }
+                        spec.paths.push(path);
+                    } else {
+                        ok = false;
+                    }
+                }
+            }
+        }
+        if let Some((_, v)) = fields.get("scope") {
+            if let Some(scope) = self.string(v, &format!("\"scope\" of {what}")) {
+                if valid_job_name(&scope) {
+                    spec.scope = Some(scope);
+                } else {
+                    self.error(
+                        v,
+                        format!(
+                            "invalid cache scope {scope:?} in {what}; expected 1 to {MAX_JOB_NAME} \
+                             characters from A-Z, a-z, 0-9, \"_\", \".\" and \"-\""
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(spec)
+    }
+
+    /// Checks a cache key template's syntax; reports a problem at `node`. Whether it was valid.
+    fn key_template(&mut self, node: &Node, text: &str, what: &str) -> bool {
+        match drover_proto::cache_key::Template::parse(text) {
+            Err(e) => {
+                self.error(node, format!("invalid template {text:?} in {what}: {e}"));
+                false
+            }
+            // A template of plain text can be checked as the key it will be.
+            Ok(t) if t.parts().is_empty() => {
+                self.error(node, format!("{what} is empty; expected a key template"));
+                false
+            }
+            Ok(_) => true,
+        }
     }
 
     /// `secrets: [NAME, ...]`: names that become environment variables, each once.
@@ -958,6 +1096,39 @@ fn check_artifact_path(path: &str) -> Result<(), String> {
     } else if has_parent_component(path) {
         Err(format!(
             "artifact path {path:?} leaves the workspace (\"..\"); {expected}"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Cache paths are workspace-relative files or directories: the artifact rules, and no globs.
+fn check_cache_path(path: &str) -> Result<(), String> {
+    let expected =
+        "expected a workspace-relative file or directory such as target or .cargo/registry";
+    let normal = path
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .count();
+    if path.trim().is_empty() {
+        Err(format!("empty cache path; {expected}"))
+    } else if is_absolute(path) {
+        Err(format!("cache path {path:?} is absolute; {expected}"))
+    } else if has_parent_component(path) {
+        Err(format!(
+            "cache path {path:?} leaves the workspace (\"..\"); {expected}"
+        ))
+    } else if normal == 0 {
+        Err(format!(
+            "cache path {path:?} is the whole workspace; {expected}"
+        ))
+    } else if path.contains(['*', '?', '[', '{']) {
+        Err(format!(
+            "cache path {path:?} is a glob; {expected} (a directory is cached with everything in it)"
+        ))
+    } else if path.chars().any(char::is_control) {
+        Err(format!(
+            "cache path {path:?} has control characters; {expected}"
         ))
     } else {
         Ok(())

@@ -98,6 +98,7 @@ fn reference_example_parses_to_the_expected_model() {
                 artifacts: strings(&["dist/app.txt", "dist/app.txt.sha256", "dist/reports/*.txt"]),
                 timeout_secs: Some(600),
                 secrets: Vec::new(),
+                cache: None,
             },
             JobSpec {
                 name: "test".into(),
@@ -122,6 +123,7 @@ fn reference_example_parses_to_the_expected_model() {
                 artifacts: vec![],
                 timeout_secs: Some(5400),
                 secrets: Vec::new(),
+                cache: None,
             },
         ],
     };

@@ -864,6 +864,7 @@ mod tests {
             artifacts: vec![],
             timeout_secs: None,
             secrets: Vec::new(),
+            cache: None,
         };
         RunRec {
             seq: 1,
