@@ -8,6 +8,7 @@
 pub mod access;
 pub mod api;
 pub mod artifacts;
+pub mod caches;
 pub mod config;
 pub mod engine;
 pub mod error;

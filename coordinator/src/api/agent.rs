@@ -231,8 +231,17 @@ impl AgentService for AgentApi {
     ) -> Result<Response<BoxStream<pb::BlobChunk>>, Status> {
         let agent_id = self.agent_of(&req)?;
         let r = req.into_inner();
-        self.engine
-            .check_blob_access(&agent_id, &r.attempt_id, &r.digest)?;
+        if let Err(denied) = self
+            .engine
+            .check_blob_access(&agent_id, &r.attempt_id, &r.digest)
+        {
+            // Not a context or input: it may be a cache archive of the attempt's scope.
+            if !crate::caches::may_download(&self.engine, &agent_id, &r.attempt_id, &r.digest)
+                .await?
+            {
+                return Err(denied.into());
+            }
+        }
         let s = self
             .engine
             .blobs()
@@ -244,6 +253,24 @@ impl AgentService for AgentApi {
                 .map_err(|e| Status::from(CoordError::from(e)))
         });
         Ok(Response::new(Box::pin(s)))
+    }
+
+    async fn resolve_cache(
+        &self,
+        req: Request<pb::ResolveCacheRequest>,
+    ) -> Result<Response<pb::ResolveCacheResponse>, Status> {
+        let agent_id = self.agent_of(&req)?;
+        let found = crate::caches::resolve(&self.engine, &agent_id, req.into_inner()).await?;
+        Ok(Response::new(found))
+    }
+
+    async fn save_cache(
+        &self,
+        req: Request<Streaming<pb::CacheChunk>>,
+    ) -> Result<Response<pb::CacheSaved>, Status> {
+        let agent_id = self.agent_of(&req)?;
+        let saved = crate::caches::save(&self.engine, &agent_id, req.into_inner()).await?;
+        Ok(Response::new(saved))
     }
 }
 

@@ -12,6 +12,7 @@
 //! serializes the few operator changes that await the store directly (availability, secrets).
 
 pub mod availability;
+pub mod caches;
 pub mod machine;
 pub mod model;
 pub mod revoke;

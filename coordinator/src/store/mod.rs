@@ -7,11 +7,13 @@
 
 mod access;
 mod availability;
+mod caches;
 pub mod commit;
 mod secrets;
 mod traces;
 
 pub use access::{ApiTokenRec, EnrollmentTokenInfo};
+pub use caches::CacheRow;
 pub use secrets::SecretRow;
 use std::collections::BTreeMap;
 use std::path::Path;

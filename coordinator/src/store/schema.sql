@@ -110,3 +110,18 @@ CREATE TABLE IF NOT EXISTS secrets (
     ciphertext BLOB NOT NULL,
     updated_ms INTEGER NOT NULL
 );
+
+-- Job caches: key -> blob (a zstd-compressed tar in the blob store), per scope (by default the run's
+-- name). A key is written once and never replaced; restore-key lookups take the newest entry of a prefix.
+CREATE TABLE IF NOT EXISTS caches (
+    scope        TEXT NOT NULL,
+    key          TEXT NOT NULL,
+    digest       TEXT NOT NULL,
+    size         INTEGER NOT NULL,
+    created_ms   INTEGER NOT NULL,
+    last_used_ms INTEGER NOT NULL,
+    run_id       TEXT NOT NULL,
+    job          TEXT NOT NULL,
+    PRIMARY KEY (scope, key)
+);
+CREATE INDEX IF NOT EXISTS caches_by_digest ON caches (scope, digest);
