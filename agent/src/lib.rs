@@ -3,6 +3,7 @@
 
 pub mod artifacts;
 pub mod backoff;
+pub mod cache;
 pub mod client;
 pub mod config;
 pub mod credential;
