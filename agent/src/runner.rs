@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::artifacts::{self, ArtifactError};
+use crate::cache;
 use crate::client::{self, AgentClient};
 use crate::executor::{ExecError, Executor, OutputSink, Pull, StepEnd, StepRun, Workspace};
 use crate::journal::{Journal, JournalEntry};
@@ -228,6 +229,19 @@ struct Attempt<'a, E> {
     started_ms: i64,
     /// Set when this run of the agent picks up an attempt an earlier run started.
     resume: Option<Resume>,
+    // std Mutex: short sections, never held across an await.
+    cache: std::sync::Mutex<CacheRun>,
+}
+
+/// The job's cache during the attempt (see [`crate::cache`]).
+#[derive(Default)]
+struct CacheRun {
+    /// The rendered keys, once restored: saved after success.
+    job: Option<cache::JobCache>,
+    /// Cache lines for the top of the first step's log.
+    preamble: String,
+    /// The last step's log, kept open after it succeeded so the save can be logged in it.
+    last_log: Option<MaskingSink<StepSink>>,
 }
 
 /// An attempt picked up after an agent restart: its journal entry and the reopened spool of the
@@ -432,6 +446,10 @@ impl<E: Executor> Attempt<'_, E> {
             },
             self.masker(),
         );
+        let preamble = std::mem::take(&mut self.cache_run().preamble);
+        sink.write(preamble.as_bytes()).await.map_err(|e| {
+            Outcome::failed(FailureClass::Infra, format!("writing the log spool: {e}"))
+        })?;
         // Child of the attempt's span (current here); its context is handed to the step's processes.
         let step_span = tracing::info_span!(
             "step",
@@ -485,7 +503,6 @@ impl<E: Executor> Attempt<'_, E> {
         // The output has ended: write what the masker held back (a possible start of a secret).
         let flushed = sink.finish().await;
         let was_started = sink.inner.started.is_none();
-        drop(sink);
         if let Err(e) = flushed {
             return Err(Outcome::failed(
                 FailureClass::Infra,
@@ -497,6 +514,15 @@ impl<E: Executor> Attempt<'_, E> {
             end,
             step_deadline.is_some() && step_deadline == deadline,
         );
+        {
+            let mut cache = self.cache_run();
+            let last = index as usize + 1 == a.steps.len();
+            if last && outcome.is_none() && cache.job.is_some() {
+                cache.last_log = Some(sink);
+            } else {
+                drop(sink);
+            }
+        }
         let exit_code = i32::try_from(exit_code).unwrap_or(-1);
         let step_result = match outcome.as_ref().map(|o| o.state) {
             None | Some(JobState::Succeeded) => "succeeded",
@@ -531,6 +557,71 @@ impl<E: Executor> Attempt<'_, E> {
                 Err(o)
             }
         }
+    }
+
+    fn cache_run(&self) -> std::sync::MutexGuard<'_, CacheRun> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Restores the job's cache into the freshly seeded workspace (never fails the job).
+    async fn restore_cache(&self, ws: &Workspace, image: &str) {
+        let seeded: Vec<PathBuf> = ["context.tar", "inputs.tar"]
+            .iter()
+            .map(|n| self.scratch.join(n))
+            .filter(|p| p.exists())
+            .collect();
+        let (job, lines) = cache::restore(
+            self.ctx.executor.as_ref(),
+            &self.ctx.client,
+            self.a,
+            ws,
+            image,
+            &self.scratch,
+            &seeded,
+        )
+        .await;
+        let mut run = self.cache_run();
+        run.job = job;
+        run.preamble = lines;
+    }
+
+    /// Saves the job's cache after success and logs it at the end of the last step's log.
+    async fn save_cache(&self, ws: &Workspace, image: &str) -> Result<(), Outcome> {
+        let (job, log) = {
+            let mut run = self.cache_run();
+            (run.job.take(), run.last_log.take())
+        };
+        let (Some(job), Some(mut log)) = (job, log) else {
+            return Ok(());
+        };
+        let saved = interruptible(
+            cache::save(
+                self.ctx.executor.as_ref(),
+                &self.ctx.client,
+                self.a,
+                ws,
+                image,
+                &self.scratch,
+                &job,
+            ),
+            &self.stop,
+            self.job_deadline,
+        )
+        .await;
+        let lines = match saved {
+            Ok(lines) => lines,
+            Err(Interrupted::Deadline) => {
+                "[drover] cache: not saved: the job's timeout came first\n".to_string()
+            }
+            Err(i) => return Err(self.interrupted(i)),
+        };
+        if let Err(e) = log.write(lines.as_bytes()).await {
+            tracing::warn!(attempt = %self.a.attempt_id, error = %e, "logging the cache save");
+        }
+        if let Err(e) = log.finish().await {
+            tracing::warn!(attempt = %self.a.attempt_id, error = %e, "logging the cache save");
+        }
+        Ok(())
     }
 
     /// A masker for this attempt's secret values.
@@ -727,6 +818,15 @@ impl<E: Executor> Attempt<'_, E> {
             Ok(Err(o)) => return o,
             Err(i) => return self.interrupted(i),
         }
+        if let Err(i) = interruptible(
+            self.restore_cache(&ws, &first.image),
+            &self.stop,
+            self.job_deadline,
+        )
+        .await
+        {
+            return self.interrupted(i);
+        }
         self.steps_and_artifacts(&ws, spool, first, first_step)
             .await
     }
@@ -768,17 +868,23 @@ impl<E: Executor> Attempt<'_, E> {
             }
         }
         let last_image = a.steps.last().map_or(&first.image, |s| &s.image);
-        match interruptible(
+        let collected = interruptible(
             self.artifacts(&ws, last_image),
             &self.stop,
             self.job_deadline,
         )
-        .await
-        {
-            Ok(Ok(())) => Outcome::succeeded(),
+        .await;
+        let outcome = match collected {
+            Ok(Ok(())) => match self.save_cache(&ws, last_image).await {
+                Ok(()) => Outcome::succeeded(),
+                Err(o) => o,
+            },
             Ok(Err(o)) => o,
             Err(i) => self.interrupted(i),
-        }
+        };
+        // The last step's log was kept open for the cache save: it ends here whatever happened.
+        drop(self.cache_run().last_log.take());
+        outcome
     }
 }
 
@@ -872,6 +978,7 @@ async fn run_or_resume<E: Executor>(
                     entry,
                     step: std::sync::Mutex::new(resumed_step),
                 }),
+                cache: Default::default(),
             };
             let spool = spool_opt.insert(spool.with_max_log_bytes(ctx.max_log_bytes));
             let shipper =
