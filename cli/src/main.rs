@@ -6,6 +6,7 @@
 
 mod agents;
 mod artifacts;
+mod caches;
 mod client;
 mod completion;
 mod context;
@@ -104,6 +105,9 @@ enum Command {
     /// Manage secrets pipelines name in `secrets:` (set from stdin, list, delete; admin token).
     #[command(subcommand)]
     Secrets(secrets::SecretsCommand),
+    /// List and delete job caches (`cache:` in pipelines).
+    #[command(subcommand)]
+    Caches(caches::CachesCommand),
     /// Explain why a job is not running yet: verdict, remedy, needs, place in line, every agent's fit.
     Why {
         /// Run id.
@@ -234,6 +238,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Agents(args) => agents::agents(&url, out, args).await,
         Command::Tokens(cmd) => tokens::tokens(&url, out, cmd).await,
         Command::Secrets(cmd) => secrets::secrets(&url, out, cmd).await,
+        Command::Caches(cmd) => caches::caches(&url, out, cmd).await,
         Command::Why { run, job } => why::why(&url, out, &run, &job).await,
         Command::Completion { shell } => completion::completion(shell),
     }

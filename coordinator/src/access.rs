@@ -63,7 +63,9 @@ impl Role {
 pub fn required_role(method: &str) -> Role {
     match method {
         "ValidatePipeline" | "GetRun" | "ListRuns" | "WatchRun" | "FollowLogs"
-        | "ListArtifacts" | "GetArtifact" | "ListAgents" | "ExplainJob" => Role::Read,
+        | "ListArtifacts" | "GetArtifact" | "ListAgents" | "ExplainJob" | "ListCaches" => {
+            Role::Read
+        }
         "UploadContext" | "SubmitRun" | "CancelRun" | "CancelJob" | "RetryRun" | "RetryJob" => {
             Role::Submit
         }

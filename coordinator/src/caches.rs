@@ -162,3 +162,37 @@ pub async fn may_download(
         .cache_has_digest(&owner.scope, digest)
         .await?)
 }
+
+/// The stored entries (of `scope` when not empty), by scope, newest first.
+pub async fn list(engine: &Engine, scope: &str) -> CoordResult<Vec<pb::CacheEntry>> {
+    let scope = (!scope.is_empty()).then(|| scope.to_string());
+    let rows = engine.store().caches(scope).await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| pb::CacheEntry {
+            scope: r.scope,
+            key: r.key,
+            digest: r.digest,
+            size: r.size,
+            created_ms: r.created_ms,
+            last_used_ms: r.last_used_ms,
+            run_id: r.run_id,
+            job: r.job,
+        })
+        .collect())
+}
+
+/// Deletes the entry `key` of `scope`; whether it existed. Its archive stays in the blob store
+/// (identical content may be referred to elsewhere).
+pub async fn delete(engine: &Engine, scope: &str, key: &str) -> CoordResult<bool> {
+    if scope.is_empty() || key.is_empty() {
+        return Err(CoordError::InvalidArgument(
+            "deleting a cache needs its scope and key; `drover caches list` shows them".into(),
+        ));
+    }
+    let deleted = engine.store().delete_cache(scope, key).await?;
+    if deleted {
+        tracing::info!(scope, key, "cache deleted");
+    }
+    Ok(deleted)
+}

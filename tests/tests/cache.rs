@@ -1,7 +1,7 @@
 //! `cache:` end to end: a real coordinator, agent, Docker containers and the CLI. The first run
 //! misses and saves, the next restores (content, modes and symlinks), a changed lock file misses the
 //! exact key and restores through a restore key, a failed job saves nothing, and another pipeline
-//! does not see the keys.
+//! does not see the keys; operators list and delete entries with `drover caches`.
 
 use std::time::Duration;
 
@@ -160,5 +160,43 @@ async fn caches_restore_save_and_fall_back() {
     let check = log(&cluster, &r6, "check").await;
     assert!(check.starts_with("[drover] cache: miss for key"), "{check}");
     assert_contains(&check, "cold\n");
+
+    // The operator's view: every entry by scope, newest first; a key in two scopes needs --scope.
+    let out = cluster.drover(&["caches", "list"]);
+    assert!(out.status.success(), "{out:?}");
+    let listed = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<(&str, &str)> = listed
+        .lines()
+        .map(|l| {
+            let mut f = l.split('\t');
+            (f.next().unwrap(), f.next().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("ci.yml", k3.as_str()),
+            ("ci.yml", k2.as_str()),
+            ("ci.yml", k1.as_str()),
+            ("other.yml", k1.as_str()),
+        ],
+        "{listed}"
+    );
+    let out = cluster.drover(&["caches", "delete", &k1]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("several scopes"),
+        "{out:?}"
+    );
+    let out = cluster.drover(&["caches", "delete", &k1, "--scope", "ci.yml"]);
+    assert!(out.status.success(), "{out:?}");
+    // Deleted: the next run with that key misses it and falls back to the newest entry.
+    let (r7, state) = run(&cluster, "ci.yml", "v1\n", false).await;
+    assert_eq!(state, RunState::Succeeded);
+    let check = log(&cluster, &r7, "check").await;
+    assert_contains(
+        &check,
+        &format!("[drover] cache: restored key {k3:?} (restore key match for {k1:?})"),
+    );
     cluster.assert_no_leftovers(Duration::from_secs(10)).await;
 }

@@ -117,6 +117,23 @@ impl ControlService for ControlApi {
         Ok(Response::new(pb::DeleteSecretResponse { deleted }))
     }
 
+    async fn list_caches(
+        &self,
+        req: Request<pb::ListCachesRequest>,
+    ) -> Result<Response<pb::ListCachesResponse>, Status> {
+        let caches = crate::caches::list(&self.engine, &req.into_inner().scope).await?;
+        Ok(Response::new(pb::ListCachesResponse { caches }))
+    }
+
+    async fn delete_cache(
+        &self,
+        req: Request<pb::DeleteCacheRequest>,
+    ) -> Result<Response<pb::DeleteCacheResponse>, Status> {
+        let r = req.into_inner();
+        let deleted = crate::caches::delete(&self.engine, &r.scope, &r.key).await?;
+        Ok(Response::new(pb::DeleteCacheResponse { deleted }))
+    }
+
     async fn validate_pipeline(
         &self,
         req: Request<pb::ValidatePipelineRequest>,
