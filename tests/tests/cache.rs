@@ -200,3 +200,35 @@ async fn caches_restore_save_and_fall_back() {
     );
     cluster.assert_no_leftovers(Duration::from_secs(10)).await;
 }
+
+/// The shell executor (steps as host processes in a workspace directory) restores and saves the same
+/// way: contents, modes and symlinks come back.
+#[tokio::test(flavor = "multi_thread")]
+async fn shell_executor_restores_and_saves() {
+    let cluster = Cluster::new()
+        .agent("host", "os=linux")
+        .agent_args(&["--executor", "shell"])
+        .start()
+        .await
+        .unwrap();
+    let k1 = key_for("v1\n");
+    let (r1, state) = run(&cluster, "shell.yml", "v1\n", false).await;
+    assert_eq!(state, RunState::Succeeded);
+    let check = log(&cluster, &r1, "check").await;
+    assert!(
+        check.starts_with(&format!("[drover] cache: miss for key {k1:?}\n")),
+        "{check}"
+    );
+    assert_contains(
+        &log(&cluster, &r1, "build").await,
+        &format!("[drover] cache: saved key {k1:?}"),
+    );
+    let (r2, state) = run(&cluster, "shell.yml", "v1\n", false).await;
+    assert_eq!(state, RunState::Succeeded);
+    let check = log(&cluster, &r2, "check").await;
+    assert_contains(&check, &format!("[drover] cache: restored key {k1:?}:"));
+    assert_contains(&check, "restored from v1\n");
+    assert_contains(&check, "tool ran\n");
+    assert_contains(&check, "link reads v1\n");
+    assert_contains(&check, "store has pkg-1\n");
+}
