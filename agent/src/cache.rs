@@ -10,11 +10,12 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::{self, Read, Write};
 use std::path::{Component, Path, PathBuf};
 
-use drover_proto::cache_key::{check_key, Facts, Template};
+use drover_proto::cache_key::{check_key, compile_glob, Facts, Part, Template};
 use drover_proto::v1::{
     cache_chunk, Assignment, CacheChunk, CacheHeader, CacheSaved, CacheSpec, ResolveCacheRequest,
 };
 use drover_proto::CHUNK_BYTES;
+use globset::GlobMatcher;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
@@ -104,11 +105,20 @@ pub fn render_keys(
     })
 }
 
-/// Whether any key template of `spec` hashes files (only then are the seeded files read).
-fn hashes_files(spec: &CacheSpec) -> bool {
+/// Every `hashFiles` glob of the key templates of `spec`, compiled: only files they match are read
+/// (none at all when there is no `hashFiles`).
+fn hashed_globs(spec: &CacheSpec) -> Vec<GlobMatcher> {
     std::iter::once(&spec.key)
         .chain(&spec.restore_keys)
-        .any(|t| Template::parse(t).is_ok_and(|t| t.hashes_files()))
+        .filter_map(|t| Template::parse(t).ok())
+        .flat_map(|t| t.parts().to_vec())
+        .filter_map(|p| match p {
+            Part::HashFiles(globs) => Some(globs),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|g| compile_glob(&g).ok())
+        .collect()
 }
 
 /// The path of a tar entry as workspace-relative components; `None` when it is absolute, climbs
@@ -125,9 +135,12 @@ fn normal_components(path: &Path) -> Option<Vec<String>> {
     (!parts.is_empty()).then_some(parts)
 }
 
-/// Path -> sha256 of every regular file the seeded tars put into the workspace (later tars win, as
-/// they are extracted later).
-pub fn seeded_files(tars: &[PathBuf]) -> io::Result<BTreeMap<String, String>> {
+/// Path -> sha256 of every regular file the seeded tars put into the workspace that one of `globs`
+/// matches (later tars win, as they are extracted later).
+pub fn seeded_files(
+    tars: &[PathBuf],
+    globs: &[GlobMatcher],
+) -> io::Result<BTreeMap<String, String>> {
     let mut files = BTreeMap::new();
     for tar_path in tars {
         let file = std::fs::File::open(tar_path)?;
@@ -138,6 +151,9 @@ pub fn seeded_files(tars: &[PathBuf]) -> io::Result<BTreeMap<String, String>> {
                 continue;
             };
             let path = parts.join("/");
+            if !globs.iter().any(|g| g.is_match(&path)) {
+                continue;
+            }
             let kind = entry.header().entry_type();
             if !(kind.is_file() || kind == tar::EntryType::Continuous) {
                 // A directory or link replaces a file of the same name.
@@ -383,9 +399,10 @@ pub async fn restore<E: Executor>(
     let Some(spec) = &a.cache else {
         return (None, String::new());
     };
-    let files = if hashes_files(spec) {
+    let globs = hashed_globs(spec);
+    let files = if !globs.is_empty() {
         let tars = seeded.to_vec();
-        match tokio::task::spawn_blocking(move || seeded_files(&tars)).await {
+        match tokio::task::spawn_blocking(move || seeded_files(&tars, &globs)).await {
             Ok(Ok(files)) => files,
             Ok(Err(e)) => {
                 return (

@@ -228,7 +228,8 @@ fn seeded_files_follow_the_extraction_order() {
             Item::Symlink("gone", "src"),
         ],
     );
-    let files = seeded_files(&[context.clone(), inputs]).unwrap();
+    let all = [compile_glob("**").unwrap()];
+    let files = seeded_files(&[context.clone(), inputs.clone()], &all).unwrap();
     let sha = |b: &[u8]| hex::encode(Sha256::digest(b));
     assert_eq!(
         files,
@@ -243,14 +244,25 @@ fn seeded_files_follow_the_extraction_order() {
         restore_keys: vec!["cargo-".into()],
         paths: vec!["target".into()],
     };
-    let only_context = seeded_files(&[context]).unwrap();
+    let only_context = seeded_files(&[context.clone()], &all).unwrap();
     let a = render_keys(&spec, &files).unwrap();
     let b = render_keys(&spec, &only_context).unwrap();
     assert!(a.key.starts_with("cargo-"));
     assert!(a.key.ends_with(&format!("-{}", std::env::consts::OS)));
     assert_ne!(a.key, b.key, "a changed Cargo.lock changes the key");
     assert_eq!(a.restore_keys, vec!["cargo-"]);
-    assert!(hashes_files(&spec));
+    // Only what the templates hash is read.
+    let globs = hashed_globs(&spec);
+    assert_eq!(globs.len(), 1);
+    assert_eq!(
+        seeded_files(&[context, inputs], &globs).unwrap(),
+        BTreeMap::from([("Cargo.lock".to_string(), sha(b"v2"))])
+    );
+    assert!(hashed_globs(&CacheSpec {
+        key: "plain-{{ os }}".into(),
+        ..spec.clone()
+    })
+    .is_empty());
 
     let bad = CacheSpec {
         key: "{{ nope }}".into(),
