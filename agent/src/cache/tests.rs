@@ -244,7 +244,7 @@ fn seeded_files_follow_the_extraction_order() {
         restore_keys: vec!["cargo-".into()],
         paths: vec!["target".into()],
     };
-    let only_context = seeded_files(&[context.clone()], &all).unwrap();
+    let only_context = seeded_files(std::slice::from_ref(&context), &all).unwrap();
     let a = render_keys(&spec, &files).unwrap();
     let b = render_keys(&spec, &only_context).unwrap();
     assert!(a.key.starts_with("cargo-"));
