@@ -89,17 +89,23 @@ pub fn render_keys(
     let render = |text: &str, what: &str| {
         let t =
             Template::parse(text).map_err(|e| CacheError::Key(format!("{what} {text:?}: {e}")))?;
-        let key = t.render(&facts);
+        Ok::<String, CacheError>(t.render(&facts))
+    };
+    let checked = |key: String, text: &str, what: &str| {
         check_key(&key).map_err(|e| CacheError::Key(format!("{what} {text:?}: {e}")))?;
         Ok::<String, CacheError>(key)
     };
+    let mut restore_keys = Vec::with_capacity(spec.restore_keys.len());
+    for text in &spec.restore_keys {
+        let key = render(text, "restore key")?;
+        // A restore key that renders empty (a `hashFiles` without match) would match every entry.
+        if !key.is_empty() {
+            restore_keys.push(checked(key, text, "restore key")?);
+        }
+    }
     Ok(JobCache {
-        key: render(&spec.key, "key")?,
-        restore_keys: spec
-            .restore_keys
-            .iter()
-            .map(|k| render(k, "restore key"))
-            .collect::<Result<_, _>>()?,
+        key: checked(render(&spec.key, "key")?, &spec.key, "key")?,
+        restore_keys,
         paths: spec.paths.clone(),
         exact_hit: false,
     })

@@ -264,6 +264,24 @@ fn seeded_files_follow_the_extraction_order() {
     })
     .is_empty());
 
+    // A restore key that renders empty is dropped; an empty exact key disables the cache.
+    let empty = CacheSpec {
+        key: "k".into(),
+        restore_keys: vec!["{{ hashFiles \"none\" }}".into(), "k-".into()],
+        ..spec.clone()
+    };
+    assert_eq!(
+        render_keys(&empty, &files).unwrap().restore_keys,
+        vec!["k-"]
+    );
+    let empty_key = CacheSpec {
+        key: "{{ hashFiles \"none\" }}".into(),
+        ..spec.clone()
+    };
+    assert!(matches!(
+        render_keys(&empty_key, &files),
+        Err(CacheError::Key(_))
+    ));
     let bad = CacheSpec {
         key: "{{ nope }}".into(),
         ..spec.clone()
