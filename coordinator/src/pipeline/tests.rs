@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 
 use super::parse::{parse_duration, JOB_KEYS, STEP_KEYS, TOP_KEYS};
-use super::{parse, JobSpec, Pipeline, PipelineError, PullPolicy, StepSpec};
+use super::{parse, CacheSpec, JobSpec, Pipeline, PipelineError, PullPolicy, StepSpec};
 
 const REFERENCE: &str = include_str!("../../../examples/reference.yml");
 const DEMO: &str = include_str!("../../../examples/demo.yml");
@@ -98,7 +98,12 @@ fn reference_example_parses_to_the_expected_model() {
                 artifacts: strings(&["dist/app.txt", "dist/app.txt.sha256", "dist/reports/*.txt"]),
                 timeout_secs: Some(600),
                 secrets: Vec::new(),
-                cache: None,
+                cache: Some(CacheSpec {
+                    key: "reference-{{ hashFiles \"**/*.lock\" }}-{{ os }}-{{ arch }}".into(),
+                    restore_keys: strings(&["reference-"]),
+                    paths: strings(&[".cache/reference"]),
+                    scope: Some("reference".into()),
+                }),
             },
             JobSpec {
                 name: "test".into(),
