@@ -59,7 +59,7 @@ impl Role {
 
 /// The role a ControlService method needs. Unknown methods need admin: secure by default.
 /// Admin-only by name (listed for review): CreateToken, CreateApiToken, ListTokens, RevokeToken,
-/// RevokeAgent, DrainAgent, PauseAgent, ResumeAgent, SetSecret, ListSecrets, DeleteSecret.
+/// RevokeAgent, DrainAgent, PauseAgent, ResumeAgent, SetSecret, ListSecrets, DeleteSecret, DeleteCache.
 pub fn required_role(method: &str) -> Role {
     match method {
         "ValidatePipeline" | "GetRun" | "ListRuns" | "WatchRun" | "FollowLogs"
