@@ -97,14 +97,16 @@ async fn caches_are_immutable_verified_and_scoped_to_running_jobs() {
     let mut b = FakeAgent::enroll(&server, &[("who", "b")], 1).await;
     a.attach().await;
     b.attach().await;
-    admin
+    let one = admin
         .submit_run(pb::SubmitRunRequest {
             pipeline: PIPELINE.into(),
             name: "one.yml".into(),
             ..Default::default()
         })
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner()
+        .run_id;
     let ja = a.assignment().await;
     let jb = b.assignment().await;
     assert_eq!(ja.cache.as_ref().map(|c| c.key.as_str()), Some("k"));
@@ -199,6 +201,28 @@ async fn caches_are_immutable_verified_and_scoped_to_running_jobs() {
         .map(|e| (e.scope.as_str(), e.key.as_str(), e.job.as_str()))
         .collect();
     assert_eq!(keys, vec![("one.yml", "k-1", "ja")]);
+    // A read token lists; deleting needs admin.
+    let mut reader = server
+        .control_client(drover_coordinator::access::Role::Read)
+        .await
+        .unwrap();
+    let seen = reader
+        .list_caches(pb::ListCachesRequest {
+            scope: "one.yml".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .caches;
+    assert_eq!(seen.len(), 1);
+    let e = reader
+        .delete_cache(pb::DeleteCacheRequest {
+            scope: "one.yml".into(),
+            key: "k-1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     let deleted = admin
         .delete_cache(pb::DeleteCacheRequest {
             scope: "one.yml".into(),
@@ -217,6 +241,9 @@ async fn caches_are_immutable_verified_and_scoped_to_running_jobs() {
 
     // Once the job is over, its attempt reaches no cache.
     a.run_ok(&ja).await;
+    b.run_ok(&jb).await;
+    let done = common::wait_run(&mut admin, &one).await;
+    assert_eq!(done.state(), pb::RunState::Succeeded, "{done:#?}");
     let e = resolve(&mut c, &a.cred, &ja, "k-1", &[]).await.unwrap_err();
     assert_ne!(e.code(), Code::Ok);
 }
