@@ -5,9 +5,18 @@
 //! in-memory state at once (so the next change builds on it), and queues the rows that changed for the
 //! store's group committer, still under the lock, so the commit order is the order of the changes. Changes
 //! made while a transaction is being written share the next one (one fsync). Nothing is acknowledged before
-//! it is durable: messages to agents and watchers' notifications are published by the committer after the
-//! commit, in order; callers answer after awaiting their batch; reads from memory wait until everything
-//! queued when they read is durable ([`Engine::settled`]). A failed commit stops all further commits (see
+//! it is durable: watchers' notifications are published by the committer after the commit, in order;
+//! callers answer after awaiting their batch; reads from memory wait until everything queued when they
+//! read is durable ([`Engine::settled`]).
+//!
+//! Messages to agents (assignments, welcomes, cancels) are the exception: they are pushed at once, in
+//! apply order, before their batch is durable, so dispatch does not wait for an fsync. That acknowledges
+//! nothing to anyone: an agent may start an attempt whose row is not durable yet (execution is
+//! at-least-once), but everything it sends back is fenced against the in-memory attempt and queued behind
+//! the assignment's batch, so no result can become durable before its assignment. If the coordinator dies
+//! first, the attempt never existed: the agent's next hello lists it, the coordinator names it stale and
+//! the agent stops it, and the job (if its run was durable) is placed again with a new attempt and epoch.
+//! A failed commit stops all further commits (see
 //! [`crate::store::commit`]); a restart reloads the last durable state. `op` (a tokio mutex) now only
 //! serializes the few operator changes that await the store directly (availability, secrets).
 
@@ -18,6 +27,9 @@ pub mod revoke;
 pub mod secrets;
 pub mod traces;
 pub mod why;
+
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -243,22 +255,18 @@ impl Tx {
     }
 }
 
-/// What applied changes publish once durable: their rows, messages to agents, logs to mark abandoned, and
-/// the runs whose watchers to wake.
+/// What applied changes publish once durable: their rows, logs to mark abandoned, and the runs whose
+/// watchers to wake. (Messages to agents go out at apply time: see the module comment.)
 #[derive(Debug, Default)]
 struct Effects {
     writes: Vec<Write>,
-    messages: Vec<(String, Option<u64>, pb::CoordinatorMessage)>,
     abandon: Vec<(String, u32, String)>,
     changed: Vec<String>,
 }
 
 impl Effects {
     fn is_empty(&self) -> bool {
-        self.writes.is_empty()
-            && self.messages.is_empty()
-            && self.abandon.is_empty()
-            && self.changed.is_empty()
+        self.writes.is_empty() && self.abandon.is_empty() && self.changed.is_empty()
     }
 }
 
@@ -267,32 +275,29 @@ fn lock_state(inner: &Inner) -> MutexGuard<'_, State> {
     inner.state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Runs on the committer thread once a batch is durable, in commit order: push the messages to agents
-/// (a full channel drops that session: the agent reconnects and reconciles), wake watchers, and mark the
+/// Push `msg` to the agent's current session now, under the state lock (so messages leave in apply order).
+/// A full channel drops that session: the agent reconnects and reconciles through its hello, as if the
+/// message had been lost with the old stream.
+fn push_to_agent(st: &mut State, agent: &str, msg: pb::CoordinatorMessage) {
+    let Some(live) = st.agents.get_mut(agent) else {
+        return;
+    };
+    if let Some(s) = &live.session {
+        if let Err(e) = s.tx.try_send(Ok(msg)) {
+            tracing::warn!(agent = %agent, "cannot push to agent ({e}); dropping its session");
+            live.session = None;
+        }
+    }
+}
+
+/// Runs on the committer thread once a batch is durable, in commit order: wake watchers, and mark the
 /// logs of ended attempts abandoned (then wake watchers again, so log followers see it).
 fn publish(
     inner: &Arc<Inner>,
     rt: &tokio::runtime::Handle,
-    messages: Vec<(String, Option<u64>, pb::CoordinatorMessage)>,
     abandon: Vec<(String, u32, String)>,
     changed: Vec<String>,
 ) {
-    if !messages.is_empty() {
-        let mut st = lock_state(inner);
-        for (agent, session, msg) in messages {
-            let Some(live) = st.agents.get_mut(&agent) else {
-                continue;
-            };
-            // Only to the session the change was made for: a newer session starts with its own welcome
-            // and reconciles through its hello, as if the message had been lost with the old stream.
-            if let Some(s) = live.session.as_ref().filter(|s| Some(s.id) == session) {
-                if let Err(e) = s.tx.try_send(Ok(msg)) {
-                    tracing::warn!(agent = %agent, "cannot push to agent ({e}); dropping its session");
-                    live.session = None;
-                }
-            }
-        }
-    }
     for id in &changed {
         let _ = inner.changes.send(id.clone());
     }
@@ -613,12 +618,7 @@ impl Engine {
             }
         }
         for (agent, msg) in tx.messages {
-            let session = st
-                .agents
-                .get(&agent)
-                .and_then(|a| a.session.as_ref())
-                .map(|s| s.id);
-            fx.messages.push((agent, session, msg));
+            push_to_agent(st, &agent, msg);
         }
         fx.abandon.extend(tx.abandon);
     }
@@ -630,14 +630,13 @@ impl Engine {
         }
         let Effects {
             writes,
-            messages,
             abandon,
             changed,
         } = fx;
         let inner = self.inner.clone();
         let rt = tokio::runtime::Handle::current();
         let after: crate::store::commit::After =
-            Box::new(move || publish(&inner, &rt, messages, abandon, changed));
+            Box::new(move || publish(&inner, &rt, abandon, changed));
         Some(self.inner.store.enqueue(writes, Some(after)))
     }
 
