@@ -632,12 +632,13 @@ pub(crate) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
 }
 
 fn write_run(tx: &Transaction<'_>, r: &RunRec) -> Result<(), StoreError> {
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO runs (seq, id, name, state, cancel_requested, created_ms, finished_ms, context_digest, pipeline)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
          ON CONFLICT(id) DO UPDATE SET state = excluded.state, cancel_requested = excluded.cancel_requested,
              finished_ms = excluded.finished_ms",
-        params![
+    )?
+    .execute(params![
             r.seq,
             r.id,
             r.name,
@@ -647,46 +648,60 @@ fn write_run(tx: &Transaction<'_>, r: &RunRec) -> Result<(), StoreError> {
             r.finished_ms,
             r.context_digest,
             r.pipeline
-        ],
-    )?;
+        ])?;
     // The artifacts of a run are rewritten whole: a retried job replaces its previous attempt's files.
-    tx.execute("DELETE FROM artifacts WHERE run_id = ?1", [&r.id])?;
+    tx.prepare_cached("DELETE FROM artifacts WHERE run_id = ?1")?
+        .execute([&r.id])?;
+    let mut job_row = tx.prepare_cached(
+        "INSERT OR REPLACE INTO jobs (run_id, name, idx, spec, state, failure, reason, exit_code, attempts,
+             attempt_id, epoch, agent_id, started_ms, finished_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+    )?;
+    let mut step_row = tx.prepare_cached(
+        "INSERT OR REPLACE INTO steps (run_id, job, idx, state, exit_code) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    let mut artifact_row = tx.prepare_cached(
+        "INSERT OR REPLACE INTO artifacts (run_id, job, path, digest, size, mode, attempt_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
     for j in &r.jobs {
         let spec =
             serde_json::to_string(&j.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        tx.execute(
-            "INSERT OR REPLACE INTO jobs (run_id, name, idx, spec, state, failure, reason, exit_code, attempts,
-                 attempt_id, epoch, agent_id, started_ms, finished_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-            params![
+        job_row.execute(params![
+            r.id,
+            j.name,
+            j.idx,
+            spec,
+            j.state.as_str(),
+            j.failure,
+            j.reason,
+            j.exit_code,
+            j.attempts,
+            j.attempt_id,
+            j.epoch as i64,
+            j.agent_id,
+            j.started_ms,
+            j.finished_ms
+        ])?;
+        for (i, s) in j.steps.iter().enumerate() {
+            step_row.execute(params![
                 r.id,
                 j.name,
-                j.idx,
-                spec,
-                j.state.as_str(),
-                j.failure,
-                j.reason,
-                j.exit_code,
-                j.attempts,
-                j.attempt_id,
-                j.epoch as i64,
-                j.agent_id,
-                j.started_ms,
-                j.finished_ms
-            ],
-        )?;
-        for (i, s) in j.steps.iter().enumerate() {
-            tx.execute(
-                "INSERT OR REPLACE INTO steps (run_id, job, idx, state, exit_code) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![r.id, j.name, i as u32, s.state.as_str(), s.exit_code],
-            )?;
+                i as u32,
+                s.state.as_str(),
+                s.exit_code
+            ])?;
         }
         for a in &j.artifacts {
-            tx.execute(
-                "INSERT OR REPLACE INTO artifacts (run_id, job, path, digest, size, mode, attempt_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![r.id, j.name, a.path, a.digest, a.size as i64, a.mode, a.attempt_id],
-            )?;
+            artifact_row.execute(params![
+                r.id,
+                j.name,
+                a.path,
+                a.digest,
+                a.size as i64,
+                a.mode,
+                a.attempt_id
+            ])?;
         }
     }
     Ok(())
@@ -1138,7 +1153,10 @@ mod tests {
         assert_eq!((ok.len(), used_up, missing), (5, 14, 1), "{ok:?}");
         // The committer may have taken the first one alone before it blocked on the held connection.
         let transactions = commits.load(std::sync::atomic::Ordering::SeqCst);
-        assert!(transactions <= 2, "20 enrollments took {transactions} transactions");
+        assert!(
+            transactions <= 2,
+            "20 enrollments took {transactions} transactions"
+        );
         drop(store);
         let store = Store::open(&path).unwrap();
         let mut stored: Vec<String> = store
