@@ -167,12 +167,18 @@ impl AgentLive {
     }
 }
 
+/// Milliseconds on the monotonic clock since the first call in this process: the lease clock of every
+/// agent counts from the same origin, so the lease timer reads the clock once per scan, not once per agent.
+fn mono_now_ms() -> u64 {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    ORIGIN.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
 /// When anything last arrived from an agent. Its session renews it on every message without taking the
 /// engine's lock (a heartbeat costs two atomic stores), and the lease timer reads it.
 #[derive(Debug)]
 pub struct LastSeen {
-    base: Instant,
-    /// Milliseconds after `base` (monotonic: the lease clock).
+    /// [`mono_now_ms`] at the last message (the lease clock).
     mono_ms: AtomicU64,
     /// Unix milliseconds, for operators.
     unix_ms: AtomicI64,
@@ -181,25 +187,20 @@ pub struct LastSeen {
 impl LastSeen {
     fn now() -> LastSeen {
         LastSeen {
-            base: Instant::now(),
-            mono_ms: AtomicU64::new(0),
+            mono_ms: AtomicU64::new(mono_now_ms()),
             unix_ms: AtomicI64::new(now_ms()),
         }
     }
 
     /// Something arrived from the agent now.
     pub fn touch(&self) {
-        let mono = self.base.elapsed().as_millis() as u64;
-        self.mono_ms.store(mono, Ordering::Relaxed);
+        self.mono_ms.store(mono_now_ms(), Ordering::Relaxed);
         self.unix_ms.store(now_ms(), Ordering::Relaxed);
     }
 
-    /// How long the agent has been silent.
-    fn silent_for(&self) -> Duration {
-        let mono = self.mono_ms.load(Ordering::Relaxed);
-        self.base
-            .elapsed()
-            .saturating_sub(Duration::from_millis(mono))
+    /// How long the agent has been silent at `now` (a [`mono_now_ms`] reading).
+    fn silent_at(&self, now: u64) -> Duration {
+        Duration::from_millis(now.saturating_sub(self.mono_ms.load(Ordering::Relaxed)))
     }
 
     /// Unix ms of the last message.
@@ -695,7 +696,9 @@ impl Engine {
             let run = tx.run_mut(st, &run_id)?;
             machine::start_attempt(&mut run.jobs[idx], &attempt_id, &p.agent);
             let (job_name, epoch) = (run.jobs[idx].name.clone(), run.jobs[idx].epoch);
-            tracing::info!(run = %run_id, job = %job_name, agent = %p.agent, attempt = %attempt_id,
+            // Debug, like the result below: at thousands of jobs a second, info lines per job cost more than
+            // the scheduling (the run's submit and end stay at info; the API and traces show each job).
+            tracing::debug!(run = %run_id, job = %job_name, agent = %p.agent, attempt = %attempt_id,
                 epoch, "dispatch");
             let mut assign = assignment(run, idx);
             // Only this message carries the values: never the store, the logs or any API.
@@ -1034,15 +1037,20 @@ impl Engine {
     /// Lose the attempts of agents silent for longer than the lease TTL; drop their sessions.
     pub async fn check_leases(&self) -> CoordResult<()> {
         let ttl = self.inner.config.lease_ttl;
+        // Called a few times a second over every agent (ten thousand in a big fleet): one clock reading
+        // per scan, and nothing allocated unless an agent is silent (the common case: none is).
         let expired = |st: &State| -> Vec<String> {
-            st.agents
-                .values()
-                .filter(|a| a.seen.silent_for() > ttl)
-                .filter(|a| {
-                    a.session.is_some() || st.attempts.values().any(|at| at.agent_id == a.rec.id)
-                })
-                .map(|a| a.rec.id.clone())
-                .collect()
+            let now = mono_now_ms();
+            let mut out = Vec::new();
+            for a in st.agents.values() {
+                if a.seen.silent_at(now) > ttl
+                    && (a.session.is_some()
+                        || st.attempts.values().any(|at| at.agent_id == a.rec.id))
+                {
+                    out.push(a.rec.id.clone());
+                }
+            }
+            out
         };
         if expired(&self.lock()).is_empty() {
             return Ok(());
@@ -1235,7 +1243,7 @@ impl Engine {
                 machine::Outcome::End { state, .. } => *state,
                 machine::Outcome::Retry { .. } => Status::Failed,
             };
-            tracing::info!(run = %run_id, job = %job.name, attempt = %r.attempt_id, ?outcome, "job result");
+            tracing::debug!(run = %run_id, job = %job.name, attempt = %r.attempt_id, ?outcome, "job result");
             let steps = job.spec.steps.len() as u32;
             machine::apply_outcome(job, outcome, now);
             machine::settle(run, now);
