@@ -126,12 +126,18 @@ impl SimAgent {
         })
     }
 
-    /// Fails when the session has ended (it only ends on an error).
+    /// Fails when the session has ended (it only ends on an error), saying why.
     pub(crate) fn check_alive(&mut self) -> Result<()> {
-        if self.session.is_finished() {
-            bail!("simulated agent {} lost its session", self.id);
+        if !self.session.is_finished() {
+            return Ok(());
         }
-        Ok(())
+        let why = match futures::FutureExt::now_or_never(&mut self.session) {
+            Some(Ok(Err(e))) => format!("{e:#}"),
+            Some(Ok(Ok(()))) => "it ended".to_string(),
+            Some(Err(e)) => format!("its task failed: {e}"),
+            None => "it ended".to_string(),
+        };
+        bail!("simulated agent {} lost its session: {why}", self.id)
     }
 }
 

@@ -341,10 +341,15 @@ async fn agent_session(
         .checked_sub(ack_every)
         .unwrap_or_else(std::time::Instant::now);
     let mut closing = engine.closing();
+    // One shutdown future for the whole session rather than a new one per message: an idle fleet is ten
+    // thousand sessions each reading a heartbeat every few seconds, and each new `changed()` future
+    // registers with (and on drop, unregisters from) the same shared notifier.
+    let shutdown = closing.changed();
+    tokio::pin!(shutdown);
     loop {
         let msg = tokio::select! {
             m = inbound.message() => m,
-            _ = closing.changed() => break,
+            _ = &mut shutdown => break,
         };
         let msg = match msg {
             Ok(Some(m)) => m,

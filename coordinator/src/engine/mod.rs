@@ -5,9 +5,18 @@
 //! in-memory state at once (so the next change builds on it), and queues the rows that changed for the
 //! store's group committer, still under the lock, so the commit order is the order of the changes. Changes
 //! made while a transaction is being written share the next one (one fsync). Nothing is acknowledged before
-//! it is durable: messages to agents and watchers' notifications are published by the committer after the
-//! commit, in order; callers answer after awaiting their batch; reads from memory wait until everything
-//! queued when they read is durable ([`Engine::settled`]). A failed commit stops all further commits (see
+//! it is durable: watchers' notifications are published by the committer after the commit, in order;
+//! callers answer after awaiting their batch; reads from memory wait until everything queued when they
+//! read is durable ([`Engine::settled`]).
+//!
+//! Messages to agents (assignments, welcomes, cancels) are the exception: they are pushed at once, in
+//! apply order, before their batch is durable, so dispatch does not wait for an fsync. That acknowledges
+//! nothing to anyone: an agent may start an attempt whose row is not durable yet (execution is
+//! at-least-once), but everything it sends back is fenced against the in-memory attempt and queued behind
+//! the assignment's batch, so no result can become durable before its assignment. If the coordinator dies
+//! first, the attempt never existed: the agent's next hello lists it, the coordinator names it stale and
+//! the agent stops it, and the job (if its run was durable) is placed again with a new attempt and epoch.
+//! A failed commit stops all further commits (see
 //! [`crate::store::commit`]); a restart reloads the last durable state. `op` (a tokio mutex) now only
 //! serializes the few operator changes that await the store directly (availability, secrets).
 
@@ -19,6 +28,9 @@ pub mod revoke;
 pub mod secrets;
 pub mod traces;
 pub mod why;
+
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -156,12 +168,18 @@ impl AgentLive {
     }
 }
 
+/// Milliseconds on the monotonic clock since the first call in this process: the lease clock of every
+/// agent counts from the same origin, so the lease timer reads the clock once per scan, not once per agent.
+fn mono_now_ms() -> u64 {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    ORIGIN.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
 /// When anything last arrived from an agent. Its session renews it on every message without taking the
 /// engine's lock (a heartbeat costs two atomic stores), and the lease timer reads it.
 #[derive(Debug)]
 pub struct LastSeen {
-    base: Instant,
-    /// Milliseconds after `base` (monotonic: the lease clock).
+    /// [`mono_now_ms`] at the last message (the lease clock).
     mono_ms: AtomicU64,
     /// Unix milliseconds, for operators.
     unix_ms: AtomicI64,
@@ -170,25 +188,20 @@ pub struct LastSeen {
 impl LastSeen {
     fn now() -> LastSeen {
         LastSeen {
-            base: Instant::now(),
-            mono_ms: AtomicU64::new(0),
+            mono_ms: AtomicU64::new(mono_now_ms()),
             unix_ms: AtomicI64::new(now_ms()),
         }
     }
 
     /// Something arrived from the agent now.
     pub fn touch(&self) {
-        let mono = self.base.elapsed().as_millis() as u64;
-        self.mono_ms.store(mono, Ordering::Relaxed);
+        self.mono_ms.store(mono_now_ms(), Ordering::Relaxed);
         self.unix_ms.store(now_ms(), Ordering::Relaxed);
     }
 
-    /// How long the agent has been silent.
-    fn silent_for(&self) -> Duration {
-        let mono = self.mono_ms.load(Ordering::Relaxed);
-        self.base
-            .elapsed()
-            .saturating_sub(Duration::from_millis(mono))
+    /// How long the agent has been silent at `now` (a [`mono_now_ms`] reading).
+    fn silent_at(&self, now: u64) -> Duration {
+        Duration::from_millis(now.saturating_sub(self.mono_ms.load(Ordering::Relaxed)))
     }
 
     /// Unix ms of the last message.
@@ -244,22 +257,18 @@ impl Tx {
     }
 }
 
-/// What applied changes publish once durable: their rows, messages to agents, logs to mark abandoned, and
-/// the runs whose watchers to wake.
+/// What applied changes publish once durable: their rows, logs to mark abandoned, and the runs whose
+/// watchers to wake. (Messages to agents go out at apply time: see the module comment.)
 #[derive(Debug, Default)]
 struct Effects {
     writes: Vec<Write>,
-    messages: Vec<(String, Option<u64>, pb::CoordinatorMessage)>,
     abandon: Vec<(String, u32, String)>,
     changed: Vec<String>,
 }
 
 impl Effects {
     fn is_empty(&self) -> bool {
-        self.writes.is_empty()
-            && self.messages.is_empty()
-            && self.abandon.is_empty()
-            && self.changed.is_empty()
+        self.writes.is_empty() && self.abandon.is_empty() && self.changed.is_empty()
     }
 }
 
@@ -268,32 +277,29 @@ fn lock_state(inner: &Inner) -> MutexGuard<'_, State> {
     inner.state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Runs on the committer thread once a batch is durable, in commit order: push the messages to agents
-/// (a full channel drops that session: the agent reconnects and reconciles), wake watchers, and mark the
+/// Push `msg` to the agent's current session now, under the state lock (so messages leave in apply order).
+/// A full channel drops that session: the agent reconnects and reconciles through its hello, as if the
+/// message had been lost with the old stream.
+fn push_to_agent(st: &mut State, agent: &str, msg: pb::CoordinatorMessage) {
+    let Some(live) = st.agents.get_mut(agent) else {
+        return;
+    };
+    if let Some(s) = &live.session {
+        if let Err(e) = s.tx.try_send(Ok(msg)) {
+            tracing::warn!(agent = %agent, "cannot push to agent ({e}); dropping its session");
+            live.session = None;
+        }
+    }
+}
+
+/// Runs on the committer thread once a batch is durable, in commit order: wake watchers, and mark the
 /// logs of ended attempts abandoned (then wake watchers again, so log followers see it).
 fn publish(
     inner: &Arc<Inner>,
     rt: &tokio::runtime::Handle,
-    messages: Vec<(String, Option<u64>, pb::CoordinatorMessage)>,
     abandon: Vec<(String, u32, String)>,
     changed: Vec<String>,
 ) {
-    if !messages.is_empty() {
-        let mut st = lock_state(inner);
-        for (agent, session, msg) in messages {
-            let Some(live) = st.agents.get_mut(&agent) else {
-                continue;
-            };
-            // Only to the session the change was made for: a newer session starts with its own welcome
-            // and reconciles through its hello, as if the message had been lost with the old stream.
-            if let Some(s) = live.session.as_ref().filter(|s| Some(s.id) == session) {
-                if let Err(e) = s.tx.try_send(Ok(msg)) {
-                    tracing::warn!(agent = %agent, "cannot push to agent ({e}); dropping its session");
-                    live.session = None;
-                }
-            }
-        }
-    }
     for id in &changed {
         let _ = inner.changes.send(id.clone());
     }
@@ -614,12 +620,7 @@ impl Engine {
             }
         }
         for (agent, msg) in tx.messages {
-            let session = st
-                .agents
-                .get(&agent)
-                .and_then(|a| a.session.as_ref())
-                .map(|s| s.id);
-            fx.messages.push((agent, session, msg));
+            push_to_agent(st, &agent, msg);
         }
         fx.abandon.extend(tx.abandon);
     }
@@ -631,14 +632,13 @@ impl Engine {
         }
         let Effects {
             writes,
-            messages,
             abandon,
             changed,
         } = fx;
         let inner = self.inner.clone();
         let rt = tokio::runtime::Handle::current();
         let after: crate::store::commit::After =
-            Box::new(move || publish(&inner, &rt, messages, abandon, changed));
+            Box::new(move || publish(&inner, &rt, abandon, changed));
         Some(self.inner.store.enqueue(writes, Some(after)))
     }
 
@@ -697,7 +697,9 @@ impl Engine {
             let run = tx.run_mut(st, &run_id)?;
             machine::start_attempt(&mut run.jobs[idx], &attempt_id, &p.agent);
             let (job_name, epoch) = (run.jobs[idx].name.clone(), run.jobs[idx].epoch);
-            tracing::info!(run = %run_id, job = %job_name, agent = %p.agent, attempt = %attempt_id,
+            // Debug, like the result below: at thousands of jobs a second, info lines per job cost more than
+            // the scheduling (the run's submit and end stay at info; the API and traces show each job).
+            tracing::debug!(run = %run_id, job = %job_name, agent = %p.agent, attempt = %attempt_id,
                 epoch, "dispatch");
             let mut assign = assignment(run, idx);
             // Only this message carries the values: never the store, the logs or any API.
@@ -1036,15 +1038,20 @@ impl Engine {
     /// Lose the attempts of agents silent for longer than the lease TTL; drop their sessions.
     pub async fn check_leases(&self) -> CoordResult<()> {
         let ttl = self.inner.config.lease_ttl;
+        // Called a few times a second over every agent (ten thousand in a big fleet): one clock reading
+        // per scan, and nothing allocated unless an agent is silent (the common case: none is).
         let expired = |st: &State| -> Vec<String> {
-            st.agents
-                .values()
-                .filter(|a| a.seen.silent_for() > ttl)
-                .filter(|a| {
-                    a.session.is_some() || st.attempts.values().any(|at| at.agent_id == a.rec.id)
-                })
-                .map(|a| a.rec.id.clone())
-                .collect()
+            let now = mono_now_ms();
+            let mut out = Vec::new();
+            for a in st.agents.values() {
+                if a.seen.silent_at(now) > ttl
+                    && (a.session.is_some()
+                        || st.attempts.values().any(|at| at.agent_id == a.rec.id))
+                {
+                    out.push(a.rec.id.clone());
+                }
+            }
+            out
         };
         if expired(&self.lock()).is_empty() {
             return Ok(());
@@ -1237,7 +1244,7 @@ impl Engine {
                 machine::Outcome::End { state, .. } => *state,
                 machine::Outcome::Retry { .. } => Status::Failed,
             };
-            tracing::info!(run = %run_id, job = %job.name, attempt = %r.attempt_id, ?outcome, "job result");
+            tracing::debug!(run = %run_id, job = %job.name, attempt = %r.attempt_id, ?outcome, "job result");
             let steps = job.spec.steps.len() as u32;
             machine::apply_outcome(job, outcome, now);
             machine::settle(run, now);

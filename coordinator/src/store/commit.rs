@@ -11,7 +11,7 @@
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use rusqlite::Connection;
+use rusqlite::{Connection, Transaction};
 use tokio::sync::{oneshot, watch};
 
 use super::{apply_write, lock, StoreError, Write};
@@ -20,9 +20,17 @@ use super::{apply_write, lock, StoreError, Write};
 /// on anything the engine holds while it enqueues.
 pub type After = Box<dyn FnOnce() + Send>;
 
+/// A read-check-write step that runs inside the group's transaction, after the batch's writes, in queue
+/// order (so it sees every batch queued before it). It reports its own outcome (for example through a
+/// slot it captured, read once the batch is durable); an error it returns fails the whole group and
+/// poisons the store, so it should return only SQLite failures and roll back its own refusals (a
+/// savepoint) rather than error.
+pub type Op = Box<dyn FnOnce(&mut Transaction<'_>) -> Result<(), StoreError> + Send>;
+
 /// One queued batch.
 struct Pending {
     writes: Vec<Write>,
+    op: Option<Op>,
     after: Option<After>,
     done: oneshot::Sender<Result<(), StoreError>>,
 }
@@ -112,6 +120,16 @@ impl Committer {
 
     /// Queue `writes`; `after` runs once they are durable, before the waiter wakes.
     pub(super) fn enqueue(&self, writes: Vec<Write>, after: Option<After>) -> Commit {
+        self.enqueue_op(writes, None, after)
+    }
+
+    /// [`Committer::enqueue`] with an [`Op`] that runs in the transaction after `writes`.
+    pub(super) fn enqueue_op(
+        &self,
+        writes: Vec<Write>,
+        op: Option<Op>,
+        after: Option<After>,
+    ) -> Commit {
         let (done, rx) = oneshot::channel();
         let mut q = queue(&self.shared);
         if let Some(why) = &q.poisoned {
@@ -121,6 +139,7 @@ impl Committer {
         q.enqueued += 1;
         q.pending.push(Pending {
             writes,
+            op,
             after,
             done,
         });
@@ -178,8 +197,9 @@ fn run(shared: &Shared, conn: &Mutex<Connection>) {
             }
             std::mem::take(&mut q.pending)
         };
+        let mut group = group;
         let began = std::time::Instant::now();
-        let result = write_group(conn, &group);
+        let result = write_group(conn, &mut group);
         match result {
             Ok(wrote) => {
                 if wrote {
@@ -227,15 +247,18 @@ fn run(shared: &Shared, conn: &Mutex<Connection>) {
 }
 
 /// Write every batch of `group` in one transaction; false when there was nothing to write.
-fn write_group(conn: &Mutex<Connection>, group: &[Pending]) -> Result<bool, StoreError> {
-    if group.iter().all(|p| p.writes.is_empty()) {
+fn write_group(conn: &Mutex<Connection>, group: &mut [Pending]) -> Result<bool, StoreError> {
+    if group.iter().all(|p| p.writes.is_empty() && p.op.is_none()) {
         return Ok(false);
     }
     let mut c = lock(conn);
-    let tx = c.transaction()?;
-    for p in group {
+    let mut tx = c.transaction()?;
+    for p in group.iter_mut() {
         for w in &p.writes {
             apply_write(&tx, w)?;
+        }
+        if let Some(op) = p.op.take() {
+            op(&mut tx)?;
         }
     }
     tx.commit()?;

@@ -332,6 +332,14 @@ impl Store {
         self.commits.poisoned()
     }
 
+    /// Hold the connection (so no group can commit) while `f` runs: lets tests see what happens before a
+    /// batch is durable, as on a slow disk.
+    #[cfg(test)]
+    pub(crate) fn with_commits_stalled<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _held = lock(&self.conn);
+        f()
+    }
+
     /// Everything the engine keeps in memory: unfinished runs, running attempts, all agents.
     pub async fn load(&self) -> Result<Loaded, StoreError> {
         self.call(|c| {
@@ -438,52 +446,75 @@ impl Store {
         .await
     }
 
-    /// Spend one use of the token hashed `token_hash` and create `agent`, in one transaction.
-    /// The agent's `required_labels` are set to the token's labels.
+    /// Spend one use of the token hashed `token_hash` and create `agent`, together. The agent's
+    /// `required_labels` are set to the token's labels. Goes through the group committer: a burst of
+    /// enrollments (a fleet coming up) shares one transaction and one fsync instead of one each, and the
+    /// committer thread runs them one after the other, so two enrollments never both spend a last use.
     pub async fn enroll(
         &self,
         token_hash: String,
         now_ms: i64,
-        mut agent: AgentRec,
+        agent: AgentRec,
     ) -> Result<Result<AgentRec, EnrollRefusal>, StoreError> {
-        self.call(move |c| {
-            let tx = c.transaction()?;
-            let row: Option<(u32, i64, String)> = tx
-                .query_row(
-                    "SELECT uses_left, expires_ms, labels FROM tokens WHERE hash = ?1",
-                    [&token_hash],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .optional()?;
-            let Some((uses_left, expires_ms, labels)) = row else {
-                return Ok(Err(EnrollRefusal::Unknown));
-            };
-            if expires_ms <= now_ms {
-                return Ok(Err(EnrollRefusal::Expired));
+        type Outcome = Result<Result<AgentRec, EnrollRefusal>, StoreError>;
+        let slot: Arc<Mutex<Option<Outcome>>> = Arc::new(Mutex::new(None));
+        let filled = slot.clone();
+        let op: commit::Op = Box::new(move |tx| {
+            // A savepoint of its own: a refusal or a corrupt token row rolls back this enrollment alone
+            // and is reported to its caller, never failing the other batches of the group.
+            let mut sp = tx.savepoint()?;
+            let outcome = enroll_in(&sp, &token_hash, now_ms, agent);
+            if matches!(outcome, Ok(Ok(_))) {
+                sp.commit()?;
+            } else {
+                sp.rollback()?;
             }
-            if uses_left == 0 {
-                return Ok(Err(EnrollRefusal::UsedUp));
-            }
-            let required = parse_labels(&labels)?;
-            let missing: Vec<String> = required
-                .iter()
-                .filter(|(k, v)| agent.labels.get(*k) != Some(*v))
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            if !missing.is_empty() {
-                return Ok(Err(EnrollRefusal::MissingLabels(missing)));
-            }
-            tx.execute(
-                "UPDATE tokens SET uses_left = uses_left - 1 WHERE hash = ?1",
-                [&token_hash],
-            )?;
-            agent.required_labels = required;
-            write_agent(&tx, &agent)?;
-            tx.commit()?;
-            Ok(Ok(agent))
-        })
-        .await
+            *filled.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
+            Ok(())
+        });
+        self.commits
+            .enqueue_op(Vec::new(), Some(op), None)
+            .durable()
+            .await?;
+        let outcome = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+        outcome.unwrap_or_else(|| Err(StoreError::Task("the enrollment did not run".into())))
     }
+}
+
+/// The checks and writes of one enrollment, inside the caller's transaction.
+fn enroll_in(
+    c: &Connection,
+    token_hash: &str,
+    now_ms: i64,
+    mut agent: AgentRec,
+) -> Result<Result<AgentRec, EnrollRefusal>, StoreError> {
+    let row: Option<(u32, i64, String)> = c
+        .prepare_cached("SELECT uses_left, expires_ms, labels FROM tokens WHERE hash = ?1")?
+        .query_row([token_hash], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let Some((uses_left, expires_ms, labels)) = row else {
+        return Ok(Err(EnrollRefusal::Unknown));
+    };
+    if expires_ms <= now_ms {
+        return Ok(Err(EnrollRefusal::Expired));
+    }
+    if uses_left == 0 {
+        return Ok(Err(EnrollRefusal::UsedUp));
+    }
+    let required = parse_labels(&labels)?;
+    let missing: Vec<String> = required
+        .iter()
+        .filter(|(k, v)| agent.labels.get(*k) != Some(*v))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if !missing.is_empty() {
+        return Ok(Err(EnrollRefusal::MissingLabels(missing)));
+    }
+    c.prepare_cached("UPDATE tokens SET uses_left = uses_left - 1 WHERE hash = ?1")?
+        .execute([token_hash])?;
+    agent.required_labels = required;
+    write_agent(c, &agent)?;
+    Ok(Ok(agent))
 }
 
 /// How often the checkpointer looks at the WAL.
@@ -603,12 +634,13 @@ pub(crate) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
 }
 
 fn write_run(tx: &Transaction<'_>, r: &RunRec) -> Result<(), StoreError> {
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO runs (seq, id, name, state, cancel_requested, created_ms, finished_ms, context_digest, pipeline)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
          ON CONFLICT(id) DO UPDATE SET state = excluded.state, cancel_requested = excluded.cancel_requested,
              finished_ms = excluded.finished_ms",
-        params![
+    )?
+    .execute(params![
             r.seq,
             r.id,
             r.name,
@@ -618,46 +650,60 @@ fn write_run(tx: &Transaction<'_>, r: &RunRec) -> Result<(), StoreError> {
             r.finished_ms,
             r.context_digest,
             r.pipeline
-        ],
-    )?;
+        ])?;
     // The artifacts of a run are rewritten whole: a retried job replaces its previous attempt's files.
-    tx.execute("DELETE FROM artifacts WHERE run_id = ?1", [&r.id])?;
+    tx.prepare_cached("DELETE FROM artifacts WHERE run_id = ?1")?
+        .execute([&r.id])?;
+    let mut job_row = tx.prepare_cached(
+        "INSERT OR REPLACE INTO jobs (run_id, name, idx, spec, state, failure, reason, exit_code, attempts,
+             attempt_id, epoch, agent_id, started_ms, finished_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+    )?;
+    let mut step_row = tx.prepare_cached(
+        "INSERT OR REPLACE INTO steps (run_id, job, idx, state, exit_code) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    let mut artifact_row = tx.prepare_cached(
+        "INSERT OR REPLACE INTO artifacts (run_id, job, path, digest, size, mode, attempt_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
     for j in &r.jobs {
         let spec =
             serde_json::to_string(&j.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        tx.execute(
-            "INSERT OR REPLACE INTO jobs (run_id, name, idx, spec, state, failure, reason, exit_code, attempts,
-                 attempt_id, epoch, agent_id, started_ms, finished_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-            params![
+        job_row.execute(params![
+            r.id,
+            j.name,
+            j.idx,
+            spec,
+            j.state.as_str(),
+            j.failure,
+            j.reason,
+            j.exit_code,
+            j.attempts,
+            j.attempt_id,
+            j.epoch as i64,
+            j.agent_id,
+            j.started_ms,
+            j.finished_ms
+        ])?;
+        for (i, s) in j.steps.iter().enumerate() {
+            step_row.execute(params![
                 r.id,
                 j.name,
-                j.idx,
-                spec,
-                j.state.as_str(),
-                j.failure,
-                j.reason,
-                j.exit_code,
-                j.attempts,
-                j.attempt_id,
-                j.epoch as i64,
-                j.agent_id,
-                j.started_ms,
-                j.finished_ms
-            ],
-        )?;
-        for (i, s) in j.steps.iter().enumerate() {
-            tx.execute(
-                "INSERT OR REPLACE INTO steps (run_id, job, idx, state, exit_code) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![r.id, j.name, i as u32, s.state.as_str(), s.exit_code],
-            )?;
+                i as u32,
+                s.state.as_str(),
+                s.exit_code
+            ])?;
         }
         for a in &j.artifacts {
-            tx.execute(
-                "INSERT OR REPLACE INTO artifacts (run_id, job, path, digest, size, mode, attempt_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![r.id, j.name, a.path, a.digest, a.size as i64, a.mode, a.attempt_id],
-            )?;
+            artifact_row.execute(params![
+                r.id,
+                j.name,
+                a.path,
+                a.digest,
+                a.size as i64,
+                a.mode,
+                a.attempt_id
+            ])?;
         }
     }
     Ok(())
@@ -672,11 +718,12 @@ fn write_attempt(tx: &Transaction<'_>, a: &AttemptRec) -> Result<(), StoreError>
     Ok(())
 }
 
-fn write_agent(tx: &Transaction<'_>, a: &AgentRec) -> Result<(), StoreError> {
-    tx.execute(
+fn write_agent(tx: &Connection, a: &AgentRec) -> Result<(), StoreError> {
+    tx.prepare_cached(
         "INSERT OR REPLACE INTO agents (id, hostname, labels, required_labels, capacity, credential_hash, revoked,
              created_ms, last_seen_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        params![
+    )?
+    .execute(params![
             a.id,
             a.hostname,
             labels_json(&a.labels),
@@ -686,8 +733,7 @@ fn write_agent(tx: &Transaction<'_>, a: &AgentRec) -> Result<(), StoreError> {
             a.revoked,
             a.created_ms,
             a.last_seen_ms
-        ],
-    )?;
+        ])?;
     Ok(())
 }
 
@@ -1031,5 +1077,107 @@ mod tests {
             Err(EnrollRefusal::UsedUp)
         );
         assert_eq!(store.load().await.unwrap().agents, vec![got]);
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_enrollments_shares_one_commit_and_spends_each_use_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let store = Store::open(&path).unwrap();
+        let mut labels = BTreeMap::new();
+        labels.insert("os".to_string(), "linux".to_string());
+        store
+            .create_token(TokenRec {
+                hash: "h".into(),
+                uses_left: 5,
+                expires_ms: i64::MAX,
+                labels: labels.clone(),
+            })
+            .await
+            .unwrap();
+        let commits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = commits.clone();
+        store.observe_commits(Arc::new(move |_| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+        let agent = |i: usize, labels: &BTreeMap<String, String>| AgentRec {
+            id: format!("a{i}"),
+            hostname: "h".into(),
+            labels: labels.clone(),
+            required_labels: BTreeMap::new(),
+            capacity: 1,
+            credential_hash: "c".into(),
+            revoked: false,
+            created_ms: 0,
+            last_seen_ms: 0,
+        };
+        // Queue 20 enrollments (one of them without the token's labels) while nothing can commit, so they
+        // all wait for the same transaction.
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                store.with_commits_stalled(|| {
+                    held_tx.send(()).unwrap();
+                    released.recv().unwrap();
+                })
+            })
+        };
+        held_rx.recv().unwrap();
+        let mut waiting = Vec::new();
+        for i in 0..20 {
+            let l = if i == 3 {
+                BTreeMap::new()
+            } else {
+                labels.clone()
+            };
+            let store = store.clone();
+            let a = agent(i, &l);
+            waiting.push(tokio::spawn(async move {
+                store.enroll("h".into(), 10, a).await
+            }));
+        }
+        while store.enqueued() < 20 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        release.send(()).unwrap();
+        holder.join().unwrap();
+        let mut ok = Vec::new();
+        let mut used_up = 0;
+        let mut missing = 0;
+        for w in waiting {
+            match w.await.unwrap().unwrap() {
+                Ok(a) => ok.push(a.id),
+                Err(EnrollRefusal::UsedUp) => used_up += 1,
+                Err(EnrollRefusal::MissingLabels(_)) => missing += 1,
+                Err(other) => panic!("unexpected refusal {other:?}"),
+            }
+        }
+        assert_eq!((ok.len(), used_up, missing), (5, 14, 1), "{ok:?}");
+        // The committer may have taken the first one alone before it blocked on the held connection.
+        let transactions = commits.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            transactions <= 2,
+            "20 enrollments took {transactions} transactions"
+        );
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let mut stored: Vec<String> = store
+            .load()
+            .await
+            .unwrap()
+            .agents
+            .into_iter()
+            .map(|a| a.id)
+            .collect();
+        stored.sort();
+        ok.sort();
+        assert_eq!(stored, ok);
+        let left: u32 = lock(&store.conn)
+            .query_row("SELECT uses_left FROM tokens WHERE hash = 'h'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(left, 0);
     }
 }

@@ -1,0 +1,137 @@
+//! The engine over a real store on disk: what an agent sees before a batch is durable, and what a restart
+//! keeps.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use drover_proto::v1 as pb;
+use drover_proto::v1::coordinator_message::Msg;
+use tokio::sync::mpsc;
+
+use super::{Engine, AGENT_CHANNEL};
+use crate::artifacts::BlobStore;
+use crate::config::Config;
+use crate::logs::LogStore;
+use crate::store::Store;
+
+const PIPELINE: &str =
+    "jobs:\n  one:\n    steps:\n      - image: img\n        commands: [\"true\"]\n";
+
+async fn engine(dir: &std::path::Path) -> (Engine, Store) {
+    let store = Store::open(&dir.join("drover.sqlite")).unwrap();
+    let logs = LogStore::open(dir.join("logs")).unwrap();
+    let blobs = BlobStore::open(dir.join("blobs")).unwrap();
+    let engine = Engine::with_stores(Config::with_data_dir(dir), store.clone(), logs, blobs)
+        .await
+        .unwrap();
+    (engine, store)
+}
+
+async fn next(rx: &mut mpsc::Receiver<Result<pb::CoordinatorMessage, tonic::Status>>) -> Msg {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("no message within 10 s")
+        .expect("session closed")
+        .expect("error on the session")
+        .msg
+        .expect("empty message")
+}
+
+/// The assignment reaches the agent before its batch is durable (dispatch does not wait for the fsync),
+/// but nothing is acknowledged before it is: not the submit, not a read of the run, not the agent's
+/// result, which commits only with or after the assignment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assignment_goes_out_before_the_fsync_but_nothing_is_acknowledged_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, store) = engine(dir.path()).await;
+    let (token, _) = engine
+        .create_token(1, Duration::from_secs(60), BTreeMap::new())
+        .await
+        .unwrap();
+    let (agent, _) = engine
+        .enroll(&token, BTreeMap::new(), "host")
+        .await
+        .unwrap();
+    let (tx, mut rx) = mpsc::channel(AGENT_CHANNEL);
+    let hello = pb::Hello {
+        agent_id: agent.clone(),
+        capacity: 1,
+        ..Default::default()
+    };
+    engine.hello(&agent, hello, tx).await.unwrap();
+    assert!(matches!(next(&mut rx).await, Msg::Welcome(_)));
+
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+    let holder = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            store.with_commits_stalled(|| {
+                held_tx.send(()).unwrap();
+                released.recv().unwrap();
+            })
+        })
+    };
+    held_rx.recv().unwrap();
+
+    let submit = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.submit(PIPELINE, "", "n").await })
+    };
+    let Msg::Assign(a) = next(&mut rx).await else {
+        panic!("expected an assignment");
+    };
+    let read = {
+        let (engine, run_id) = (engine.clone(), a.run_id.clone());
+        tokio::spawn(async move { engine.get_run(&run_id).await })
+    };
+    let result = engine
+        .job_result_queued(
+            &agent,
+            pb::JobResult {
+                attempt_id: a.attempt_id.clone(),
+                epoch: a.epoch,
+                state: pb::JobState::Failed as i32,
+                failure: pb::FailureClass::Script as i32,
+                exit_code: 3,
+                reason: "exit 3".into(),
+            },
+        )
+        .await
+        .unwrap()
+        .expect("the result changes the run");
+    let mut result = Box::pin(result.durable());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !submit.is_finished(),
+        "submit answered before its run was durable"
+    );
+    assert!(
+        !read.is_finished(),
+        "a read answered from memory ahead of the file"
+    );
+    assert!(
+        futures::FutureExt::now_or_never(result.as_mut()).is_none(),
+        "the result was durable before its assignment"
+    );
+
+    release.send(()).unwrap();
+    holder.join().unwrap();
+    let run_id = submit.await.unwrap().unwrap();
+    assert_eq!(run_id, a.run_id);
+    read.await.unwrap().unwrap();
+    result.await.unwrap();
+    let run = engine.get_run(&run_id).await.unwrap();
+    assert_eq!(run.state(), pb::RunState::Failed);
+    assert_eq!(run.jobs[0].exit_code, 3);
+
+    // What was acknowledged is in the file.
+    drop(engine);
+    let reopened = Store::open(&dir.path().join("drover.sqlite")).unwrap();
+    let stored = reopened.get_run(&run_id).await.unwrap().unwrap();
+    assert_eq!(
+        stored.jobs[0].attempt_id.as_deref(),
+        Some(a.attempt_id.as_str())
+    );
+    assert_eq!(stored.jobs[0].exit_code, 3);
+}
