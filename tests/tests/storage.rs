@@ -242,7 +242,10 @@ fn bad_s3_settings_are_reported_clearly_at_startup() {
         text.contains("blob storage s3://present/") && text.contains("is not usable"),
         "{text}"
     );
-    assert!(text.contains(&closed), "the message names the endpoint: {text}");
+    assert!(
+        text.contains(&closed) && text.contains("cannot be reached"),
+        "the message names the endpoint: {text}"
+    );
 
     // The bucket does not exist.
     let text = coordinator_must_refuse(
@@ -250,7 +253,7 @@ fn bad_s3_settings_are_reported_clearly_at_startup() {
         &creds,
     );
     assert!(
-        text.contains("s3://absent/") && text.contains("does the bucket exist"),
+        text.contains("s3://absent/") && text.contains("the bucket does not exist"),
         "{text}"
     );
 

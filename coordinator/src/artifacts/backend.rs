@@ -159,17 +159,30 @@ impl Backend {
             return Ok(());
         };
         let unusable = |step: &str, e: object_store::Error| {
-            let hint = match &e {
-                object_store::Error::NotFound { .. } => "does the bucket exist?",
-                object_store::Error::PermissionDenied { .. }
-                | object_store::Error::Unauthenticated { .. } => {
-                    "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the key's permissions"
-                }
-                _ => "check --s3-endpoint, --s3-bucket, --s3-region and the credentials",
+            let text = super::error_chain(&e);
+            let hint = if text.contains("NoSuchBucket") {
+                "the bucket does not exist: create it or fix --s3-bucket"
+            } else if text.contains("InvalidAccessKeyId")
+                || text.contains("SignatureDoesNotMatch")
+                || text.contains("AccessDenied")
+                || text.contains("403 Forbidden")
+                || matches!(
+                    e,
+                    object_store::Error::PermissionDenied { .. }
+                        | object_store::Error::Unauthenticated { .. }
+                )
+            {
+                "the credentials were refused: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the key's permissions"
+            } else if text.contains("error sending request")
+                || text.contains("connect")
+                || text.contains("dns error")
+            {
+                "the endpoint cannot be reached: check --s3-endpoint"
+            } else {
+                "check --s3-endpoint, --s3-bucket, --s3-region and the credentials"
             };
             BlobError::Config(format!(
-                "blob storage {label} is not usable ({step} failed; {hint}): {}",
-                super::error_chain(&e)
+                "blob storage {label} is not usable: {step} failed: {hint}. The server said: {text}"
             ))
         };
         store
