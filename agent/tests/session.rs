@@ -203,7 +203,9 @@ impl AgentService for FakeCoordinator {
             .get(&digest)
             .cloned()
             .ok_or_else(|| Status::not_found(format!("no blob {digest}")))?;
-        let from = usize::try_from(offset).unwrap_or(usize::MAX).min(data.len());
+        let from = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(data.len());
         let chunks: Vec<Result<BlobChunk, Status>> = data[from..]
             .chunks(7)
             .map(|c| Ok(BlobChunk { data: c.to_vec() }))

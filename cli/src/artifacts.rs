@@ -203,9 +203,10 @@ async fn fetch_from(
             Sink::File { file, .. } => file.write_all(&chunk.data).map_err(|e| {
                 TryError::Other(anyhow::anyhow!("cannot write {}: {e}", output.display()))
             })?,
-            Sink::Stdout(s) => s.write_all(&chunk.data).await.map_err(|e| {
-                TryError::Other(anyhow::anyhow!("cannot write to stdout: {e}"))
-            })?,
+            Sink::Stdout(s) => s
+                .write_all(&chunk.data)
+                .await
+                .map_err(|e| TryError::Other(anyhow::anyhow!("cannot write to stdout: {e}")))?,
         }
         hasher.update(&chunk.data);
         *received += chunk.data.len() as u64;

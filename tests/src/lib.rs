@@ -192,7 +192,8 @@ impl ClusterBuilder {
 
     /// An environment variable for the coordinator (e.g. `AWS_ACCESS_KEY_ID`), kept across restarts.
     pub fn coordinator_env(mut self, key: &str, value: &str) -> Self {
-        self.coordinator_env.push((key.to_string(), value.to_string()));
+        self.coordinator_env
+            .push((key.to_string(), value.to_string()));
         self
     }
 

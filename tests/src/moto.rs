@@ -92,7 +92,10 @@ impl Moto {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        bail!("moto_server did not answer on {} within {START_TIMEOUT:?}", self.addr)
+        bail!(
+            "moto_server did not answer on {} within {START_TIMEOUT:?}",
+            self.addr
+        )
     }
 
     /// `http://127.0.0.1:PORT`, the `--s3-endpoint` of a coordinator using this server.
@@ -175,7 +178,8 @@ impl Moto {
                 bail!("listing bucket {bucket}: HTTP {status}: {xml}");
             }
             for item in xml.split("<Contents>").skip(1) {
-                let key = between(item, "<Key>", "</Key>").context("a listed object without key")?;
+                let key =
+                    between(item, "<Key>", "</Key>").context("a listed object without key")?;
                 let size = between(item, "<Size>", "</Size>")
                     .and_then(|s| s.parse().ok())
                     .context("a listed object without size")?;

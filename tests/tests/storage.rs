@@ -136,7 +136,10 @@ jobs:
         assert_eq!(big.size, expected_big.len() as u64);
         assert_eq!(big.digest, sha(&expected_big));
         let got = get_with_cli(&cluster, &run_id, "make", "out/big.bin", "big.bin");
-        assert!(got == expected_big, "round {round}: downloaded content differs");
+        assert!(
+            got == expected_big,
+            "round {round}: downloaded content differs"
+        );
         let small = get_with_cli(&cluster, &run_id, "make", "out/small.txt", "small.txt");
         assert_eq!(small, b"small artifact\n");
         let mut round_digests: Vec<String> = arts.iter().map(|a| a.digest.clone()).collect();
@@ -165,8 +168,14 @@ jobs:
     assert_eq!(found, expected, "bucket content");
     assert_eq!(moto.open_multipart_uploads("drover-art").unwrap(), 0);
     // The coordinator's data directory holds no blob: they live in the bucket.
-    assert_eq!(files_under(&cluster.data_dir().join("blobs").join("sha256")), 0);
-    assert_eq!(files_under(&cluster.data_dir().join("blobs").join("tmp")), 0);
+    assert_eq!(
+        files_under(&cluster.data_dir().join("blobs").join("sha256")),
+        0
+    );
+    assert_eq!(
+        files_under(&cluster.data_dir().join("blobs").join("tmp")),
+        0
+    );
     cluster.assert_no_leftovers(Duration::from_secs(10)).await;
 }
 
@@ -235,7 +244,13 @@ fn bad_s3_settings_are_reported_clearly_at_startup() {
             .port()
     );
     let text = coordinator_must_refuse(
-        &["--s3-bucket", "present", "--s3-endpoint", &closed, "--s3-allow-http"],
+        &[
+            "--s3-bucket",
+            "present",
+            "--s3-endpoint",
+            &closed,
+            "--s3-allow-http",
+        ],
         &creds,
     );
     assert!(
@@ -249,7 +264,13 @@ fn bad_s3_settings_are_reported_clearly_at_startup() {
 
     // The bucket does not exist.
     let text = coordinator_must_refuse(
-        &["--s3-bucket", "absent", "--s3-endpoint", &endpoint, "--s3-allow-http"],
+        &[
+            "--s3-bucket",
+            "absent",
+            "--s3-endpoint",
+            &endpoint,
+            "--s3-allow-http",
+        ],
         &creds,
     );
     assert!(
@@ -259,7 +280,13 @@ fn bad_s3_settings_are_reported_clearly_at_startup() {
 
     // No credentials in the environment.
     let text = coordinator_must_refuse(
-        &["--s3-bucket", "present", "--s3-endpoint", &endpoint, "--s3-allow-http"],
+        &[
+            "--s3-bucket",
+            "present",
+            "--s3-endpoint",
+            &endpoint,
+            "--s3-allow-http",
+        ],
         &[],
     );
     assert!(
@@ -343,7 +370,10 @@ jobs:
     let cut_down = cut_when(proxy, false, SIZE * 3 / 4, RUN_TIMEOUT).await;
     let run = cluster.wait_run(&run_id, RUN_TIMEOUT).await.unwrap();
     assert_eq!(run.state(), RunState::Succeeded, "{run:#?}");
-    assert!(cut_up && cut_down, "both transfers were cut (up {cut_up}, down {cut_down})");
+    assert!(
+        cut_up && cut_down,
+        "both transfers were cut (up {cut_up}, down {cut_down})"
+    );
     let after = proxy.stats();
     assert!(after.cut_connections >= 2, "{after:?}");
     // Agent -> coordinator: the upload, whole run long (the rest of the traffic that way is a few KiB).
@@ -465,7 +495,10 @@ jobs:
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("resuming"), "{err}");
-    assert!(std::fs::read(&dest).unwrap() == full, "resumed file differs");
+    assert!(
+        std::fs::read(&dest).unwrap() == full,
+        "resumed file differs"
+    );
     let moved = proxy.stats().bytes_from_target;
     let rest = (full.len() - held) as u64;
     assert!(

@@ -189,7 +189,9 @@ impl Backend {
             .list_with_delimiter(Some(&prefix.clone().join("sha256")))
             .await
             .map_err(|e| unusable("listing the bucket", e))?;
-        let probe = prefix.clone().join(format!(".drover-probe-{}", uuid::Uuid::new_v4().simple()));
+        let probe = prefix
+            .clone()
+            .join(format!(".drover-probe-{}", uuid::Uuid::new_v4().simple()));
         store
             .put(&probe, PutPayload::from_static(b"drover"))
             .await
@@ -305,7 +307,9 @@ impl Backend {
                         }
                         e => storage(what.clone(), e),
                     })?;
-                let pieces = result.into_stream().map_err(move |e| storage(what.clone(), e));
+                let pieces = result
+                    .into_stream()
+                    .map_err(move |e| storage(what.clone(), e));
                 Ok(rechunk(pieces, chunk).boxed())
             }
         }

@@ -197,7 +197,13 @@ async fn reads_start_at_any_offset() {
     let (_dir, store) = store();
     let data = sample(drover_proto::CHUNK_BYTES * 2 + 77);
     let (digest, _) = put(&store, &data, None).await.unwrap();
-    for offset in [0usize, 1, drover_proto::CHUNK_BYTES, data.len() - 1, data.len()] {
+    for offset in [
+        0usize,
+        1,
+        drover_proto::CHUNK_BYTES,
+        data.len() - 1,
+        data.len(),
+    ] {
         let pieces: Vec<Bytes> = store
             .read_from(&digest, offset as u64)
             .await
@@ -212,7 +218,10 @@ async fn reads_start_at_any_offset() {
         .await
         .err()
         .expect("an offset past the end is refused");
-    assert!(matches!(err, BlobError::Invalid(ref m) if m.contains("past the end")), "{err}");
+    assert!(
+        matches!(err, BlobError::Invalid(ref m) if m.contains("past the end")),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -228,11 +237,20 @@ async fn an_interrupted_upload_is_parked_and_resumed_from_what_it_holds() {
     assert_eq!(store.open_uploads(), 1);
     assert_eq!(tmp_files(&store), 1);
     assert_eq!(
-        store.upload_progress("up-1", "agent-a", WAIT).await.unwrap(),
+        store
+            .upload_progress("up-1", "agent-a", WAIT)
+            .await
+            .unwrap(),
         100_000
     );
     // Another agent learns nothing about it and cannot take it over.
-    assert_eq!(store.upload_progress("up-1", "agent-b", WAIT).await.unwrap(), 0);
+    assert_eq!(
+        store
+            .upload_progress("up-1", "agent-b", WAIT)
+            .await
+            .unwrap(),
+        0
+    );
     let err = store
         .claim_upload(ticket("up-1", "agent-b", &data), WAIT)
         .await
@@ -243,12 +261,21 @@ async fn an_interrupted_upload_is_parked_and_resumed_from_what_it_holds() {
     assert_eq!(second.held(), 100_000);
     second.write(&data[100_000..]).await.unwrap();
     let (digest, size) = second.finish(Some(&sha(&data))).await.unwrap();
-    assert_eq!((digest.as_str(), size), (sha(&data).as_str(), data.len() as u64));
+    assert_eq!(
+        (digest.as_str(), size),
+        (sha(&data).as_str(), data.len() as u64)
+    );
     assert_eq!(store.open_uploads(), 0);
     assert_eq!(tmp_files(&store), 0);
     assert_eq!(get(&store, &digest).await.unwrap().concat(), data);
     // Finished: the id is free again and reports nothing held.
-    assert_eq!(store.upload_progress("up-1", "agent-a", WAIT).await.unwrap(), 0);
+    assert_eq!(
+        store
+            .upload_progress("up-1", "agent-a", WAIT)
+            .await
+            .unwrap(),
+        0
+    );
 }
 
 #[tokio::test]
