@@ -163,6 +163,50 @@ impl Moto {
         Ok(())
     }
 
+    /// Starts a server that checks credentials (moto's IAM enforcement), with one IAM user allowed
+    /// every S3 action and the bucket `bucket`. Returns the server and the user's access key id and
+    /// secret key; any other credentials are refused. Unsigned requests (like [`Moto::list`]) are
+    /// refused too.
+    pub fn start_enforcing_auth(bucket: &str) -> Result<(Moto, String, String)> {
+        // moto lets this many authenticated actions through before it enforces IAM: exactly the four
+        // set-up requests below.
+        let moto = Self::start_with_env(&[("INITIAL_NO_AUTH_ACTION_COUNT", "4")])?;
+        // moto routes a request to IAM by the service in the credential scope; the signature is not
+        // checked during set-up.
+        let auth = "AWS4-HMAC-SHA256 Credential=AKIASETUP/20260101/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=0";
+        let iam = |form: &str| -> Result<String> {
+            let (status, body) = moto.request_with_headers(
+                "POST",
+                "/",
+                &[
+                    ("Authorization", auth),
+                    ("Content-Type", "application/x-www-form-urlencoded"),
+                ],
+                format!("{form}&Version=2010-05-08").as_bytes(),
+            )?;
+            let text = String::from_utf8_lossy(&body).to_string();
+            if status != 200 {
+                bail!("moto IAM {form}: HTTP {status}: {text}");
+            }
+            Ok(text)
+        };
+        iam("Action=CreateUser&UserName=drover")?;
+        let keys = iam("Action=CreateAccessKey&UserName=drover")?;
+        let access = between(&keys, "<AccessKeyId>", "</AccessKeyId>")
+            .context("no access key id in CreateAccessKey's answer")?
+            .to_string();
+        let secret = between(&keys, "<SecretAccessKey>", "</SecretAccessKey>")
+            .context("no secret key in CreateAccessKey's answer")?
+            .to_string();
+        // {"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:*","Resource":"*"}]}
+        let policy = "%7B%22Version%22%3A%222012-10-17%22%2C%22Statement%22%3A%5B%7B%22Effect%22%3A%22Allow%22%2C%22Action%22%3A%22s3%3A%2A%22%2C%22Resource%22%3A%22%2A%22%7D%5D%7D";
+        iam(&format!(
+            "Action=PutUserPolicy&UserName=drover&PolicyName=s3-all&PolicyDocument={policy}"
+        ))?;
+        moto.create_bucket(bucket)?;
+        Ok((moto, access, secret))
+    }
+
     /// Keys and sizes of the objects in `bucket` under `prefix` (every page).
     pub fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<(String, u64)>> {
         let mut out = Vec::new();

@@ -306,6 +306,81 @@ fn bad_s3_settings_are_reported_clearly_at_startup() {
     assert!(text.contains("s3-bucket"), "{text}");
 }
 
+/// Against a server that checks credentials: the right key starts the coordinator; a wrong secret
+/// or an unknown key stops it with a message that says the credentials were refused (and never
+/// prints the secret).
+#[test]
+fn refused_s3_credentials_are_reported_clearly_at_startup() {
+    let (moto, access, secret) = Moto::start_enforcing_auth("locked").unwrap();
+    let endpoint = moto.endpoint();
+    let args = [
+        "--s3-bucket",
+        "locked",
+        "--s3-endpoint",
+        &endpoint,
+        "--s3-allow-http",
+    ];
+    for (key, secret_key) in [
+        (access.as_str(), SECRET_KEY),
+        ("AKIANOSUCHKEY0000000", SECRET_KEY),
+    ] {
+        let text = coordinator_must_refuse(
+            &args,
+            &[
+                ("AWS_ACCESS_KEY_ID", key),
+                ("AWS_SECRET_ACCESS_KEY", secret_key),
+            ],
+        );
+        assert!(
+            text.contains("s3://locked/") && text.contains("the credentials were refused"),
+            "{text}"
+        );
+    }
+
+    // The right credentials pass the check: the coordinator gets to listening.
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(bin("drover-coordinator"))
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(args)
+        .env("AWS_ACCESS_KEY_ID", &access)
+        .env("AWS_SECRET_ACCESS_KEY", &secret)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let listening = loop {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) if line.contains("listening on") => break true,
+            Ok(line) => seen.push(line),
+            Err(_) => break false,
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        listening,
+        "the coordinator did not start: {}",
+        seen.join("\n")
+    );
+}
+
 /// Cuts `proxy` once, when the bytes it forwarded in one direction pass `at` (counted from the moment
 /// this is called), then restores it right away. Returns once it has cut, or after `timeout`.
 async fn cut_when(proxy: &Proxy, to_target: bool, at: u64, timeout: Duration) -> bool {

@@ -86,8 +86,8 @@ impl Backend {
         Ok(Backend::Local(fs))
     }
 
-    /// Connect to the bucket and check that it answers with these credentials: lists the prefix, then
-    /// writes and deletes a probe object, so a wrong endpoint, bucket, region or credentials, or a
+    /// Connect to the bucket and check that it answers with these credentials: writes a probe object,
+    /// reads it back and deletes it, so a wrong endpoint, bucket, region or credentials, or a
     /// read-only key, is reported at startup rather than at the first artifact.
     pub(super) async fn s3(settings: &S3Settings) -> Result<Self, BlobError> {
         // reqwest is built without a bundled crypto provider; the binary installs ring. Installing it
@@ -185,10 +185,8 @@ impl Backend {
                 "blob storage {label} is not usable: {step} failed: {hint}. The server said: {text}"
             ))
         };
-        store
-            .list_with_delimiter(Some(&prefix.clone().join("sha256")))
-            .await
-            .map_err(|e| unusable("listing the bucket", e))?;
+        // Exactly the operations the store relies on: write an object, read it back. (No listing: the
+        // store never lists, and a key may well lack that permission.)
         let probe = prefix
             .clone()
             .join(format!(".drover-probe-{}", uuid::Uuid::new_v4().simple()));
@@ -197,9 +195,13 @@ impl Backend {
             .await
             .map_err(|e| unusable("writing a probe object", e))?;
         store
-            .delete(&probe)
+            .head(&probe)
             .await
-            .map_err(|e| unusable("deleting the probe object", e))?;
+            .map_err(|e| unusable("reading the probe object back", e))?;
+        if let Err(e) = store.delete(&probe).await {
+            // Deleting is not needed to store blobs; a key without that permission only leaves the probe.
+            tracing::warn!(probe = %probe, error = %e, "could not delete the storage probe object");
+        }
         Ok(())
     }
 
