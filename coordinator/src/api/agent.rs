@@ -61,11 +61,10 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 pub const MAX_ARTIFACT_BYTES: u64 = 16 << 30;
 
 /// How long a resumed upload (or a progress query) waits for the connection that streamed into it
-/// before to let go: the server notices a broken connection quickly, but not instantly.
+/// before to let go of it: the server notices a broken connection quickly, but not instantly.
 const UPLOAD_CLAIM_WAIT: Duration = Duration::from_secs(10);
 
 /// A workspace-relative artifact path: not empty, not absolute, no `..`, no NUL.
-
 fn check_artifact_path(path: &str) -> Result<(), CoordError> {
     let bad = path.is_empty()
         || path.starts_with('/')
