@@ -455,4 +455,48 @@ mod tests {
             .to_string()
             .contains("lisen"));
     }
+
+    #[test]
+    fn s3_settings_from_file_and_flags() {
+        let cli = Cli::parse_from(["x"]);
+        assert_eq!(
+            Config::from_cli(&cli).unwrap().s3,
+            None,
+            "local disk by default"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "s3-bucket = \"from-file\"\ns3-region = \"eu-west-1\"\ns3-prefix = \"drover/\"\n",
+        )
+        .unwrap();
+        let cli = Cli::parse_from([
+            "x",
+            "--config",
+            path.to_str().unwrap(),
+            "--s3-bucket",
+            "from-flag",
+            "--s3-endpoint",
+            "http://127.0.0.1:9000",
+            "--s3-allow-http",
+        ]);
+        let s3 = Config::from_cli(&cli).unwrap().s3.unwrap();
+        assert_eq!(
+            s3,
+            crate::artifacts::S3Settings {
+                bucket: "from-flag".into(),
+                endpoint: Some("http://127.0.0.1:9000".into()),
+                region: "eu-west-1".into(),
+                prefix: "drover/".into(),
+                allow_http: true,
+            }
+        );
+        let cli = Cli::parse_from(["x", "--s3-endpoint", "http://127.0.0.1:9000"]);
+        let e = Config::from_cli(&cli).unwrap_err().to_string();
+        assert!(e.contains("s3-bucket"), "{e}");
+        let cli = Cli::parse_from(["x", "--s3-bucket", "b", "--s3-endpoint", "minio:9000"]);
+        let e = Config::from_cli(&cli).unwrap_err().to_string();
+        assert!(e.contains("s3-endpoint") && e.contains("minio:9000"), "{e}");
+    }
 }
