@@ -9,12 +9,16 @@ use tokio::io::AsyncWriteExt;
 
 use super::{io_context, validate_digest, BlobError, BlobStore};
 
+/// Bytes gathered before a write to the temporary file.
+const WRITE_BUFFER: usize = 1 << 20;
+
 /// One upload in progress. Dropped without [`BlobWriter::finish`], it removes its temporary file.
 #[derive(Debug)]
 pub struct BlobWriter {
     store: BlobStore,
-    /// The temporary file; `None` once it was renamed into place (or closed by `finish`).
-    file: Option<tokio::fs::File>,
+    /// The temporary file, buffered so that 128 KiB chunks reach the blocking pool a MiB at a time;
+    /// `None` once it was renamed into place (or closed by `finish`).
+    file: Option<tokio::io::BufWriter<tokio::fs::File>>,
     /// Path of the temporary file while it exists.
     tmp_path: Option<PathBuf>,
     hasher: Sha256,
@@ -34,7 +38,7 @@ impl BlobWriter {
             .map_err(|e| io_context(e, "create blob upload", &tmp_path))?;
         Ok(Self {
             store,
-            file: Some(file),
+            file: Some(tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file)),
             tmp_path: Some(tmp_path),
             hasher: Sha256::new(),
             size: 0,
@@ -88,7 +92,7 @@ impl BlobWriter {
             .ok_or_else(|| BlobError::Invalid("blob upload is already finished".to_owned()))?;
         file.flush()
             .await
-            .and(file.sync_all().await)
+            .and(file.get_mut().sync_all().await)
             .map_err(|e| io_context(e, "sync blob upload", &tmp_path))?;
         drop(file);
 
