@@ -37,3 +37,32 @@ ensure_docker() {
   tail -n 20 /tmp/drover-dockerd.log >&2 || true
   return 1
 }
+
+# moto's S3-compatible server (PyPI `moto[server]`) for the S3 storage tests (tests/tests/storage.rs).
+# Idempotent and non-interactive: uses a moto_server already on PATH, else installs one into a venv
+# under ~/.cache/drover (python3 -m venv; Debian's python3-venv is installed first if venv is missing)
+# and exports DROVER_MOTO_SERVER, which the tests run.
+ensure_moto() {
+  local venv="${DROVER_MOTO_VENV:-$HOME/.cache/drover/moto-venv}"
+  if [ -x "$venv/bin/moto_server" ]; then
+    export DROVER_MOTO_SERVER="$venv/bin/moto_server"
+    return 0
+  fi
+  if [ -z "${DROVER_MOTO_VENV:-}" ] && command -v moto_server >/dev/null 2>&1 \
+    && moto_server --help >/dev/null 2>&1; then
+    export DROVER_MOTO_SERVER
+    DROVER_MOTO_SERVER=$(command -v moto_server)
+    return 0
+  fi
+  command -v python3 >/dev/null 2>&1 || apt_install python3
+  if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    apt_install python3-venv
+  fi
+  log "installing moto[server] (PyPI) into $venv"
+  rm -rf "$venv"
+  mkdir -p "$(dirname "$venv")"
+  python3 -m venv "$venv" </dev/null
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]>=5,<6' </dev/null
+  "$venv/bin/moto_server" --help >/dev/null
+  export DROVER_MOTO_SERVER="$venv/bin/moto_server"
+}

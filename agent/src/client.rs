@@ -9,7 +9,7 @@ use std::time::Duration;
 use drover_proto::v1::agent_service_client::AgentServiceClient;
 use drover_proto::v1::{
     artifact_chunk, ArtifactChunk, ArtifactHeader, ArtifactUploaded, BlobRequest, EnrollRequest,
-    EnrollResponse, LogChunk, RenewCertificateRequest,
+    EnrollResponse, LogChunk, RenewCertificateRequest, UploadQuery,
 };
 use drover_proto::{CHUNK_BYTES, MAX_MESSAGE_BYTES};
 use futures::StreamExt;
@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -25,7 +25,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
-use tonic::{Request, Status};
+use tonic::{Code, Request, Status};
 
 use crate::identity::SharedIdentity;
 use crate::logs::{LogStream, LogTransport};
@@ -325,8 +325,34 @@ pub async fn renew_certificate(client: &AgentClient, csr_pem: &str) -> Result<St
     Ok(r.into_inner().client_cert_pem)
 }
 
+/// Tries of one artifact or blob transfer: a broken connection costs one, and the next try resumes
+/// where the last one stopped. With the backoff between tries, about half a minute of flaky network.
+pub const TRANSFER_TRIES: u32 = 8;
+
+/// Whether a failed call may work when made again: the connection broke or the coordinator is busy,
+/// as opposed to a refusal that a retry would only repeat.
+pub fn is_transient(status: &Status) -> bool {
+    match status.code() {
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted => true,
+        // A stream cut mid-flight surfaces from h2 as an internal error.
+        Code::Internal => {
+            let m = status.message();
+            m.contains("h2 protocol error") || m.contains("transport error")
+        }
+        _ => false,
+    }
+}
+
+impl ClientError {
+    /// Whether retrying the transfer may succeed (see [`is_transient`]).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ClientError::Rpc { status, .. } if is_transient(status))
+    }
+}
+
 /// Downloads blob `digest` of `attempt_id` into `dest`, verifying its sha256 (and size when
-/// known). A partial file is removed on failure.
+/// known). A broken connection is retried up to [`TRANSFER_TRIES`] times, each try resuming at the
+/// bytes already written. A partial file is removed on failure.
 pub async fn download_blob(
     client: &AgentClient,
     attempt_id: &str,
@@ -335,28 +361,33 @@ pub async fn download_blob(
     dest: &Path,
 ) -> Result<(), ClientError> {
     let result = async {
-        let mut client = client.clone();
-        let mut stream = client
-            .download_blob(BlobRequest {
-                attempt_id: attempt_id.to_string(),
-                digest: digest.to_string(),
-            })
-            .await
-            .map_err(|s| ClientError::rpc(format!("downloading blob {digest}"), s))?
-            .into_inner();
         let mut file = tokio::fs::File::create(dest)
             .await
             .map_err(|e| ClientError::io(format!("creating {}", dest.display()), e))?;
         let mut hasher = Sha256::new();
         let mut size = 0u64;
-        while let Some(chunk) = stream.next().await {
-            let chunk =
-                chunk.map_err(|s| ClientError::rpc(format!("downloading blob {digest}"), s))?;
-            hasher.update(&chunk.data);
-            size += chunk.data.len() as u64;
-            file.write_all(&chunk.data)
-                .await
-                .map_err(|e| ClientError::io(format!("writing {}", dest.display()), e))?;
+        let mut backoff = crate::backoff::Backoff::default();
+        let mut tries = 1;
+        loop {
+            match download_from(
+                client,
+                attempt_id,
+                digest,
+                dest,
+                &mut file,
+                &mut hasher,
+                &mut size,
+            )
+            .await
+            {
+                Ok(()) => break,
+                Err(e) if e.is_transient() && tries < TRANSFER_TRIES => {
+                    tries += 1;
+                    tracing::warn!(blob = %digest, received = size, error = %e, "blob download interrupted; resuming");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                Err(e) => return Err(e),
+            }
         }
         file.flush()
             .await
@@ -383,16 +414,112 @@ pub async fn download_blob(
     result
 }
 
+/// One try of a download: asks for the blob from `*size` on and appends to `file`; `hasher` and
+/// `size` always cover exactly the bytes written.
+async fn download_from(
+    client: &AgentClient,
+    attempt_id: &str,
+    digest: &str,
+    dest: &Path,
+    file: &mut tokio::fs::File,
+    hasher: &mut Sha256,
+    size: &mut u64,
+) -> Result<(), ClientError> {
+    let mut client = client.clone();
+    let mut stream = client
+        .download_blob(BlobRequest {
+            attempt_id: attempt_id.to_string(),
+            digest: digest.to_string(),
+            offset: *size,
+        })
+        .await
+        .map_err(|s| ClientError::rpc(format!("downloading blob {digest}"), s))?
+        .into_inner();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|s| ClientError::rpc(format!("downloading blob {digest}"), s))?;
+        file.write_all(&chunk.data)
+            .await
+            .map_err(|e| ClientError::io(format!("writing {}", dest.display()), e))?;
+        hasher.update(&chunk.data);
+        *size += chunk.data.len() as u64;
+    }
+    Ok(())
+}
+
 /// Uploads the local file `source` as artifact `header.path`; the header carries size, mode and
-/// digest computed beforehand.
+/// digest computed beforehand. The upload gets an id (unless the header has one), so a broken
+/// connection is retried up to [`TRANSFER_TRIES`] times, each try asking the coordinator how much it
+/// holds ([`query_upload`]) and sending only the rest.
 pub async fn upload_artifact(
+    client: &AgentClient,
+    mut header: ArtifactHeader,
+    source: &Path,
+) -> Result<ArtifactUploaded, ClientError> {
+    if header.upload_id.is_empty() {
+        header.upload_id = uuid::Uuid::new_v4().simple().to_string();
+    }
+    let mut backoff = crate::backoff::Backoff::default();
+    let mut tries = 1;
+    // `None`: ask the coordinator where to continue.
+    let mut next_offset = Some(header.offset);
+    loop {
+        let outcome = match next_offset {
+            Some(offset) => {
+                header.offset = offset;
+                upload_from(client, header.clone(), source).await
+            }
+            None => query_upload(client, &header.upload_id).await.map(|held| {
+                next_offset = Some(held);
+                None
+            }),
+        };
+        let e = match outcome {
+            Ok(Some(uploaded)) => return Ok(uploaded),
+            Ok(None) => continue,
+            Err(e) => e,
+        };
+        // Another try may fix a broken connection, or an offset that raced with the coordinator
+        // noticing the previous connection's end.
+        let offset_raced = matches!(&e, ClientError::Rpc { status, .. }
+            if status.code() == Code::FailedPrecondition && status.message().contains("a resumed upload must start there"));
+        if (e.is_transient() || offset_raced) && tries < TRANSFER_TRIES {
+            tries += 1;
+            tracing::warn!(artifact = %header.path, upload = %header.upload_id, error = %e, "artifact upload interrupted; resuming");
+            tokio::time::sleep(backoff.next_delay()).await;
+            next_offset = None;
+            continue;
+        }
+        return Err(e);
+    }
+}
+
+/// How many bytes of the upload `upload_id` the coordinator holds: where a resumed upload starts.
+pub async fn query_upload(client: &AgentClient, upload_id: &str) -> Result<u64, ClientError> {
+    let mut c = client.clone();
+    let r = c
+        .query_upload(UploadQuery {
+            upload_id: upload_id.to_string(),
+        })
+        .await
+        .map_err(|s| ClientError::rpc(format!("asking about upload {upload_id}"), s))?;
+    Ok(r.into_inner().held_bytes)
+}
+
+/// One try of an upload: `source` from `header.offset` on. `Ok(None)` never happens; the option
+/// lets [`upload_artifact`] share one match with [`query_upload`].
+async fn upload_from(
     client: &AgentClient,
     header: ArtifactHeader,
     source: &Path,
-) -> Result<ArtifactUploaded, ClientError> {
-    let file = tokio::fs::File::open(source)
+) -> Result<Option<ArtifactUploaded>, ClientError> {
+    let mut file = tokio::fs::File::open(source)
         .await
         .map_err(|e| ClientError::io(format!("opening {}", source.display()), e))?;
+    if header.offset > 0 {
+        file.seek(std::io::SeekFrom::Start(header.offset))
+            .await
+            .map_err(|e| ClientError::io(format!("seeking in {}", source.display()), e))?;
+    }
     let path = header.path.clone();
     let (tx, rx) = mpsc::channel::<ArtifactChunk>(4);
     let source_name = source.display().to_string();
@@ -443,7 +570,7 @@ pub async fn upload_artifact(
         }
     }
     response
-        .map(|r| r.into_inner())
+        .map(|r| Some(r.into_inner()))
         .map_err(|s| ClientError::rpc(format!("uploading artifact {path:?}"), s))
 }
 

@@ -746,6 +746,8 @@ impl<E: Executor> Attempt<'_, E> {
                 mode: f.mode,
                 size: f.size,
                 digest: f.digest.clone(),
+                // upload_artifact names the upload itself and resumes it after a broken connection.
+                ..ArtifactHeader::default()
             };
             client::upload_artifact(&self.ctx.client, header, &f.local)
                 .await

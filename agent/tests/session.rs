@@ -194,7 +194,7 @@ impl AgentService for FakeCoordinator {
         request: Request<BlobRequest>,
     ) -> Result<Response<BoxStream<BlobChunk>>, Status> {
         check_auth(&request)?;
-        let digest = request.into_inner().digest;
+        let BlobRequest { digest, offset, .. } = request.into_inner();
         let data = self
             .state
             .lock()
@@ -203,7 +203,10 @@ impl AgentService for FakeCoordinator {
             .get(&digest)
             .cloned()
             .ok_or_else(|| Status::not_found(format!("no blob {digest}")))?;
-        let chunks: Vec<Result<BlobChunk, Status>> = data
+        let from = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(data.len());
+        let chunks: Vec<Result<BlobChunk, Status>> = data[from..]
             .chunks(7)
             .map(|c| Ok(BlobChunk { data: c.to_vec() }))
             .collect();

@@ -1,6 +1,10 @@
 //! `drover artifacts list RUN [JOB]` and `drover artifacts get RUN JOB PATH -o FILE`.
+//!
+//! A download goes to `FILE.drover-partial` and is renamed into place only once its sha256 is
+//! verified. A broken connection is retried (`--retries`), each try asking for the bytes after those
+//! already written; a `drover artifacts get` run again after a failure resumes from the partial file.
 
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -39,8 +43,18 @@ pub(crate) enum ArtifactsCommand {
             required = true
         )]
         output_file: PathBuf,
+        /// Retries after a broken connection; each one resumes where the download stopped.
+        #[arg(long, value_name = "N", default_value_t = DEFAULT_RETRIES)]
+        retries: u32,
     },
 }
+
+/// Retries of a download after broken connections, unless `--retries` says otherwise.
+const DEFAULT_RETRIES: u32 = 5;
+/// First pause before a retry; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: std::time::Duration = std::time::Duration::from_millis(200);
+/// Longest pause between retries.
+const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs an `artifacts` subcommand.
 pub(crate) async fn artifacts(
@@ -66,8 +80,9 @@ pub(crate) async fn artifacts(
             job,
             path,
             output_file,
+            retries,
         } => {
-            get_artifact(&coordinator, &run, &job, &path, &output_file).await?;
+            get_artifact(&coordinator, &run, &job, &path, &output_file, retries).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -94,11 +109,110 @@ async fn list_artifacts(
         .artifacts)
 }
 
-/// Where downloaded bytes go: a temp file next to the target (renamed into place only once
-/// verified, so a failed download never leaves a plausible-looking file), or stdout.
+/// Where downloaded bytes go: `<FILE>.drover-partial` next to the target (renamed into place only
+/// once verified, so a failed download never leaves a plausible-looking file, and kept on failure so
+/// the next run resumes), or stdout.
 enum Sink {
-    File(tempfile::NamedTempFile),
+    File {
+        file: std::fs::File,
+        partial: PathBuf,
+    },
     Stdout(tokio::io::Stdout),
+}
+
+/// The partial file of a download to `output`.
+fn partial_path(output: &Path) -> PathBuf {
+    let mut name = output.as_os_str().to_owned();
+    name.push(".drover-partial");
+    PathBuf::from(name)
+}
+
+/// Whether a failed call may work when made again (the connection broke, the server is busy).
+fn is_transient(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    match status.code() {
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted => true,
+        Code::Internal => {
+            let m = status.message();
+            m.contains("h2 protocol error") || m.contains("transport error")
+        }
+        _ => false,
+    }
+}
+
+/// Opens (or creates) the partial file of `output`, hashing what it already holds. A partial file
+/// longer than the artifact cannot be a prefix of it and is started over.
+fn open_partial(output: &Path, size: u64, hasher: &mut Sha256) -> anyhow::Result<(Sink, u64)> {
+    let partial = partial_path(output);
+    let write_err = |e: std::io::Error| anyhow::anyhow!("cannot write {}: {e}", partial.display());
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(&partial)
+        .map_err(write_err)?;
+    let mut held = file.metadata().map_err(write_err)?.len();
+    if held > size {
+        file.set_len(0).map_err(write_err)?;
+        held = 0;
+    }
+    if held > 0 {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut read = 0u64;
+        while read < held {
+            let n = file.read(&mut buf).map_err(write_err)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            read += n as u64;
+        }
+        held = read;
+    }
+    Ok((Sink::File { file, partial }, held))
+}
+
+/// How one try of a download ended badly.
+enum TryError {
+    /// The call failed; maybe a retry helps.
+    Rpc(tonic::Status),
+    /// Anything else (local I/O): final.
+    Other(anyhow::Error),
+}
+
+/// One try: asks for the artifact from `*received` on and appends to `sink`; `hasher` and `received`
+/// always cover exactly the bytes written.
+async fn fetch_from(
+    coordinator: &Coordinator,
+    request: GetArtifactRequest,
+    sink: &mut Sink,
+    hasher: &mut Sha256,
+    received: &mut u64,
+    bar: &indicatif::ProgressBar,
+    output: &Path,
+) -> Result<(), TryError> {
+    let mut stream = coordinator
+        .client()
+        .get_artifact(request)
+        .await
+        .map_err(TryError::Rpc)?
+        .into_inner();
+    while let Some(chunk) = stream.message().await.map_err(TryError::Rpc)? {
+        match sink {
+            // Local-disk writes of 128 KiB chunks; blocking briefly is cheaper than a thread hop.
+            Sink::File { file, .. } => file.write_all(&chunk.data).map_err(|e| {
+                TryError::Other(anyhow::anyhow!("cannot write {}: {e}", output.display()))
+            })?,
+            Sink::Stdout(s) => s
+                .write_all(&chunk.data)
+                .await
+                .map_err(|e| TryError::Other(anyhow::anyhow!("cannot write to stdout: {e}")))?,
+        }
+        hasher.update(&chunk.data);
+        *received += chunk.data.len() as u64;
+        bar.set_position(*received);
+    }
+    Ok(())
 }
 
 async fn get_artifact(
@@ -107,63 +221,93 @@ async fn get_artifact(
     job: &str,
     path: &str,
     output: &Path,
+    retries: u32,
 ) -> anyhow::Result<()> {
     let listing = list_artifacts(coordinator, run, Some(job)).await?;
     let Some(artifact) = listing.into_iter().find(|a| a.path == path && a.job == job) else {
         anyhow::bail!("artifact {path} not found in job {job} of run {run}");
     };
     let to_stdout = output.as_os_str() == "-";
-    let mut sink = if to_stdout {
-        Sink::Stdout(tokio::io::stdout())
+    let mut hasher = Sha256::new();
+    let (mut sink, mut received) = if to_stdout {
+        (Sink::Stdout(tokio::io::stdout()), 0)
     } else {
-        let dir = match output.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let temp = tempfile::Builder::new()
-            .prefix(".drover-download-")
-            .tempfile_in(&dir)
-            .map_err(|e| anyhow::anyhow!("cannot write in {}: {e}", dir.display()))?;
-        Sink::File(temp)
+        open_partial(output, artifact.size, &mut hasher)?
     };
+    if received > 0 {
+        eprintln!(
+            "resuming {} at {} of {}",
+            output.display(),
+            output::format_bytes(received),
+            output::format_bytes(artifact.size)
+        );
+    }
 
     let what = format!("artifact {path} of job {job} in run {run}");
-    let mut stream = coordinator
-        .client()
-        .get_artifact(GetArtifactRequest {
+    let bar = crate::progress::transfer(path, artifact.size);
+    bar.set_position(received);
+    let mut tries_left = retries;
+    let mut pause = FIRST_BACKOFF;
+    loop {
+        let request = GetArtifactRequest {
             run_id: run.to_string(),
             job: job.to_string(),
             path: path.to_string(),
-        })
+            offset: received,
+        };
+        match fetch_from(
+            coordinator,
+            request,
+            &mut sink,
+            &mut hasher,
+            &mut received,
+            &bar,
+            output,
+        )
         .await
-        .map_err(|s| coordinator.error(s, &what))?
-        .into_inner();
-    let mut hasher = Sha256::new();
-    let mut received: u64 = 0;
-    let bar = crate::progress::transfer(path, artifact.size);
-    while let Some(chunk) = stream
-        .message()
-        .await
-        .map_err(|s| coordinator.error(s, &what))?
-    {
-        hasher.update(&chunk.data);
-        received += chunk.data.len() as u64;
-        bar.set_position(received);
-        match &mut sink {
-            // Local-disk writes of 128 KiB chunks; blocking briefly is cheaper than a thread hop.
-            Sink::File(f) => f
-                .as_file_mut()
-                .write_all(&chunk.data)
-                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", output.display()))?,
-            Sink::Stdout(s) => s
-                .write_all(&chunk.data)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot write to stdout: {e}"))?,
+        {
+            Ok(()) => break,
+            Err(TryError::Rpc(status)) if is_transient(&status) && tries_left > 0 => {
+                tries_left -= 1;
+                bar.suspend(|| {
+                    eprintln!(
+                        "{what}: transfer interrupted after {} ({}); resuming in {} ms",
+                        output::format_bytes(received),
+                        status.message(),
+                        pause.as_millis()
+                    )
+                });
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_BACKOFF);
+            }
+            Err(TryError::Rpc(status)) => {
+                bar.finish_and_clear();
+                let mut err = coordinator.error(status, &what);
+                if let Sink::File { partial, .. } = &sink {
+                    if received > 0 {
+                        err = err.context(format!(
+                            "{} of {} kept in {}; run the command again to resume",
+                            output::format_bytes(received),
+                            output::format_bytes(artifact.size),
+                            partial.display()
+                        ));
+                    }
+                }
+                return Err(err);
+            }
+            Err(TryError::Other(e)) => {
+                bar.finish_and_clear();
+                return Err(e);
+            }
         }
     }
     bar.finish_and_clear();
     let digest = hex::encode(hasher.finalize());
     if received != artifact.size || digest != artifact.digest {
+        if let Sink::File { partial, .. } = &sink {
+            // Wrong content cannot be resumed: the next try starts over.
+            let _ = std::fs::remove_file(partial);
+        }
         anyhow::bail!(
             "{what} is corrupt: received {received} bytes with sha256 {digest}, expected {} bytes with sha256 {}",
             artifact.size,
@@ -176,17 +320,17 @@ async fn get_artifact(
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot write to stdout: {e}"))?;
         }
-        Sink::File(mut temp) => {
+        Sink::File { mut file, partial } => {
             let write_err =
                 |e: std::io::Error| anyhow::anyhow!("cannot write {}: {e}", output.display());
-            temp.as_file_mut().flush().map_err(write_err)?;
-            temp.as_file().sync_all().map_err(write_err)?;
+            file.flush().map_err(write_err)?;
+            file.sync_all().map_err(write_err)?;
+            drop(file);
             let mode = artifact.mode & 0o7777;
             let mode = if mode == 0 { 0o644 } else { mode };
-            std::fs::set_permissions(temp.path(), std::fs::Permissions::from_mode(mode))
+            std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(mode))
                 .map_err(write_err)?;
-            temp.persist(output)
-                .map_err(|e| anyhow::anyhow!("cannot write {}: {}", output.display(), e.error))?;
+            std::fs::rename(&partial, output).map_err(write_err)?;
             eprintln!(
                 "{} ({}, sha256 {digest} verified)",
                 output.display(),

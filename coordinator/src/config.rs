@@ -110,6 +110,22 @@ pub struct Cli {
     /// Export OpenTelemetry spans over OTLP/gRPC to this URL, e.g. http://127.0.0.1:4317 [default: off].
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+    /// Keep blobs (artifacts, contexts) in this S3 bucket instead of the data directory. Credentials
+    /// come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY [default: local disk].
+    #[arg(long, env = "DROVER_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// Endpoint URL of an S3-compatible server (MinIO, Ceph, ...), addressed path-style [default: AWS].
+    #[arg(long, env = "DROVER_S3_ENDPOINT", value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// Region of the bucket [default: $AWS_REGION, else us-east-1].
+    #[arg(long, env = "DROVER_S3_REGION")]
+    pub s3_region: Option<String>,
+    /// Key prefix of the store inside the bucket, e.g. "drover/" [default: the bucket's root].
+    #[arg(long, env = "DROVER_S3_PREFIX")]
+    pub s3_prefix: Option<String>,
+    /// Allow a plain http:// S3 endpoint (a server on loopback).
+    #[arg(long, env = "DROVER_S3_ALLOW_HTTP")]
+    pub s3_allow_http: bool,
 }
 
 /// The TOML file: the same settings as the flags, all optional.
@@ -150,6 +166,16 @@ pub struct FileConfig {
     pub agent_cert_ttl: Option<String>,
     /// OTLP/gRPC endpoint for traces.
     pub otlp_endpoint: Option<String>,
+    /// S3 bucket for blobs.
+    pub s3_bucket: Option<String>,
+    /// S3-compatible endpoint URL.
+    pub s3_endpoint: Option<String>,
+    /// S3 region.
+    pub s3_region: Option<String>,
+    /// Key prefix inside the bucket.
+    pub s3_prefix: Option<String>,
+    /// Allow a plain http:// endpoint.
+    pub s3_allow_http: Option<bool>,
 }
 
 /// The resolved settings the coordinator runs with.
@@ -175,6 +201,8 @@ pub struct Config {
     pub tls: crate::tls::TlsSettings,
     /// Where spans are exported (OTLP/gRPC); `None`: tracing off.
     pub otlp_endpoint: Option<String>,
+    /// Where blobs live: `None` for `<data_dir>/blobs`, else this S3 bucket.
+    pub s3: Option<crate::artifacts::S3Settings>,
 }
 
 impl Default for Config {
@@ -190,6 +218,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             tls: crate::tls::TlsSettings::default(),
             otlp_endpoint: None,
+            s3: None,
         }
     }
 }
@@ -237,6 +266,7 @@ impl Config {
                 None => Ok(default),
             }
         };
+        let s3 = s3_settings(cli, &file)?;
         let config = Config {
             listen,
             http_listen,
@@ -283,6 +313,7 @@ impl Config {
                 .clone()
                 .or(file.otlp_endpoint)
                 .filter(|e| !e.is_empty()),
+            s3,
         };
         config.validate()?;
         Ok(config)
@@ -316,6 +347,49 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The S3 settings, when a bucket is given (flag, env or file); the other S3 settings need one.
+fn s3_settings(
+    cli: &Cli,
+    file: &FileConfig,
+) -> Result<Option<crate::artifacts::S3Settings>, ConfigError> {
+    let pick = |flag: &Option<String>, file: &Option<String>| {
+        flag.clone()
+            .or_else(|| file.clone())
+            .filter(|v| !v.is_empty())
+    };
+    let endpoint = pick(&cli.s3_endpoint, &file.s3_endpoint);
+    let region = pick(&cli.s3_region, &file.s3_region);
+    let prefix = pick(&cli.s3_prefix, &file.s3_prefix);
+    let allow_http = cli.s3_allow_http || file.s3_allow_http.unwrap_or(false);
+    let Some(bucket) = pick(&cli.s3_bucket, &file.s3_bucket) else {
+        if endpoint.is_some() || region.is_some() || prefix.is_some() || allow_http {
+            return Err(ConfigError::Value {
+                field: "s3-bucket",
+                message: "the S3 settings need a bucket (--s3-bucket / DROVER_S3_BUCKET)".into(),
+            });
+        }
+        return Ok(None);
+    };
+    if let Some(e) = &endpoint {
+        if !(e.starts_with("http://") || e.starts_with("https://")) {
+            return Err(ConfigError::Value {
+                field: "s3-endpoint",
+                message: format!("{e:?}: expected an http:// or https:// URL"),
+            });
+        }
+    }
+    let region = region
+        .or_else(|| std::env::var("AWS_REGION").ok().filter(|r| !r.is_empty()))
+        .unwrap_or_else(|| crate::artifacts::DEFAULT_S3_REGION.to_string());
+    Ok(Some(crate::artifacts::S3Settings {
+        bucket,
+        endpoint,
+        region,
+        prefix: prefix.unwrap_or_default(),
+        allow_http,
+    }))
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -380,5 +454,49 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("lisen"));
+    }
+
+    #[test]
+    fn s3_settings_from_file_and_flags() {
+        let cli = Cli::parse_from(["x"]);
+        assert_eq!(
+            Config::from_cli(&cli).unwrap().s3,
+            None,
+            "local disk by default"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "s3-bucket = \"from-file\"\ns3-region = \"eu-west-1\"\ns3-prefix = \"drover/\"\n",
+        )
+        .unwrap();
+        let cli = Cli::parse_from([
+            "x",
+            "--config",
+            path.to_str().unwrap(),
+            "--s3-bucket",
+            "from-flag",
+            "--s3-endpoint",
+            "http://127.0.0.1:9000",
+            "--s3-allow-http",
+        ]);
+        let s3 = Config::from_cli(&cli).unwrap().s3.unwrap();
+        assert_eq!(
+            s3,
+            crate::artifacts::S3Settings {
+                bucket: "from-flag".into(),
+                endpoint: Some("http://127.0.0.1:9000".into()),
+                region: "eu-west-1".into(),
+                prefix: "drover/".into(),
+                allow_http: true,
+            }
+        );
+        let cli = Cli::parse_from(["x", "--s3-endpoint", "http://127.0.0.1:9000"]);
+        let e = Config::from_cli(&cli).unwrap_err().to_string();
+        assert!(e.contains("s3-bucket"), "{e}");
+        let cli = Cli::parse_from(["x", "--s3-bucket", "b", "--s3-endpoint", "minio:9000"]);
+        let e = Config::from_cli(&cli).unwrap_err().to_string();
+        assert!(e.contains("s3-endpoint") && e.contains("minio:9000"), "{e}");
     }
 }

@@ -65,6 +65,7 @@ impl CoordError {
                 BlobError::DigestMismatch { .. } | BlobError::Invalid(_) => Code::InvalidArgument,
                 BlobError::NotFound(_) => Code::NotFound,
                 BlobError::TooLarge { .. } => Code::ResourceExhausted,
+                BlobError::Busy(_) | BlobError::Storage { .. } => Code::Unavailable,
                 _ => Code::Internal,
             },
         }

@@ -20,9 +20,10 @@ use crate::error::CoordError;
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// Opening the stores or loading state failed.
+    /// Opening the stores or loading state failed. The message already holds the cause, so it is not
+    /// also given as the error's source (a `{:#}` chain would print it three times).
     #[error("cannot open the coordinator state: {0}")]
-    Engine(#[from] CoordError),
+    Engine(CoordError),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -48,6 +49,12 @@ pub enum ServerError {
         /// The I/O error.
         source: std::io::Error,
     },
+}
+
+impl From<CoordError> for ServerError {
+    fn from(e: CoordError) -> Self {
+        ServerError::Engine(e)
+    }
 }
 
 /// A bound, not yet serving coordinator.

@@ -82,6 +82,7 @@ async fn an_agent_cannot_touch_another_agents_attempt_and_secrets_go_only_to_the
         mode: 0o644,
         size: 3,
         digest: "0".repeat(64),
+        ..Default::default()
     };
     let upload = b_client
         .upload_artifact(authed(
@@ -106,6 +107,7 @@ async fn an_agent_cannot_touch_another_agents_attempt_and_secrets_go_only_to_the
                 pb::BlobRequest {
                     attempt_id: ja.attempt_id.clone(),
                     digest: "0".repeat(64),
+                    ..Default::default()
                 },
             ))
             .await,
@@ -314,6 +316,7 @@ async fn hostile_agent_messages_get_clear_errors_and_do_not_disturb_other_jobs()
             mode: 0o644,
             size: 3,
             digest: "0".repeat(64),
+            ..Default::default()
         })),
     };
     let s = raw_call(
@@ -337,6 +340,7 @@ async fn hostile_agent_messages_get_clear_errors_and_do_not_disturb_other_jobs()
             mode: 0o644,
             size,
             digest: "0".repeat(64),
+            ..Default::default()
         })),
     };
     let data = pb::ArtifactChunk {

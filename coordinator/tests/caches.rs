@@ -74,6 +74,7 @@ async fn download(
             pb::BlobRequest {
                 attempt_id: attempt.into(),
                 digest: digest.into(),
+                offset: 0,
             },
         ))
         .await?

@@ -224,6 +224,7 @@ impl FakeAgent {
             mode: 0o644,
             size: data.len() as u64,
             digest,
+            ..Default::default()
         };
         let msgs = vec![
             pb::ArtifactChunk {
@@ -418,6 +419,7 @@ async fn run_succeeds_end_to_end_and_survives_restart() {
             pb::BlobRequest {
                 attempt_id: build.attempt_id.clone(),
                 digest: ctx.digest.clone(),
+                ..Default::default()
             },
         ))
         .await
@@ -435,6 +437,7 @@ async fn run_succeeds_end_to_end_and_survives_restart() {
             pb::BlobRequest {
                 attempt_id: build.attempt_id.clone(),
                 digest: "0".repeat(64),
+                ..Default::default()
             },
         ))
         .await
@@ -491,7 +494,8 @@ async fn run_succeeds_end_to_end_and_survives_restart() {
             &agent.cred,
             pb::BlobRequest {
                 attempt_id: test.attempt_id.clone(),
-                digest: up.digest.clone()
+                digest: up.digest.clone(),
+                ..Default::default()
             }
         ))
         .await
@@ -564,6 +568,7 @@ async fn run_succeeds_end_to_end_and_survives_restart() {
             run_id: run_id.clone(),
             job: "build".into(),
             path: "out.txt".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

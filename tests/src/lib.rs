@@ -8,6 +8,7 @@
 //! ```
 
 pub mod chromium;
+pub mod moto;
 pub mod proxy;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -144,6 +145,8 @@ pub struct ClusterBuilder {
     proxied: BTreeSet<String>,
     /// Extra flags of every agent.
     agent_args: Vec<String>,
+    /// Extra environment of the coordinator.
+    coordinator_env: Vec<(String, String)>,
 }
 
 impl ClusterBuilder {
@@ -187,6 +190,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// An environment variable for the coordinator (e.g. `AWS_ACCESS_KEY_ID`), kept across restarts.
+    pub fn coordinator_env(mut self, key: &str, value: &str) -> Self {
+        self.coordinator_env
+            .push((key.to_string(), value.to_string()));
+        self
+    }
+
     /// Starts the coordinator, enrolls and starts every agent, waits until all are attached.
     pub async fn start(self) -> Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("drover-e2e-").tempdir()?;
@@ -198,6 +208,7 @@ impl ClusterBuilder {
             http_addr: String::new(),
             agents: BTreeMap::new(),
             coordinator_args: self.coordinator_args,
+            coordinator_env: self.coordinator_env,
             proxies: BTreeMap::new(),
             agent_args: self.agent_args,
         };
@@ -253,6 +264,7 @@ pub struct Cluster {
     /// Agents by name.
     pub agents: BTreeMap<String, AgentProc>,
     coordinator_args: Vec<String>,
+    coordinator_env: Vec<(String, String)>,
     /// Proxies of the agents attached through one, by agent name.
     proxies: BTreeMap<String, proxy::Proxy>,
     /// Extra flags of every agent.
@@ -268,6 +280,7 @@ impl Cluster {
             coordinator_args: Vec::new(),
             proxied: BTreeSet::new(),
             agent_args: Vec::new(),
+            coordinator_env: Vec::new(),
         }
     }
 
@@ -294,6 +307,7 @@ impl Cluster {
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(&self.coordinator_args)
+            .envs(self.coordinator_env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info");
         let (child, rx) = spawn_logged(cmd, "coordinator".into())?;
         self.coordinator = Some(child);

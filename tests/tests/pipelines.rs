@@ -239,6 +239,7 @@ jobs:
             run_id: run_id.clone(),
             job: "produce".into(),
             path: "dist/random.bin".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -463,6 +463,7 @@ async fn agent_call(
         .download_blob(drover_proto::v1::BlobRequest {
             attempt_id: "no-such-attempt".into(),
             digest: "0".repeat(64),
+            ..Default::default()
         })
         .await?;
     let mut s = r.into_inner();

@@ -15,6 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::agent_of;
+use crate::artifacts::UploadTicket;
 use crate::engine::model::ArtifactRec;
 use crate::engine::{Engine, AGENT_CHANNEL};
 use crate::error::CoordError;
@@ -56,10 +57,14 @@ impl AgentApi {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// A workspace-relative artifact path: not empty, not absolute, no `..`, no NUL.
 /// Largest artifact an agent may upload (one file): 16 GiB.
 pub const MAX_ARTIFACT_BYTES: u64 = 16 << 30;
 
+/// How long a resumed upload (or a progress query) waits for the connection that streamed into it
+/// before to let go of it: the server notices a broken connection quickly, but not instantly.
+const UPLOAD_CLAIM_WAIT: Duration = Duration::from_secs(10);
+
+/// A workspace-relative artifact path: not empty, not absolute, no `..`, no NUL.
 fn check_artifact_path(path: &str) -> Result<(), CoordError> {
     let bad = path.is_empty()
         || path.starts_with('/')
@@ -170,17 +175,45 @@ impl AgentService for AgentApi {
         }
         self.engine
             .check_attempt(&agent_id, &header.attempt_id, header.epoch)?;
+        let resumable = !header.upload_id.is_empty();
+        let upload_id = if resumable {
+            header.upload_id.clone()
+        } else {
+            format!("once-{}", uuid::Uuid::new_v4().simple())
+        };
+        let ticket = UploadTicket {
+            upload_id,
+            owner: agent_id.clone(),
+            digest: header.digest.clone(),
+            size: header.size,
+        };
         let mut w = self
             .engine
             .blobs()
-            .writer()
+            .claim_upload(ticket, UPLOAD_CLAIM_WAIT)
             .await
             .map_err(CoordError::from)?;
+        if !resumable {
+            w.discard_on_drop();
+        }
+        if header.offset != w.held() {
+            return Err(CoordError::FailedPrecondition(format!(
+                "artifact {:?}: upload {:?} holds {} bytes; a resumed upload must start there, not at {}",
+                header.path,
+                header.upload_id,
+                w.held(),
+                header.offset
+            ))
+            .into());
+        }
+        // A broken connection ends the loop with an error: `w` is dropped and, being resumable, parked
+        // with what it holds. Bad data discards it.
         while let Some(chunk) = inbound.message().await? {
             match chunk.part {
                 Some(Part::Data(d)) => {
                     // Stop at the first byte past the header's size: an agent cannot stream without end.
-                    if w.size().saturating_add(d.len() as u64) > header.size {
+                    if w.held().saturating_add(d.len() as u64) > header.size {
+                        w.discard_on_drop();
                         return Err(CoordError::InvalidArgument(format!(
                             "artifact {:?}: more data than the {} bytes its header announced",
                             header.path, header.size
@@ -191,20 +224,22 @@ impl AgentService for AgentApi {
                     w.write(&d).await.map_err(CoordError::from)?
                 }
                 Some(Part::Header(_)) => {
+                    w.discard_on_drop();
                     return Err(CoordError::InvalidArgument(
                         "an upload has exactly one header".into(),
                     )
-                    .into())
+                    .into());
                 }
                 None => {}
             }
         }
-        if w.size() != header.size {
+        if w.held() != header.size {
+            // The stream ended cleanly but short: the agent stopped sending (it may resume).
             return Err(CoordError::InvalidArgument(format!(
                 "artifact {:?}: header says {} bytes, received {}",
                 header.path,
                 header.size,
-                w.size()
+                w.held()
             ))
             .into());
         }
@@ -245,7 +280,7 @@ impl AgentService for AgentApi {
         let s = self
             .engine
             .blobs()
-            .read(&r.digest)
+            .read_from(&r.digest, r.offset)
             .await
             .map_err(CoordError::from)?;
         let s = s.map(|r| {
@@ -271,6 +306,20 @@ impl AgentService for AgentApi {
         let agent_id = self.agent_of(&req)?;
         let saved = crate::caches::save(&self.engine, &agent_id, req.into_inner()).await?;
         Ok(Response::new(saved))
+    }
+
+    async fn query_upload(
+        &self,
+        req: Request<pb::UploadQuery>,
+    ) -> Result<Response<pb::UploadProgress>, Status> {
+        let agent_id = self.agent_of(&req)?;
+        let held_bytes = self
+            .engine
+            .blobs()
+            .upload_progress(&req.get_ref().upload_id, &agent_id, UPLOAD_CLAIM_WAIT)
+            .await
+            .map_err(CoordError::from)?;
+        Ok(Response::new(pb::UploadProgress { held_bytes }))
     }
 }
 

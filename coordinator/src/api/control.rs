@@ -254,7 +254,7 @@ impl ControlService for ControlApi {
         let s = self
             .engine
             .blobs()
-            .read(&a.digest)
+            .read_from(&a.digest, r.offset)
             .await
             .map_err(CoordError::from)?;
         let s = s.map(|r| {

@@ -1,21 +1,31 @@
-//! Content-addressed blob store on local disk: artifacts and source contexts, named by their sha256.
+//! Content-addressed blob store: artifacts and source contexts, named by their sha256, behind the
+//! `object_store` crate: local disk by default, an S3-compatible bucket when configured.
 //!
-//! Layout under the store's directory: `sha256/<first 2 hex>/<digest>` for blobs, `tmp/` for uploads in
-//! progress. A blob appears under its name only once its bytes are synced and its digest verified, so a
-//! name always means complete, correct content; identical content is stored once.
+//! Layout: `sha256/<first 2 hex>/<digest>` for blobs (under the store's directory, or under the
+//! bucket's prefix), and always a local `tmp/` for uploads in progress. A blob appears under its name
+//! only once its bytes are verified against its digest and complete in the backend, so a name always
+//! means complete, correct content; identical content is stored once.
+//!
+//! Uploads can be resumed: an upload with an id ([`BlobStore::claim_upload`]) that loses its
+//! connection stays parked with the bytes received so far (and their running hash) for
+//! [`PARTIAL_UPLOAD_TTL`]; the uploader asks how much is held ([`BlobStore::upload_progress`]) and
+//! continues from there. Reads can start at any offset ([`BlobStore::read_from`]).
 
+mod backend;
 #[cfg(test)]
 mod tests;
+mod uploads;
 mod writer;
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::Stream;
-use tokio::io::AsyncReadExt;
 
+pub use backend::{S3Settings, DEFAULT_S3_REGION};
+pub use uploads::{ResumableUpload, UploadTicket, PARTIAL_UPLOAD_TTL};
 pub use writer::BlobWriter;
 
 /// What went wrong with a blob operation.
@@ -44,6 +54,35 @@ pub enum BlobError {
         /// The limit, in bytes.
         limit: u64,
     },
+    /// The storage backend (S3, local object store) failed; `what` says which operation.
+    #[error("blob storage: {what}: {source}")]
+    Storage {
+        /// The operation, naming the blob.
+        what: String,
+        /// What object_store reported (never carries credentials).
+        source: Box<object_store::Error>,
+    },
+    /// The storage settings are wrong or the backend is not usable with them; the message says which.
+    #[error("{0}")]
+    Config(String),
+    /// A resumable upload is still held by another connection (the previous one has not ended yet).
+    #[error("upload {0} is busy on another connection; retry shortly")]
+    Busy(String),
+}
+
+/// An error with its sources joined: object_store's top-level messages often hide the cause.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// Attach the operation and the path to an I/O error, so the message says which file failed.
@@ -67,24 +106,49 @@ pub fn validate_digest(digest: &str) -> Result<(), BlobError> {
     }
 }
 
-/// The coordinator's blob store. Cheap to clone.
+/// The coordinator's blob store. Cheap to clone; clones share the backend and the parked uploads.
 #[derive(Debug, Clone)]
 pub struct BlobStore {
-    inner: Arc<Inner>,
-}
-
-#[derive(Debug)]
-struct Inner {
-    dir: PathBuf,
-    /// Largest blob accepted, if limited.
+    shared: Arc<Shared>,
+    /// Largest blob accepted through this handle, if limited.
     max_size: Option<u64>,
 }
 
+#[derive(Debug)]
+struct Shared {
+    /// Local directory: `tmp/` for uploads in progress, and the blobs themselves with the local backend.
+    dir: PathBuf,
+    backend: backend::Backend,
+    uploads: uploads::Parking,
+}
+
 impl BlobStore {
-    /// Open (creating if needed) the blob store rooted at `dir`, normally `<data>/blobs`. Uploads left in
-    /// `tmp/` by a previous process are removed: call this once per directory, at startup.
+    /// Open (creating if needed) the local blob store rooted at `dir`, normally `<data>/blobs`. Uploads
+    /// left in `tmp/` by a previous process are removed: call this once per directory, at startup.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, BlobError> {
         let dir = dir.into();
+        Self::prepare_dir(&dir)?;
+        let backend = backend::Backend::local(&dir)?;
+        Ok(Self::with_backend(dir, backend))
+    }
+
+    /// Open the blob store: in an S3 bucket when `s3` is given (staging uploads under `dir/tmp`),
+    /// else on local disk under `dir`. The bucket is checked first (list, write and delete a probe):
+    /// [`BlobError::Config`] says clearly when it is unreachable or the credentials are wrong.
+    pub async fn open_with(
+        dir: impl Into<PathBuf>,
+        s3: Option<&S3Settings>,
+    ) -> Result<Self, BlobError> {
+        let Some(s3) = s3 else {
+            return Self::open(dir);
+        };
+        let dir = dir.into();
+        Self::prepare_dir(&dir)?;
+        let backend = backend::Backend::s3(s3).await?;
+        Ok(Self::with_backend(dir, backend))
+    }
+
+    fn prepare_dir(dir: &Path) -> Result<(), BlobError> {
         for sub in ["tmp", "sha256"] {
             let path = dir.join(sub);
             std::fs::create_dir_all(&path)
@@ -99,40 +163,43 @@ impl BlobStore {
                 tracing::warn!(path = %path.display(), error = %e, "could not remove a stale blob upload");
             }
         }
-        Ok(Self {
-            inner: Arc::new(Inner {
-                dir,
-                max_size: None,
-            }),
-        })
+        Ok(())
+    }
+
+    fn with_backend(dir: PathBuf, backend: backend::Backend) -> Self {
+        tracing::info!(storage = %backend.describe(&dir), "blob store open");
+        let shared = Arc::new(Shared {
+            dir,
+            backend,
+            uploads: uploads::Parking::default(),
+        });
+        uploads::spawn_sweeper(Arc::downgrade(&shared));
+        Self {
+            shared,
+            max_size: None,
+        }
     }
 
     /// Refuse blobs larger than `max_size` bytes ([`BlobError::TooLarge`] from [`BlobWriter::write`]).
     pub fn with_max_size(self, max_size: u64) -> Self {
         Self {
-            inner: Arc::new(Inner {
-                dir: self.inner.dir.clone(),
-                max_size: Some(max_size),
-            }),
+            max_size: Some(max_size),
+            ..self
         }
     }
 
-    /// The directory the store lives in.
+    /// The local directory of the store (uploads in progress; the blobs too with the local backend).
     pub fn dir(&self) -> &Path {
-        &self.inner.dir
+        &self.shared.dir
+    }
+
+    /// Where the blobs live, for messages: the directory or `s3://bucket/prefix at endpoint`.
+    pub fn describe(&self) -> String {
+        self.shared.backend.describe(&self.shared.dir)
     }
 
     fn tmp_dir(&self) -> PathBuf {
-        self.inner.dir.join("tmp")
-    }
-
-    /// Where the blob `digest` lives; `digest` must be validated.
-    fn blob_path(&self, digest: &str) -> PathBuf {
-        self.inner
-            .dir
-            .join("sha256")
-            .join(&digest[..2])
-            .join(digest)
+        self.shared.dir.join("tmp")
     }
 
     /// Start an upload into a temporary file under `tmp/`.
@@ -143,23 +210,17 @@ impl BlobStore {
     /// Whether the blob `digest` is stored.
     pub async fn exists(&self, digest: &str) -> Result<bool, BlobError> {
         validate_digest(digest)?;
-        let path = self.blob_path(digest);
-        tokio::fs::try_exists(&path)
-            .await
-            .map_err(|e| io_context(e, "look up blob", &path).into())
+        Ok(self.shared.backend.size(digest).await?.is_some())
     }
 
     /// Size in bytes of the blob `digest`; [`BlobError::NotFound`] if it is not stored.
     pub async fn size(&self, digest: &str) -> Result<u64, BlobError> {
         validate_digest(digest)?;
-        let path = self.blob_path(digest);
-        match tokio::fs::metadata(&path).await {
-            Ok(meta) => Ok(meta.len()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                Err(BlobError::NotFound(digest.to_owned()))
-            }
-            Err(e) => Err(io_context(e, "stat blob", &path).into()),
-        }
+        self.shared
+            .backend
+            .size(digest)
+            .await?
+            .ok_or_else(|| BlobError::NotFound(digest.to_owned()))
     }
 
     /// Stream the blob `digest` in pieces of [`drover_proto::CHUNK_BYTES`] (the last may be shorter; an
@@ -168,36 +229,20 @@ impl BlobStore {
         &self,
         digest: &str,
     ) -> Result<impl Stream<Item = Result<Bytes, BlobError>> + Send + 'static, BlobError> {
+        self.read_from(digest, 0).await
+    }
+
+    /// Like [`BlobStore::read`], from byte `offset` on (a resumed download). [`BlobError::Invalid`] when
+    /// `offset` is past the end of the blob.
+    pub async fn read_from(
+        &self,
+        digest: &str,
+        offset: u64,
+    ) -> Result<impl Stream<Item = Result<Bytes, BlobError>> + Send + 'static, BlobError> {
         validate_digest(digest)?;
-        let path = self.blob_path(digest);
-        let file = match tokio::fs::File::open(&path).await {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(BlobError::NotFound(digest.to_owned()))
-            }
-            Err(e) => return Err(io_context(e, "open blob", &path).into()),
-        };
-        Ok(futures::stream::unfold(
-            Some((file, path)),
-            |state| async move {
-                let (mut file, path) = state?;
-                let mut buf = BytesMut::with_capacity(drover_proto::CHUNK_BYTES);
-                // Fill whole chunks: a short read from the file is not the end of the blob.
-                while buf.len() < drover_proto::CHUNK_BYTES {
-                    match file.read_buf(&mut buf).await {
-                        Ok(0) => break,
-                        Ok(_) => {}
-                        Err(e) => {
-                            return Some((Err(io_context(e, "read blob", &path).into()), None))
-                        }
-                    }
-                }
-                if buf.is_empty() {
-                    None
-                } else {
-                    Some((Ok(buf.freeze()), Some((file, path))))
-                }
-            },
-        ))
+        self.shared
+            .backend
+            .read_from(&self.shared.dir, digest, offset, drover_proto::CHUNK_BYTES)
+            .await
     }
 }

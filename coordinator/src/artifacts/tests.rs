@@ -180,3 +180,162 @@ async fn reopening_clears_stale_uploads_and_keeps_blobs() {
     assert_eq!(tmp_files(&store), 0);
     assert_eq!(get(&store, &digest).await.unwrap().concat(), b"kept");
 }
+
+fn ticket(id: &str, owner: &str, data: &[u8]) -> UploadTicket {
+    UploadTicket {
+        upload_id: id.to_owned(),
+        owner: owner.to_owned(),
+        digest: sha(data),
+        size: data.len() as u64,
+    }
+}
+
+const WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+#[tokio::test]
+async fn reads_start_at_any_offset() {
+    let (_dir, store) = store();
+    let data = sample(drover_proto::CHUNK_BYTES * 2 + 77);
+    let (digest, _) = put(&store, &data, None).await.unwrap();
+    for offset in [
+        0usize,
+        1,
+        drover_proto::CHUNK_BYTES,
+        data.len() - 1,
+        data.len(),
+    ] {
+        let pieces: Vec<Bytes> = store
+            .read_from(&digest, offset as u64)
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(pieces.concat(), &data[offset..], "offset {offset}");
+    }
+    let err = store
+        .read_from(&digest, data.len() as u64 + 1)
+        .await
+        .err()
+        .expect("an offset past the end is refused");
+    assert!(
+        matches!(err, BlobError::Invalid(ref m) if m.contains("past the end")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn an_interrupted_upload_is_parked_and_resumed_from_what_it_holds() {
+    let (_dir, store) = store();
+    let data = sample(300_000);
+    let t = ticket("up-1", "agent-a", &data);
+    let mut first = store.claim_upload(t.clone(), WAIT).await.unwrap();
+    assert_eq!(first.held(), 0);
+    first.write(&data[..100_000]).await.unwrap();
+    // The connection breaks: the hold is dropped unfinished.
+    drop(first);
+    assert_eq!(store.open_uploads(), 1);
+    assert_eq!(tmp_files(&store), 1);
+    assert_eq!(
+        store
+            .upload_progress("up-1", "agent-a", WAIT)
+            .await
+            .unwrap(),
+        100_000
+    );
+    // Another agent learns nothing about it and cannot take it over.
+    assert_eq!(
+        store
+            .upload_progress("up-1", "agent-b", WAIT)
+            .await
+            .unwrap(),
+        0
+    );
+    let err = store
+        .claim_upload(ticket("up-1", "agent-b", &data), WAIT)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BlobError::Invalid(_)), "{err}");
+
+    let mut second = store.claim_upload(t, WAIT).await.unwrap();
+    assert_eq!(second.held(), 100_000);
+    second.write(&data[100_000..]).await.unwrap();
+    let (digest, size) = second.finish(Some(&sha(&data))).await.unwrap();
+    assert_eq!(
+        (digest.as_str(), size),
+        (sha(&data).as_str(), data.len() as u64)
+    );
+    assert_eq!(store.open_uploads(), 0);
+    assert_eq!(tmp_files(&store), 0);
+    assert_eq!(get(&store, &digest).await.unwrap().concat(), data);
+    // Finished: the id is free again and reports nothing held.
+    assert_eq!(
+        store
+            .upload_progress("up-1", "agent-a", WAIT)
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_resume_waits_for_the_connection_still_holding_the_upload() {
+    let (_dir, store) = store();
+    let data = sample(1000);
+    let t = ticket("busy", "a", &data);
+    let mut holder = store.claim_upload(t.clone(), WAIT).await.unwrap();
+    holder.write(&data[..10]).await.unwrap();
+    let short = std::time::Duration::from_millis(50);
+    assert!(matches!(
+        store.claim_upload(t.clone(), short).await,
+        Err(BlobError::Busy(_))
+    ));
+    assert!(matches!(
+        store.upload_progress("busy", "a", short).await,
+        Err(BlobError::Busy(_))
+    ));
+    let waiter = tokio::spawn({
+        let store = store.clone();
+        async move { store.claim_upload(t, WAIT).await.map(|u| u.held()) }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    drop(holder);
+    assert_eq!(waiter.await.unwrap().unwrap(), 10);
+}
+
+#[tokio::test]
+async fn discarded_and_expired_uploads_leave_nothing() {
+    let (_dir, store) = store();
+    let data = sample(1000);
+    let mut once = store
+        .claim_upload(ticket("once", "a", &data), WAIT)
+        .await
+        .unwrap();
+    once.discard_on_drop();
+    once.write(&data[..10]).await.unwrap();
+    drop(once);
+    assert_eq!((store.open_uploads(), tmp_files(&store)), (0, 0));
+
+    let mut parked = store
+        .claim_upload(ticket("parked", "a", &data), WAIT)
+        .await
+        .unwrap();
+    parked.write(&data[..10]).await.unwrap();
+    drop(parked);
+    assert_eq!(store.sweep_uploads(std::time::Duration::from_secs(3600)), 0);
+    assert_eq!((store.open_uploads(), tmp_files(&store)), (1, 1));
+    assert_eq!(store.sweep_uploads(std::time::Duration::ZERO), 1);
+    assert_eq!((store.open_uploads(), tmp_files(&store)), (0, 0));
+}
+
+#[tokio::test]
+async fn upload_ids_are_checked() {
+    let (_dir, store) = store();
+    for bad in ["", "a/b", "../x", &"x".repeat(129)] {
+        let err = store
+            .claim_upload(ticket(bad, "a", b"d"), WAIT)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BlobError::Invalid(_)), "{bad:?}: {err}");
+    }
+}

@@ -1,4 +1,5 @@
-//! Uploading one blob: hash while writing a temporary file, then verify and move it under its digest.
+//! Uploading one blob: hash while writing a temporary file, then verify it and hand it to the backend
+//! under its digest.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -8,27 +9,20 @@ use tokio::io::AsyncWriteExt;
 
 use super::{io_context, validate_digest, BlobError, BlobStore};
 
+/// Bytes gathered before a write to the temporary file.
+const WRITE_BUFFER: usize = 1 << 20;
+
 /// One upload in progress. Dropped without [`BlobWriter::finish`], it removes its temporary file.
 #[derive(Debug)]
 pub struct BlobWriter {
     store: BlobStore,
-    /// The temporary file; `None` once it was renamed into place (or closed by `finish`).
-    file: Option<tokio::fs::File>,
+    /// The temporary file, buffered so that 128 KiB chunks reach the blocking pool a MiB at a time;
+    /// `None` once it was renamed into place (or closed by `finish`).
+    file: Option<tokio::io::BufWriter<tokio::fs::File>>,
     /// Path of the temporary file while it exists.
     tmp_path: Option<PathBuf>,
     hasher: Sha256,
     size: u64,
-}
-
-/// fsync a directory so a rename into it survives a crash.
-async fn sync_dir(dir: PathBuf) -> io::Result<()> {
-    tokio::task::spawn_blocking(move || {
-        std::fs::File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_context(e, "sync directory", &dir))
-    })
-    .await
-    .map_err(|e| io::Error::other(format!("blob sync task failed: {e}")))?
 }
 
 impl BlobWriter {
@@ -44,7 +38,7 @@ impl BlobWriter {
             .map_err(|e| io_context(e, "create blob upload", &tmp_path))?;
         Ok(Self {
             store,
-            file: Some(file),
+            file: Some(tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file)),
             tmp_path: Some(tmp_path),
             hasher: Sha256::new(),
             size: 0,
@@ -66,7 +60,7 @@ impl BlobWriter {
     /// upload is then unusable: drop it).
     pub async fn write(&mut self, data: &[u8]) -> Result<(), BlobError> {
         let new_size = self.size + data.len() as u64;
-        if let Some(limit) = self.store.inner.max_size {
+        if let Some(limit) = self.store.max_size {
             if new_size > limit {
                 return Err(BlobError::TooLarge { limit });
             }
@@ -84,8 +78,8 @@ impl BlobWriter {
     }
 
     /// Sync the upload, verify it against `expected` (if given, 64 lowercase hex), and store it as
-    /// `sha256/<first 2 hex>/<digest>`; if that blob already exists the upload is dropped (identical content
-    /// is stored once). Returns `(digest, size)`. On any error nothing is stored and the temporary file is
+    /// `sha256/<first 2 hex>/<digest>` in the backend; if that blob already exists the upload is dropped
+    /// (identical content is stored once). Returns `(digest, size)`. On any error nothing is stored and the temporary file is
     /// removed.
     pub async fn finish(mut self, expected: Option<&str>) -> Result<(String, u64), BlobError> {
         if let Some(expected) = expected {
@@ -98,7 +92,7 @@ impl BlobWriter {
             .ok_or_else(|| BlobError::Invalid("blob upload is already finished".to_owned()))?;
         file.flush()
             .await
-            .and(file.sync_all().await)
+            .and(file.get_mut().sync_all().await)
             .map_err(|e| io_context(e, "sync blob upload", &tmp_path))?;
         drop(file);
 
@@ -112,37 +106,17 @@ impl BlobWriter {
             }
         }
 
-        let final_path = self.store.blob_path(&digest);
-        let shard = final_path
-            .parent()
-            .map(Path::to_owned)
-            .unwrap_or_else(|| self.store.dir().to_owned());
-        if tokio::fs::try_exists(&final_path)
-            .await
-            .map_err(|e| io_context(e, "look up blob", &final_path))?
-        {
-            // Same name, same content: keep the stored copy; Drop removes the upload.
-            return Ok((digest, self.size));
+        let stored = self
+            .store
+            .shared
+            .backend
+            .commit(self.store.dir(), &tmp_path, &digest)
+            .await?;
+        if stored && matches!(self.store.shared.backend, super::backend::Backend::Local(_)) {
+            // Renamed into place: nothing left to remove.
+            self.tmp_path = None;
         }
-        let shard_existed = tokio::fs::try_exists(&shard)
-            .await
-            .map_err(|e| io_context(e, "look up blob directory", &shard))?;
-        if !shard_existed {
-            tokio::fs::create_dir_all(&shard)
-                .await
-                .map_err(|e| io_context(e, "create blob directory", &shard))?;
-        }
-        // rename replaces atomically, so a concurrent upload of the same content is harmless.
-        tokio::fs::rename(&tmp_path, &final_path)
-            .await
-            .map_err(|e| io_context(e, "store blob", &final_path))?;
-        self.tmp_path = None;
-        sync_dir(shard.clone()).await?;
-        if !shard_existed {
-            if let Some(parent) = shard.parent() {
-                sync_dir(parent.to_owned()).await?;
-            }
-        }
+        // Otherwise (already stored, or copied to the bucket) Drop removes the upload.
         Ok((digest, self.size))
     }
 }

@@ -338,7 +338,7 @@ impl Engine {
         })?;
         let store = Store::open(&dir.join("drover.sqlite"))?;
         let logs = LogStore::open(dir.join("logs"))?;
-        let blobs = BlobStore::open(dir.join("blobs"))?;
+        let blobs = BlobStore::open_with(dir.join("blobs"), config.s3.as_ref()).await?;
         Self::with_stores(config, store, logs, blobs).await
     }
 
