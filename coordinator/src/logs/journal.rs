@@ -49,6 +49,8 @@ struct Flusher {
     durable: u64,
     /// A flush failed: what was queued for it may be lost, so nothing more is acknowledged.
     broken: Option<String>,
+    /// Flushes done (tests check that they are shared).
+    flushes: u64,
 }
 
 /// The completion journal of one store.
@@ -157,6 +159,7 @@ impl Journal {
                 size,
                 durable: 0,
                 broken: None,
+                flushes: 0,
             }),
             pending: Mutex::new(records),
         })
@@ -259,7 +262,14 @@ impl Journal {
             }
         }
         f.durable = upto;
+        f.flushes += 1;
         Ok(())
+    }
+
+    /// Flushes done so far.
+    #[cfg(test)]
+    pub(super) async fn flushes(&self) -> u64 {
+        self.flusher.lock().await.flushes
     }
 }
 
