@@ -309,8 +309,9 @@ impl LogStore {
     }
 }
 
-/// Compresses a complete log, makes the compressed file's entry durable (in the journal's grouped
-/// flush), then removes the plain file and the log's journal record.
+/// Compresses a complete log, makes the compressed file's entry durable, then removes the plain
+/// file and the log's journal record. The directory syncs are done here, not in the journal's
+/// flush: acknowledgements waiting for that flush must not wait for background work.
 async fn finish_compressed(
     inner: &Inner,
     key: &LogKey,
@@ -318,19 +319,19 @@ async fn finish_compressed(
     attempt_dir: PathBuf,
     len: u64,
 ) -> Result<(), LogError> {
-    let plain = log.clone();
-    let done = tokio::task::spawn_blocking(move || compress::compress(&plain, len))
-        .await
-        .map_err(|e| std::io::Error::other(format!("log compression task failed: {e}")))??;
-    let dirs: &[&Path] = if done.created_dir {
-        &[&attempt_dir, &inner.dir]
-    } else {
-        &[&attempt_dir]
-    };
-    inner.journal.commit(None, dirs).await?;
-    tokio::task::spawn_blocking(move || compress::remove_plain(&log))
-        .await
-        .map_err(|e| std::io::Error::other(format!("log compression task failed: {e}")))??;
+    let root = inner.dir.clone();
+    tokio::task::spawn_blocking(move || -> Result<(), std::io::Error> {
+        let done = compress::compress(&log, len)?;
+        if done.renamed || log.exists() {
+            entry::sync_dir(&attempt_dir)?;
+        }
+        if done.created_dir {
+            entry::sync_dir(&root)?;
+        }
+        compress::remove_plain(&log)
+    })
+    .await
+    .map_err(|e| std::io::Error::other(format!("log compression task failed: {e}")))??;
     inner.journal.forget(key);
     Ok(())
 }
