@@ -385,6 +385,13 @@ struct Sent {
 }
 
 /// Bytes of spool read at once, then sent as chunks of at most [`CHUNK_BYTES`].
+/// While a log streams fast (the last span filled a chunk), a shorter span waits this long for
+/// more bytes first, so a fast writer's output goes out in full chunks rather than one small chunk
+/// (and a wake-up of every task on the way) per read from the container. An idle log's first
+/// bytes go out at once.
+const COALESCE: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Bytes of spool read at once, then sent as chunks of at most [`CHUNK_BYTES`].
 const SPAN_BYTES: usize = 8 * CHUNK_BYTES;
 
 /// The next span to send: (step, offset, length, eof); at most `max` bytes.
@@ -481,6 +488,8 @@ impl<T: LogTransport> Shipper<T> {
             let mut files: HashMap<u32, Arc<SpoolFiles>> = HashMap::new();
             // Chunks read from the spool and not sent yet (of one span, in order).
             let mut ready: VecDeque<LogChunk> = VecDeque::new();
+            // The last span filled a chunk: the log streams fast.
+            let mut streaming = false;
             loop {
                 let (next, finished) = {
                     let s = self.state.borrow_and_update();
@@ -497,6 +506,13 @@ impl<T: LogTransport> Shipper<T> {
                 };
                 if finished {
                     return Ok(());
+                }
+                if let Some(((_, _, len, eof), _)) = next {
+                    if streaming && !eof && len < CHUNK_BYTES {
+                        streaming = false;
+                        tokio::time::sleep(COALESCE).await;
+                        continue;
+                    }
                 }
                 tokio::select! {
                     ack = stream.acks.recv() => match ack {
@@ -522,6 +538,7 @@ impl<T: LogTransport> Shipper<T> {
                         let Ok(permit) = permit else { break };
                         if ready.is_empty() {
                             let Some(((step, offset, len, eof), truncated)) = next else { continue };
+                            streaming = len >= CHUNK_BYTES;
                             ready = self.read_span(&mut files, step, offset, len, eof, truncated).await?;
                         }
                         let Some(chunk) = ready.pop_front() else { continue };
