@@ -109,26 +109,40 @@ pub fn read_range(path: &Path, from: u64, to: u64) -> io::Result<Vec<LineTime>> 
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
+    read_range_in(&file, from, to)
+}
+
+/// Records read per `pread` once the first one in range is found.
+const SCAN_RECORDS: usize = 256;
+
+/// [`read_range`] on an open sidecar (the shipper keeps it open across chunks).
+pub fn read_range_in(file: &File, from: u64, to: u64) -> io::Result<Vec<LineTime>> {
     let count = file.metadata()?.len() / RECORD as u64;
     // First record with offset >= from.
     let (mut lo, mut hi) = (0u64, count);
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
-        if record_at(&file, mid)?.offset < from {
+        if record_at(file, mid)?.offset < from {
             lo = mid + 1;
         } else {
             hi = mid;
         }
     }
     let mut out = Vec::new();
+    let mut buf = vec![0u8; SCAN_RECORDS * RECORD];
     let mut i = lo;
     while i < count {
-        let t = record_at(&file, i)?;
-        if t.offset >= to {
-            break;
+        let n = (count - i).min(SCAN_RECORDS as u64) as usize;
+        let block = &mut buf[..n * RECORD];
+        file.read_exact_at(block, i * RECORD as u64)?;
+        for rec in block.chunks_exact(RECORD) {
+            let t = decode(rec);
+            if t.offset >= to {
+                return Ok(out);
+            }
+            out.push(t);
         }
-        out.push(t);
-        i += 1;
+        i += n as u64;
     }
     Ok(out)
 }

@@ -131,6 +131,10 @@ impl<S: OutputSink> OutputSink for MaskingSink<S> {
     }
 
     async fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        if self.masker.is_empty() {
+            // Nothing to hide: pass the bytes on without a copy.
+            return self.inner.write(data).await;
+        }
         let out = self.masker.push(data);
         if out.is_empty() {
             return Ok(());

@@ -210,8 +210,12 @@ impl Server {
         };
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
-            .initial_stream_window_size(Some(1 << 20))
-            .initial_connection_window_size(Some(8 << 20))
+            // Windows and frames sized for log and artifact uploads: an agent may have a few MiB of a
+            // fast log in flight (so a short stall of this process does not stop its shipper), sent
+            // in frames that hold a whole 128 KiB chunk rather than eight 16 KiB ones.
+            .initial_stream_window_size(Some(4 << 20))
+            .initial_connection_window_size(Some(16 << 20))
+            .max_frame_size(Some(1 << 20))
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .add_service(health_service)
             .add_service(reflection_v1)

@@ -720,8 +720,9 @@ const WRITE_AHEAD: usize = 32;
 /// Most step output written to the spool at once.
 const WRITE_BYTES: usize = 1 << 20;
 
-/// Most step output gathered into one write to the spool: one log chunk.
-const GATHER_BYTES: usize = drover_proto::CHUNK_BYTES;
+/// Most step output gathered from frames already delivered before it goes to the spool writer
+/// (the engine delivers a fast writer's output in frames of a few KiB).
+const GATHER_BYTES: usize = 4 * drover_proto::CHUNK_BYTES;
 
 /// What followed the frames [`gather`] took.
 enum Gathered {
@@ -748,7 +749,7 @@ fn gather(
         match output.next().now_or_never() {
             Some(Some(Ok(frame))) => buf
                 .get_or_insert_with(|| {
-                    let mut v = Vec::with_capacity(GATHER_BYTES + first.len());
+                    let mut v = Vec::with_capacity(drover_proto::CHUNK_BYTES.max(2 * first.len()));
                     v.extend_from_slice(&first);
                     v
                 })

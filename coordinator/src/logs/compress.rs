@@ -1,5 +1,6 @@
-//! Finished logs are stored compressed: once a step's log is complete and its marker durable, a
-//! background task writes `<step>.log.zst` (zstd), syncs it, and removes `<step>.log`. Readers that
+//! Finished logs are stored compressed: once a step's log is complete and its completion durable, a
+//! background task writes `<step>.log.zst` (zstd, its length in the frame header), syncs it, and
+//! removes `<step>.log`. Readers that
 //! hold the plain file open keep reading it (an unlinked file stays readable); later readers
 //! decompress from the start and skip to their offset, so any offset still reads the same bytes.
 
@@ -19,32 +20,59 @@ pub(super) fn zst_path(log: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-fn sync_parent(path: &Path) -> io::Result<()> {
-    if let Some(dir) = path.parent() {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_context(e, "sync directory", dir))?;
-    }
-    Ok(())
+/// What [`compress`] did.
+#[derive(Debug, Default)]
+pub(super) struct Compressed {
+    /// A compressed file was renamed into place: its directory entry still needs a sync.
+    pub(super) renamed: bool,
+    /// The log's directory was created for it (an empty log has no other file): the store's
+    /// directory needs a sync too.
+    pub(super) created_dir: bool,
 }
 
-/// Compresses the complete log at `log` into `<log>.zst` and removes `log`. Does nothing when the
-/// plain log is gone (already compressed). Crash-safe: the compressed file appears under its name
-/// only once synced, and the plain one is removed only after that.
-pub(super) fn compress(log: &Path) -> io::Result<()> {
-    let mut input = match File::open(log) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+/// Compresses the complete log at `log` (`len` bytes) into `<log>.zst`, whose frame header records
+/// `len`; an empty log that has no plain file gets an empty compressed one, so every complete log
+/// ends up with the file that proves it complete. Does nothing when `<log>.zst` exists already.
+/// Crash-safe: the compressed file appears under its name only once synced. The caller makes the
+/// rename durable (a grouped directory sync) and only then removes the plain file
+/// ([`remove_plain`]).
+pub(super) fn compress(log: &Path, len: u64) -> io::Result<Compressed> {
+    let target = zst_path(log);
+    if target.exists() {
+        return Ok(Compressed::default());
+    }
+    let mut done = Compressed::default();
+    let input = match File::open(log) {
+        Ok(f) => Some(f),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && len == 0 => None,
         Err(e) => return Err(io_context(e, "open log", log)),
     };
-    let target = zst_path(log);
+    if input.is_none() {
+        if let Some(dir) = log.parent() {
+            if !dir.exists() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| io_context(e, "create log directory", dir))?;
+                done.created_dir = true;
+            }
+        }
+    }
     let mut tmp_name = target.as_os_str().to_owned();
     tmp_name.push(".tmp");
     let tmp = PathBuf::from(tmp_name);
     let out = File::create(&tmp).map_err(|e| io_context(e, "create compressed log", &tmp))?;
     let result = (|| {
         let mut enc = zstd::stream::Encoder::new(out, LEVEL)?;
-        io::copy(&mut input, &mut enc)?;
+        enc.include_contentsize(true)?;
+        enc.set_pledged_src_size(Some(len))?;
+        if let Some(input) = input {
+            let copied = io::copy(&mut input.take(len), &mut enc)?;
+            if copied != len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the log holds {copied} bytes, {len} expected"),
+                ));
+            }
+        }
         let out = enc.finish()?;
         out.sync_all()
     })();
@@ -53,9 +81,43 @@ pub(super) fn compress(log: &Path) -> io::Result<()> {
         return Err(io_context(e, "compress log", log));
     }
     std::fs::rename(&tmp, &target).map_err(|e| io_context(e, "store compressed log", &target))?;
-    sync_parent(&target)?;
-    std::fs::remove_file(log).map_err(|e| io_context(e, "remove uncompressed log", log))?;
-    sync_parent(log)
+    done.renamed = true;
+    Ok(done)
+}
+
+/// Removes the plain log once its compressed form is durable. Not synced: should a crash bring it
+/// back, it reads the same and is removed when the log is next loaded.
+pub(super) fn remove_plain(log: &Path) -> io::Result<()> {
+    match std::fs::remove_file(log) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(io_context(e, "remove uncompressed log", log))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The length of the log stored compressed at `zst`: from its frame header, or (a file written
+/// without it) by decoding it.
+pub(super) fn content_size(zst: &Path) -> io::Result<u64> {
+    let mut f = File::open(zst).map_err(|e| io_context(e, "open compressed log", zst))?;
+    let mut head = [0u8; 18];
+    let mut got = 0;
+    while got < head.len() {
+        let n = f
+            .read(&mut head[got..])
+            .map_err(|e| io_context(e, "read compressed log", zst))?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    if let Ok(Some(len)) = zstd::zstd_safe::get_frame_content_size(&head[..got]) {
+        return Ok(len);
+    }
+    let f = File::open(zst).map_err(|e| io_context(e, "open compressed log", zst))?;
+    let mut decoder = zstd::stream::read::Decoder::new(f)
+        .map_err(|e| io_context(e, "open compressed log", zst))?;
+    io::copy(&mut decoder, &mut io::sink()).map_err(|e| io_context(e, "decompress log", zst))
 }
 
 /// Reads a log from either form: the plain file while it exists, else the compressed one.
@@ -164,12 +226,14 @@ mod tests {
             .flat_map(|i| format!("{i}\n").into_bytes())
             .collect();
         std::fs::write(&log, &data).unwrap();
-        compress(&log).unwrap();
+        assert!(compress(&log, data.len() as u64).unwrap().renamed);
+        remove_plain(&log).unwrap();
         assert!(!log.exists());
         let zst = zst_path(&log);
         assert!(std::fs::metadata(&zst).unwrap().len() < data.len() as u64 / 3);
+        assert_eq!(content_size(&zst).unwrap(), data.len() as u64);
         // Compressing again is a no-op.
-        compress(&log).unwrap();
+        assert!(!compress(&log, data.len() as u64).unwrap().renamed);
         let mut src = LogSource::open(&log).unwrap();
         for (off, len) in [
             (1000u64, 10usize),
@@ -191,6 +255,15 @@ mod tests {
         src.read_exact_at(&log, &mut buf, 1).unwrap();
         assert_eq!(&buf, b"bc");
         assert!(LogSource::open(&dir.path().join("2.log")).is_err());
+        // Written without its length in the header: decoded to find it.
+        assert_eq!(content_size(&dir.path().join("1.log.zst")).unwrap(), 3);
+        // An empty log without a plain file gets an empty compressed one (in a new directory).
+        let empty = dir.path().join("new").join("3.log");
+        let done = compress(&empty, 0).unwrap();
+        assert!(done.renamed && done.created_dir);
+        assert_eq!(content_size(&zst_path(&empty)).unwrap(), 0);
+        // A missing plain file of a non-empty log is an error, not an empty log.
+        assert!(compress(&dir.path().join("4.log"), 5).is_err());
     }
 
     async fn read_all(store: &super::super::LogStore, offset: u64, follow: bool) -> Vec<u8> {

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use tokio::sync::{watch, Mutex};
 
-use super::{LogError, LogStatus};
+use super::journal::Journal;
+use super::{LogError, LogKey, LogStatus};
 
 /// Attach the operation and the path to an I/O error, so the message says which file failed.
 pub(crate) fn io_context(err: io::Error, what: &str, path: &Path) -> io::Error {
@@ -25,7 +26,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// fsync a directory so the entries created in it (files, renames) survive a crash.
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io_context(e, "sync directory", dir))
@@ -37,13 +38,12 @@ pub(super) struct LogPaths {
     /// The store's directory.
     root: PathBuf,
     /// `<root>/<attempt>`.
-    attempt_dir: PathBuf,
+    pub(super) attempt_dir: PathBuf,
     /// `<root>/<attempt>/<step>.log`: the bytes.
     pub(super) log: PathBuf,
-    /// `<root>/<attempt>/<step>.done`: the completion marker, holding the final length in decimal.
+    /// `<root>/<attempt>/<step>.done`: the completion marker of stores written before the journal,
+    /// holding the final length in decimal; still read.
     done: PathBuf,
-    /// Temporary name the marker is written under before it is renamed into place.
-    done_tmp: PathBuf,
 }
 
 impl LogPaths {
@@ -53,7 +53,6 @@ impl LogPaths {
             root: root.to_owned(),
             log: attempt_dir.join(format!("{step}.log")),
             done: attempt_dir.join(format!("{step}.done")),
-            done_tmp: attempt_dir.join(format!("{step}.done.tmp")),
             attempt_dir,
         }
     }
@@ -72,7 +71,7 @@ struct LogIo {
     complete: bool,
     /// Bytes known to be on disk.
     synced_len: u64,
-    /// The completion marker is on disk.
+    /// The completion is on disk (in the journal, a legacy marker, or the compressed file).
     marker_durable: bool,
     /// The directory entries leading to the file are on disk.
     dirs_synced: bool,
@@ -100,10 +99,23 @@ struct Loaded {
     complete: bool,
 }
 
-/// Recover a log's status: its file length, and the marker for completion. A log that is not complete may
-/// hold bytes a previous process wrote but never synced, so it is synced here: from then on everything
-/// below `len` is durable, which keeps acks honest after a coordinator restart.
-fn load(paths: &LogPaths) -> io::Result<Loaded> {
+/// Recover a log's status: the compressed file (complete, its length in its header), else the file
+/// length and the completion recorded in the journal (or a legacy `.done` marker). A log that is not
+/// complete may hold bytes a previous process wrote but never synced, so it is synced here: from then
+/// on everything below `len` is durable, which keeps acks honest after a coordinator restart.
+fn load(paths: &LogPaths, recorded: Option<u64>) -> io::Result<Loaded> {
+    let zst = super::compress::zst_path(&paths.log);
+    if zst.exists() {
+        // Only a synced, complete log is renamed to its compressed name. A plain file beside it is
+        // a leftover of a crash before it was removed: same bytes, removed now.
+        let len = super::compress::content_size(&zst)?;
+        super::compress::remove_plain(&paths.log)?;
+        return Ok(Loaded {
+            file: None,
+            len,
+            complete: true,
+        });
+    }
     let file = match OpenOptions::new().read(true).write(true).open(&paths.log) {
         Ok(file) => Some(file),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -116,21 +128,14 @@ fn load(paths: &LogPaths) -> io::Result<Loaded> {
             .len(),
         None => 0,
     };
-    let marker = match std::fs::read_to_string(&paths.done) {
-        Ok(text) => text.trim().parse::<u64>().ok(),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => return Err(io_context(e, "read log marker", &paths.done)),
+    let marker = match recorded {
+        Some(end) => Some(end),
+        None => match std::fs::read_to_string(&paths.done) {
+            Ok(text) => text.trim().parse::<u64>().ok(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_context(e, "read log marker", &paths.done)),
+        },
     };
-    if let (Some(end), None) = (marker, &file) {
-        // Compressed after completion: the plain file is gone, the marker still says the length.
-        if super::compress::zst_path(&paths.log).exists() {
-            return Ok(Loaded {
-                file: None,
-                len: end,
-                complete: true,
-            });
-        }
-    }
     let complete = match (marker, &file) {
         (Some(end), Some(f)) if len >= end => {
             // Bytes past the recorded end cannot have been acknowledged; drop them.
@@ -141,13 +146,14 @@ fn load(paths: &LogPaths) -> io::Result<Loaded> {
             }
             true
         }
+        // An empty log completes without a file.
         (Some(0), None) => true,
         (Some(end), _) => {
             tracing::warn!(
                 log = %paths.log.display(),
                 marker_len = end,
                 file_len = len,
-                "log shorter than its completion marker; treating it as incomplete"
+                "log shorter than its recorded completion; treating it as incomplete"
             );
             false
         }
@@ -172,6 +178,9 @@ fn load(paths: &LogPaths) -> io::Result<Loaded> {
 #[derive(Debug)]
 pub(super) struct LogEntry {
     pub(super) paths: LogPaths,
+    key: LogKey,
+    /// Where completions and directory syncs are made durable, shared by every log of the store.
+    journal: Arc<Journal>,
     /// Latest status, for followers; updated after every change.
     tx: watch::Sender<LogStatus>,
     io: Mutex<LogIo>,
@@ -181,9 +190,11 @@ pub(super) struct LogEntry {
 }
 
 impl LogEntry {
-    pub(super) fn new(root: &Path, attempt: &str, step: u32) -> Self {
+    pub(super) fn new(root: &Path, journal: Arc<Journal>, attempt: &str, step: u32) -> Self {
         Self {
             paths: LogPaths::new(root, attempt, step),
+            key: (attempt.to_owned(), step),
+            journal,
             tx: watch::Sender::new(LogStatus::default()),
             io: Mutex::new(LogIo::default()),
             syncing: Mutex::new(()),
@@ -212,7 +223,8 @@ impl LogEntry {
             return Ok(());
         }
         let paths = self.paths.clone();
-        let loaded = blocking(move || load(&paths)).await?;
+        let recorded = self.journal.completed_len(&self.key);
+        let loaded = blocking(move || load(&paths, recorded)).await?;
         io.file = loaded.file.map(Arc::new);
         io.len = loaded.len;
         io.synced_len = loaded.len;
@@ -312,8 +324,7 @@ impl LogEntry {
             self.write_at(&mut io, data[skip..].to_vec()).await?;
         }
         if eof {
-            // An empty log still gets its (empty) file, so completion has something to point at.
-            self.file(&mut io).await?;
+            // An empty log gets no file: its completion (in the journal) says all there is.
             io.complete = true;
         }
         Ok(self.publish(&io))
@@ -327,14 +338,8 @@ impl LogEntry {
         let (file, len, data_pending, dirs_pending, marker_pending) = {
             let mut io = self.io.lock().await;
             self.ensure_loaded(&mut io).await?;
-            let Some(file) = io.file.clone() else {
-                return Ok(LogStatus {
-                    len: io.synced_len,
-                    complete: io.marker_durable,
-                });
-            };
             let data_pending = io.len > io.synced_len;
-            let dirs_pending = !io.dirs_synced;
+            let dirs_pending = io.file.is_some() && !io.dirs_synced;
             let marker_pending = io.complete && !io.marker_durable && !io.ended_absent;
             if !(data_pending || dirs_pending || marker_pending) {
                 return Ok(LogStatus {
@@ -342,37 +347,40 @@ impl LogEntry {
                     complete: io.marker_durable,
                 });
             }
-            (file, io.len, data_pending, dirs_pending, marker_pending)
+            (
+                io.file.clone(),
+                io.len,
+                data_pending,
+                dirs_pending,
+                marker_pending,
+            )
         };
-        let paths = self.paths.clone();
-        blocking(move || {
-            if data_pending {
+        if let (true, Some(file)) = (data_pending, file) {
+            let path = self.paths.log.clone();
+            blocking(move || {
                 file.sync_data()
-                    .map_err(|e| io_context(e, "sync log", &paths.log))?;
-            }
-            if dirs_pending {
-                sync_dir(&paths.attempt_dir)?;
-                sync_dir(&paths.root)?;
-            }
-            if marker_pending {
-                // The marker is written under a temporary name and renamed so a crash never leaves
-                // a half-written one; it comes after the data sync, so it never claims lost bytes.
-                // A complete log takes no more appends, so `len` is its final length.
-                let tmp = File::create(&paths.done_tmp)
-                    .map_err(|e| io_context(e, "create log marker", &paths.done_tmp))?;
-                tmp.write_all_at(len.to_string().as_bytes(), 0)
-                    .and_then(|()| tmp.sync_all())
-                    .map_err(|e| io_context(e, "write log marker", &paths.done_tmp))?;
-                std::fs::rename(&paths.done_tmp, &paths.done)
-                    .map_err(|e| io_context(e, "rename log marker", &paths.done))?;
-                sync_dir(&paths.attempt_dir)?;
-            }
-            Ok(())
-        })
-        .await?;
+                    .map_err(|e| io_context(e, "sync log", &path))
+            })
+            .await?;
+        }
+        // The completion is recorded after the data sync, so it never claims lost bytes; a complete log
+        // takes no more appends, so `len` is its final length. Directory entries of a new file and
+        // completions go in the journal's next grouped flush.
+        let dirs: &[&Path] = if dirs_pending {
+            &[&self.paths.attempt_dir, &self.paths.root]
+        } else {
+            &[]
+        };
+        if marker_pending || dirs_pending {
+            self.journal
+                .commit(marker_pending.then_some((&self.key, len)), dirs)
+                .await?;
+        }
         let mut io = self.io.lock().await;
         io.synced_len = io.synced_len.max(len);
-        io.dirs_synced = true;
+        if dirs_pending {
+            io.dirs_synced = true;
+        }
         if marker_pending {
             io.marker_durable = true;
         }

@@ -1,12 +1,18 @@
 //! Step logs: one append-only file per (attempt, step), written at byte offsets so that a chunk resent after
 //! a reconnect is idempotent, acknowledged only once durable, and followed live by readers.
 //!
-//! Layout under the store's directory: `<attempt>/<step>.log` holds the bytes and `<attempt>/<step>.done`
-//! (written atomically, after the bytes are synced) records that the log is complete and at which length.
-//! After a restart the status of a log is recovered from the file length and that marker.
+//! Layout under the store's directory: `<attempt>/<step>.log` holds the bytes while the log grows. A log
+//! is complete once its record (attempt, step, final length) is durable in `complete.journal`, written
+//! after the bytes are synced and shared by every log completing at about the same time (see
+//! [`journal`]); then it is compressed to `<attempt>/<step>.log.zst`, which names its length itself, and
+//! its record is dropped. An empty log has no plain file at all. Stores written before the journal
+//! marked completion with `<attempt>/<step>.done`; those markers are still read.
+//! After a restart the status of a log is recovered from the compressed file, or the plain file's length
+//! and its completion record.
 
 mod compress;
 mod entry;
+mod journal;
 mod reader;
 #[cfg(test)]
 mod tests;
@@ -19,6 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use bytes::Bytes;
 
 use entry::LogEntry;
+use journal::Journal;
 
 /// How far a step's log has come.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -74,6 +81,8 @@ pub struct LogStore {
 #[derive(Debug)]
 struct Inner {
     dir: PathBuf,
+    /// Completions and directory syncs, made durable in grouped flushes.
+    journal: Arc<Journal>,
     /// Logs that someone is using right now, or that hold appended bytes not yet synced.
     /// A std Mutex: every section is a map lookup or insert/remove and never crosses an `.await`.
     live: Mutex<HashMap<LogKey, Arc<LogEntry>>>,
@@ -136,8 +145,15 @@ impl LogStore {
         let dir = dir.into();
         std::fs::create_dir_all(&dir)
             .map_err(|e| entry::io_context(e, "create log directory", &dir))?;
+        let journal = Journal::open(&dir, |(attempt, step)| {
+            let attempt_dir = dir.join(attempt);
+            compress::zst_path(&attempt_dir.join(format!("{step}.log")))
+                .exists()
+                .then_some(attempt_dir)
+        })?;
         Ok(Self {
             inner: Arc::new(Inner {
+                journal: Arc::new(journal),
                 dir,
                 live: Mutex::new(HashMap::new()),
                 times_lock: Arc::new(Mutex::new(())),
@@ -165,7 +181,14 @@ impl LogStore {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             live.entry(key.clone())
-                .or_insert_with(|| Arc::new(LogEntry::new(&self.inner.dir, attempt, step)))
+                .or_insert_with(|| {
+                    Arc::new(LogEntry::new(
+                        &self.inner.dir,
+                        self.inner.journal.clone(),
+                        attempt,
+                        step,
+                    ))
+                })
                 .clone()
         };
         Ok(EntryHandle {
@@ -192,24 +215,28 @@ impl LogStore {
         handle.entry.append(offset, data, eof).await
     }
 
-    /// Make what was appended durable (fdatasync, then the completion marker) and return the durable status:
+    /// Make what was appended durable (fdatasync, then the completion record) and return the durable status:
     /// every byte before `len` is on disk, and `complete` is true only once the completion itself is on disk.
     pub async fn sync(&self, attempt: &str, step: u32) -> Result<LogStatus, LogError> {
         let handle = self.handle(attempt, step)?;
         let status = handle.entry.sync().await?;
         if status.complete {
-            self.compress_in_background(attempt, step, handle.entry.paths.log.clone());
+            self.compress_in_background(attempt, step, &handle.entry.paths, status.len);
         }
         Ok(status)
     }
 
     /// Stores a complete log compressed (`<step>.log.zst`), off the caller's path: the ack of the
-    /// last chunk does not wait for it. At most one compression per log runs at a time.
-    fn compress_in_background(&self, attempt: &str, step: u32, log: PathBuf) {
-        if !log.exists() {
-            return;
-        }
+    /// last chunk does not wait for it. At most one compression per log runs at a time. Once the
+    /// compressed file is durable, the plain one is removed and the journal forgets the log.
+    fn compress_in_background(&self, attempt: &str, step: u32, paths: &entry::LogPaths, len: u64) {
         let key = (attempt.to_owned(), step);
+        if self.inner.journal.completed_len(&key).is_none() {
+            // Compressed already (or completed before the journal, with a legacy marker).
+            if !paths.log.exists() || compress::zst_path(&paths.log).exists() {
+                return;
+            }
+        }
         {
             let mut busy = self
                 .inner
@@ -221,20 +248,23 @@ impl LogStore {
             }
         }
         let inner = self.inner.clone();
+        let (log, attempt_dir) = (paths.log.clone(), paths.attempt_dir.clone());
         let span = tracing::debug_span!("compress_log", attempt, step);
         // Detached on purpose: it owns everything it needs and ends by itself; a failure leaves
-        // the plain log in place, which reads the same.
-        tokio::task::spawn_blocking(move || {
-            let _enter = span.enter();
-            if let Err(e) = compress::compress(&log) {
-                tracing::warn!(error = %e, "could not compress a finished log; keeping it plain");
-            }
-            inner
-                .compressing
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&key);
-        });
+        // the plain log (and its journal record) in place, which reads the same.
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                if let Err(e) = finish_compressed(&inner, &key, log, attempt_dir, len).await {
+                    tracing::warn!(error = %e, "could not compress a finished log; keeping it plain");
+                }
+                inner
+                    .compressing
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&key);
+            },
+            span,
+        ));
     }
 
     /// The current status of a log (what readers can read now, durable or not); `{0, false}` if it does not
@@ -256,7 +286,7 @@ impl LogStore {
             if handle.entry.abandon(marker.as_bytes()).await? {
                 let status = handle.entry.sync().await?;
                 if status.complete {
-                    self.compress_in_background(attempt, step, handle.entry.paths.log.clone());
+                    self.compress_in_background(attempt, step, &handle.entry.paths, status.len);
                 }
             }
         }
@@ -277,4 +307,31 @@ impl LogStore {
     ) -> impl futures::Stream<Item = Result<LogPiece, LogError>> + Send + 'static {
         reader::read(self.clone(), attempt.to_owned(), step, offset, follow)
     }
+}
+
+/// Compresses a complete log, makes the compressed file's entry durable, then removes the plain
+/// file and the log's journal record. The directory syncs are done here, not in the journal's
+/// flush: acknowledgements waiting for that flush must not wait for background work.
+async fn finish_compressed(
+    inner: &Inner,
+    key: &LogKey,
+    log: PathBuf,
+    attempt_dir: PathBuf,
+    len: u64,
+) -> Result<(), LogError> {
+    let root = inner.dir.clone();
+    tokio::task::spawn_blocking(move || -> Result<(), std::io::Error> {
+        let done = compress::compress(&log, len)?;
+        if done.renamed || log.exists() {
+            entry::sync_dir(&attempt_dir)?;
+        }
+        if done.created_dir {
+            entry::sync_dir(&root)?;
+        }
+        compress::remove_plain(&log)
+    })
+    .await
+    .map_err(|e| std::io::Error::other(format!("log compression task failed: {e}")))??;
+    inner.journal.forget(key);
+    Ok(())
 }

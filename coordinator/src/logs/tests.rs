@@ -514,3 +514,162 @@ fn stored(log: &std::path::Path) -> Vec<u8> {
         Err(e) => panic!("reading {}: {e}", log.display()),
     }
 }
+
+/// Waits until the log's plain file is gone and its compressed one is in place.
+async fn wait_compressed(log: &std::path::Path) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while log.exists() || !super::compress::zst_path(log).exists() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the log was not compressed");
+}
+
+/// Stores written before the journal (a `.done` marker beside each complete log, compressed or not)
+/// still read the same, and their incomplete logs can still be finished.
+#[tokio::test]
+async fn logs_of_a_store_with_done_markers_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("logs");
+    let att = root.join(A);
+    std::fs::create_dir_all(&att).unwrap();
+    std::fs::write(att.join("0.log"), b"plain and complete\n").unwrap();
+    std::fs::write(att.join("0.done"), b"19").unwrap();
+    // Compressed by the old code: no length in the frame header, the marker says it.
+    super::compress::write_compressed(&att.join("1.log.zst"), b"compressed\n").unwrap();
+    std::fs::write(att.join("1.done"), b"11").unwrap();
+    std::fs::write(att.join("2.log"), b"still going").unwrap();
+    let store = LogStore::open(&root).unwrap();
+    let status = |len, complete| LogStatus { len, complete };
+    assert_eq!(store.status(A, 0).await.unwrap(), status(19, true));
+    assert_eq!(store.status(A, 1).await.unwrap(), status(11, true));
+    assert_eq!(store.status(A, 2).await.unwrap(), status(11, false));
+    assert_eq!(
+        concat(&collect(store.read(A, 0, 0, false)).await),
+        b"plain and complete\n"
+    );
+    assert_eq!(
+        concat(&collect(store.read(A, 1, 4, true)).await),
+        b"ressed\n"
+    );
+    store.append(A, 2, 11, b"\n", true).await.unwrap();
+    assert_eq!(store.sync(A, 2).await.unwrap(), status(12, true));
+    // A legacy complete log is compressed when touched again, and reads the same.
+    assert_eq!(store.sync(A, 0).await.unwrap(), status(19, true));
+    wait_compressed(&att.join("0.log")).await;
+    wait_compressed(&att.join("2.log")).await;
+    drop(store);
+    let store = LogStore::open(&root).unwrap();
+    assert_eq!(store.status(A, 0).await.unwrap(), status(19, true));
+    assert_eq!(
+        concat(&collect(store.read(A, 2, 0, true)).await),
+        b"still going\n"
+    );
+}
+
+/// The states a coordinator killed at any point of completing and compressing a log leaves on disk:
+/// each recovers to the acknowledged bytes and the right completion.
+#[tokio::test]
+async fn crash_states_of_completion_and_compression_recover() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("logs");
+    let att = root.join(A);
+    std::fs::create_dir_all(&att).unwrap();
+    // Completion recorded, then more bytes written by a late append that was never acknowledged.
+    std::fs::write(att.join("0.log"), b"acked\nnot acked").unwrap();
+    // Data synced and acknowledged but the completion record torn by the crash: incomplete.
+    std::fs::write(att.join("1.log"), b"0123456789").unwrap();
+    // Compressed and renamed, the plain file not removed yet.
+    std::fs::write(att.join("2.log"), b"both forms\n").unwrap();
+    super::compress::compress(&att.join("2.log"), 11).unwrap();
+    // An empty log completed in the journal, never compressed.
+    std::fs::write(
+        root.join(journal::JOURNAL),
+        b"attempt-1 0 6 end\nattempt-1 3 0 end\nattempt-1 1 10 en",
+    )
+    .unwrap();
+    let store = LogStore::open(&root).unwrap();
+    let status = |len, complete| LogStatus { len, complete };
+    assert_eq!(store.status(A, 0).await.unwrap(), status(6, true));
+    assert_eq!(
+        concat(&collect(store.read(A, 0, 0, true)).await),
+        b"acked\n"
+    );
+    assert_eq!(store.status(A, 1).await.unwrap(), status(10, false));
+    assert_eq!(store.status(A, 2).await.unwrap(), status(11, true));
+    assert!(!att.join("2.log").exists(), "the leftover plain file goes");
+    assert_eq!(
+        concat(&collect(store.read(A, 2, 0, false)).await),
+        b"both forms\n"
+    );
+    assert_eq!(store.status(A, 3).await.unwrap(), status(0, true));
+    // The agent resends step 1's end; every completed log ends up compressed, and then the journal
+    // forgets them.
+    store.append(A, 1, 0, b"0123456789", true).await.unwrap();
+    assert_eq!(store.sync(A, 1).await.unwrap(), status(10, true));
+    assert_eq!(store.sync(A, 0).await.unwrap(), status(6, true));
+    assert_eq!(store.sync(A, 3).await.unwrap(), status(0, true));
+    for step in [0, 1, 3] {
+        wait_compressed(&att.join(format!("{step}.log"))).await;
+    }
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while ["0", "1", "3"].iter().any(|s| {
+            store
+                .inner
+                .journal
+                .completed_len(&(A.to_string(), s.parse().unwrap()))
+                .is_some()
+        }) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the journal forgets compressed logs");
+    drop(store);
+    let store = LogStore::open(&root).unwrap();
+    assert_eq!(std::fs::read(root.join(journal::JOURNAL)).unwrap(), b"");
+    assert_eq!(store.status(A, 0).await.unwrap(), status(6, true));
+    assert_eq!(store.status(A, 1).await.unwrap(), status(10, true));
+    assert_eq!(store.status(A, 3).await.unwrap(), status(0, true));
+    assert!(collect(store.read(A, 3, 0, true)).await[0].eof);
+}
+
+/// Many logs completing at once all become durable and complete, and the journal's flushes are
+/// shared: far fewer flushes than completions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_concurrent_completions_are_all_durable() {
+    let (dir, store) = store();
+    let mut tasks = Vec::new();
+    for i in 0..300u32 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let attempt = format!("att-{i}");
+            let data = format!("log {i}\n");
+            store
+                .append(&attempt, 0, 0, data.as_bytes(), true)
+                .await
+                .unwrap();
+            store.append(&attempt, 1, 0, b"", true).await.unwrap();
+            assert!(store.sync(&attempt, 0).await.unwrap().complete);
+            assert!(store.sync(&attempt, 1).await.unwrap().complete);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let flushes = store.inner.journal.flushes().await;
+    // 600 completions and 300 new directories (compression adds at most one flush per log).
+    assert!(flushes < 600, "{flushes} journal flushes");
+    drop(store);
+    let store = LogStore::open(dir.path().join("logs")).unwrap();
+    for i in 0..300u32 {
+        let attempt = format!("att-{i}");
+        let st = store.status(&attempt, 0).await.unwrap();
+        assert_eq!(
+            (st.len, st.complete),
+            (format!("log {i}\n").len() as u64, true)
+        );
+        assert!(store.status(&attempt, 1).await.unwrap().complete);
+    }
+}
