@@ -1125,20 +1125,22 @@ mod tests {
         };
         held_rx.recv().unwrap();
         let mut waiting = Vec::new();
-        for i in 0..20 {
+        let before = store.enqueued();
+        for i in 0..20u64 {
             let l = if i == 3 {
                 BTreeMap::new()
             } else {
                 labels.clone()
             };
-            let store = store.clone();
-            let a = agent(i, &l);
-            waiting.push(tokio::spawn(async move {
-                store.enroll("h".into(), 10, a).await
-            }));
-        }
-        while store.enqueued() < 20 {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            let s = store.clone();
+            let a = agent(i as usize, &l);
+            waiting.push(tokio::spawn(
+                async move { s.enroll("h".into(), 10, a).await },
+            ));
+            // One at a time, so the queue order (and so which five spend the uses) is a0, a1, ...
+            while store.enqueued() < before + i + 1 {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
         }
         release.send(()).unwrap();
         holder.join().unwrap();
