@@ -329,19 +329,7 @@ pub async fn renew_certificate(client: &AgentClient, csr_pem: &str) -> Result<St
 /// where the last one stopped. With the backoff between tries, about half a minute of flaky network.
 pub const TRANSFER_TRIES: u32 = 8;
 
-/// Whether a failed call may work when made again: the connection broke or the coordinator is busy,
-/// as opposed to a refusal that a retry would only repeat.
-pub fn is_transient(status: &Status) -> bool {
-    match status.code() {
-        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted => true,
-        // A stream cut mid-flight surfaces from h2 as an internal error.
-        Code::Internal => {
-            let m = status.message();
-            m.contains("h2 protocol error") || m.contains("transport error")
-        }
-        _ => false,
-    }
-}
+pub use drover_proto::errors::is_transient;
 
 impl ClientError {
     /// Whether retrying the transfer may succeed (see [`is_transient`]).

@@ -4,6 +4,7 @@
 //! verified. A broken connection is retried (`--retries`), each try asking for the bytes after those
 //! already written; a `drover artifacts get` run again after a failure resumes from the partial file.
 
+use drover_proto::errors::is_transient;
 use std::io::{Read as _, Write as _};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -125,19 +126,6 @@ fn partial_path(output: &Path) -> PathBuf {
     let mut name = output.as_os_str().to_owned();
     name.push(".drover-partial");
     PathBuf::from(name)
-}
-
-/// Whether a failed call may work when made again (the connection broke, the server is busy).
-fn is_transient(status: &tonic::Status) -> bool {
-    use tonic::Code;
-    match status.code() {
-        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted => true,
-        Code::Internal => {
-            let m = status.message();
-            m.contains("h2 protocol error") || m.contains("transport error")
-        }
-        _ => false,
-    }
 }
 
 /// Opens (or creates) the partial file of `output`, hashing what it already holds. A partial file

@@ -1,6 +1,5 @@
 //! Connecting to the coordinator and turning gRPC failures into one-line messages.
 
-use std::error::Error as StdError;
 use std::fmt::Display;
 use std::time::Duration;
 
@@ -44,20 +43,7 @@ fn normalize_url(url: &str) -> String {
     }
 }
 
-/// Joins an error with its sources: tonic's transport errors say only "transport error" at the top.
-pub(crate) fn error_chain(e: &dyn StdError) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
-}
+pub(crate) use drover_proto::errors::error_chain;
 
 impl Coordinator {
     /// Connects eagerly, so an unreachable coordinator is reported before any work is done.

@@ -24,4 +24,5 @@ pub const CHUNK_BYTES: usize = 128 * 1024;
 
 pub mod cache_key;
 pub mod duration;
+pub mod errors;
 pub mod policy;

@@ -70,20 +70,7 @@ pub enum BlobError {
     Busy(String),
 }
 
-/// An error with its sources joined: object_store's top-level messages often hide the cause.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
-}
+pub(crate) use drover_proto::errors::error_chain;
 
 /// Attach the operation and the path to an I/O error, so the message says which file failed.
 pub(crate) fn io_context(err: io::Error, what: &str, path: &Path) -> io::Error {
