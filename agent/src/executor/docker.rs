@@ -28,6 +28,10 @@ use super::{
     Workspace, LABEL_AGENT, LABEL_ATTEMPT, LABEL_STEP, WORKSPACE_DIR,
 };
 
+/// How many more times a SIGKILLed container's state is inspected for the engine's OOM flag.
+const OOM_FLAG_RECHECKS: u32 = 5;
+/// Pause between those inspections (the whole wait is at most a quarter second).
+const OOM_FLAG_RECHECK_PAUSE: Duration = Duration::from_millis(50);
 /// After a re-attached container exited, how long its last output may take to arrive before the
 /// attach stream is abandoned (the engine may not end it).
 const RESUME_LINGER: Duration = Duration::from_secs(1);
@@ -186,14 +190,26 @@ impl DockerExecutor {
         if let Some(code) = code.filter(|&c| c != 137) {
             return Ok((code, false));
         }
-        let inspect = self
-            .docker
-            .inspect_container(id, None::<InspectContainerOptions>)
-            .await
-            .map_err(|e| ExecError::Docker(format!("inspecting container: {e}")))?;
-        let state = inspect.state.unwrap_or_default();
-        let code = code.or(state.exit_code).unwrap_or(-1);
-        Ok((code, state.oom_killed.unwrap_or(false)))
+        // The engine learns of an OOM kill from a separate event that can land after the exit it
+        // caused, so a SIGKILL without the flag is asked about again for a moment before it counts
+        // as a plain exit code 137 (seen on Docker 20.10: the first inspect says not OOM-killed,
+        // one a few ms later says it was).
+        let mut recheck = OOM_FLAG_RECHECKS;
+        loop {
+            let inspect = self
+                .docker
+                .inspect_container(id, None::<InspectContainerOptions>)
+                .await
+                .map_err(|e| ExecError::Docker(format!("inspecting container: {e}")))?;
+            let state = inspect.state.unwrap_or_default();
+            let oom_killed = state.oom_killed.unwrap_or(false);
+            let code = code.or(state.exit_code).unwrap_or(-1);
+            if oom_killed || code != 137 || recheck == 0 {
+                return Ok((code, oom_killed));
+            }
+            recheck -= 1;
+            tokio::time::sleep(OOM_FLAG_RECHECK_PAUSE).await;
+        }
     }
 
     /// Resolves `linger` after the container stopped running (at once plus `linger` if it is not
