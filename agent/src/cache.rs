@@ -62,6 +62,25 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> CacheError {
     move |source| CacheError::Io { context, source }
 }
 
+/// Run file work on the blocking pool; a panic there (or a lost task) becomes an I/O error saying what
+/// was being done, like any failure of the work itself.
+async fn blocking<T, E>(
+    context: &str,
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, CacheError>
+where
+    T: Send + 'static,
+    E: Into<CacheError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| CacheError::Io {
+            context: context.into(),
+            source: io::Error::other(e.to_string()),
+        })?
+        .map_err(Into::into)
+}
+
 /// The cache of one attempt, once its keys are rendered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobCache {
@@ -493,12 +512,10 @@ async fn restore_entry<E: Executor>(
     let plain = scratch.join("cache-restore.tar");
     let stats = {
         let (archive, plain) = (archive.clone(), plain.clone());
-        tokio::task::spawn_blocking(move || unpack_checked(&archive, &plain))
-            .await
-            .map_err(|e| CacheError::Io {
-                context: "checking the cache archive".into(),
-                source: io::Error::other(e.to_string()),
-            })??
+        blocking("checking the cache archive", move || {
+            unpack_checked(&archive, &plain)
+        })
+        .await?
     };
     let _ = tokio::fs::remove_file(&archive).await;
     with_helper(exec, ws, image, async |helper| {
@@ -613,13 +630,10 @@ async fn save_entry<E: Executor>(
     let archive = scratch.join("cache-save.tar.zst");
     let stats = {
         let (fetched, archive) = (fetched.clone(), archive.clone());
-        tokio::task::spawn_blocking(move || pack(&fetched, &archive))
-            .await
-            .map_err(|e| CacheError::Io {
-                context: "packing the cache".into(),
-                source: io::Error::other(e.to_string()),
-            })?
-            .map_err(io_err("packing the cache"))?
+        blocking("packing the cache", move || {
+            pack(&fetched, &archive).map_err(io_err("packing the cache"))
+        })
+        .await?
     };
     for (tar_path, _) in &fetched {
         let _ = tokio::fs::remove_file(tar_path).await;
@@ -638,18 +652,16 @@ async fn upload(
 ) -> Result<CacheSaved, CacheError> {
     let (size, digest) = {
         let path = path.to_path_buf();
-        tokio::task::spawn_blocking(move || {
-            let mut file = std::fs::File::open(&path)?;
-            let mut hasher = Sha256::new();
-            let size = io::copy(&mut file, &mut hasher)?;
-            Ok::<_, io::Error>((size, hex::encode(hasher.finalize())))
+        blocking("hashing the cache archive", move || {
+            let hash = || {
+                let mut file = std::fs::File::open(&path)?;
+                let mut hasher = Sha256::new();
+                let size = io::copy(&mut file, &mut hasher)?;
+                Ok((size, hex::encode(hasher.finalize())))
+            };
+            hash().map_err(io_err("hashing the cache archive"))
         })
-        .await
-        .map_err(|e| CacheError::Io {
-            context: "hashing the cache archive".into(),
-            source: io::Error::other(e.to_string()),
-        })?
-        .map_err(io_err("hashing the cache archive"))?
+        .await?
     };
     let header = CacheHeader {
         attempt_id: a.attempt_id.clone(),
