@@ -33,12 +33,7 @@ impl Engine {
                 "attempt {attempt_id} is not a running attempt of this agent"
             ))
         };
-        let a = st
-            .attempts
-            .get(attempt_id)
-            .filter(|a| a.agent_id == agent_id)
-            .ok_or_else(denied)?;
-        let run = st.runs.get(&a.run_id).ok_or_else(denied)?;
+        let (a, run) = Self::running_attempt_of(&st, agent_id, attempt_id).ok_or_else(denied)?;
         let job = run.job(&a.job).ok_or_else(denied)?;
         let cache = job.spec.cache.as_ref().ok_or_else(|| {
             CoordError::FailedPrecondition(format!(

@@ -1281,6 +1281,19 @@ impl Engine {
         .await
     }
 
+    /// A running attempt of `agent_id` and its run, or None (another agent's, finished, unknown).
+    fn running_attempt_of<'s>(
+        st: &'s State,
+        agent_id: &str,
+        attempt_id: &str,
+    ) -> Option<(&'s AttemptRec, &'s RunRec)> {
+        let a = st
+            .attempts
+            .get(attempt_id)
+            .filter(|a| a.agent_id == agent_id)?;
+        Some((a, st.runs.get(&a.run_id)?))
+    }
+
     /// May `agent_id` download blob `digest` for `attempt_id`? Only the run's context or an input of the job.
     pub fn check_blob_access(
         &self,
@@ -1294,12 +1307,7 @@ impl Engine {
                 "blob {digest} is not an input of attempt {attempt_id} of this agent"
             ))
         };
-        let a = st
-            .attempts
-            .get(attempt_id)
-            .filter(|a| a.agent_id == agent_id)
-            .ok_or_else(denied)?;
-        let run = st.runs.get(&a.run_id).ok_or_else(denied)?;
+        let (a, run) = Self::running_attempt_of(&st, agent_id, attempt_id).ok_or_else(denied)?;
         if !digest.is_empty() && run.context_digest == digest {
             return Ok(());
         }
