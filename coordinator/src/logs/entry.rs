@@ -223,8 +223,8 @@ impl LogEntry {
             return Ok(());
         }
         let paths = self.paths.clone();
-        let recorded = self.journal.completed_len(&self.key);
-        let loaded = blocking(move || load(&paths, recorded)).await?;
+        let (journal, key) = (self.journal.clone(), self.key.clone());
+        let loaded = blocking(move || load(&paths, journal.completed_len(&key)?)).await?;
         io.file = loaded.file.map(Arc::new);
         io.len = loaded.len;
         io.synced_len = loaded.len;

@@ -2,11 +2,12 @@
 //! a reconnect is idempotent, acknowledged only once durable, and followed live by readers.
 //!
 //! Layout under the store's directory: `<attempt>/<step>.log` holds the bytes while the log grows. A log
-//! is complete once its record (attempt, step, final length) is durable in `complete.journal`, written
+//! is complete once its row (attempt, step, final length) is durable in the index `complete.db`, written
 //! after the bytes are synced and shared by every log completing at about the same time (see
-//! [`journal`]); then it is compressed to `<attempt>/<step>.log.zst`, which names its length itself, and
-//! its record is dropped. An empty log has no plain file at all. Stores written before the journal
-//! marked completion with `<attempt>/<step>.done`; those markers are still read.
+//! [`journal`]); then it is compressed to `<attempt>/<step>.log.zst`, which names its length itself.
+//! An empty log has no file or directory at all: its row is the whole of it. Stores written before the
+//! index kept completions in a text journal (imported at open) or marked them with
+//! `<attempt>/<step>.done` (still read).
 //! After a restart the status of a log is recovered from the compressed file, or the plain file's length
 //! and its completion record.
 
@@ -145,12 +146,7 @@ impl LogStore {
         let dir = dir.into();
         std::fs::create_dir_all(&dir)
             .map_err(|e| entry::io_context(e, "create log directory", &dir))?;
-        let journal = Journal::open(&dir, |(attempt, step)| {
-            let attempt_dir = dir.join(attempt);
-            compress::zst_path(&attempt_dir.join(format!("{step}.log")))
-                .exists()
-                .then_some(attempt_dir)
-        })?;
+        let journal = Journal::open(&dir)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 journal: Arc::new(journal),
@@ -228,15 +224,13 @@ impl LogStore {
 
     /// Stores a complete log compressed (`<step>.log.zst`), off the caller's path: the ack of the
     /// last chunk does not wait for it. At most one compression per log runs at a time. Once the
-    /// compressed file is durable, the plain one is removed and the journal forgets the log.
+    /// compressed file is durable, the plain one is removed.
     fn compress_in_background(&self, attempt: &str, step: u32, paths: &entry::LogPaths, len: u64) {
-        let key = (attempt.to_owned(), step);
-        if self.inner.journal.completed_len(&key).is_none() {
-            // Compressed already (or completed before the journal, with a legacy marker).
-            if !paths.log.exists() || compress::zst_path(&paths.log).exists() {
-                return;
-            }
+        // An empty log stays without any file: its row in the index is all of it.
+        if len == 0 || !paths.log.exists() || compress::zst_path(&paths.log).exists() {
+            return;
         }
+        let key = (attempt.to_owned(), step);
         {
             let mut busy = self
                 .inner
@@ -251,10 +245,10 @@ impl LogStore {
         let (log, attempt_dir) = (paths.log.clone(), paths.attempt_dir.clone());
         let span = tracing::debug_span!("compress_log", attempt, step);
         // Detached on purpose: it owns everything it needs and ends by itself; a failure leaves
-        // the plain log (and its journal record) in place, which reads the same.
+        // the plain log in place, which reads the same.
         tokio::spawn(tracing::Instrument::instrument(
             async move {
-                if let Err(e) = finish_compressed(&inner, &key, log, attempt_dir, len).await {
+                if let Err(e) = finish_compressed(&inner, log, attempt_dir, len).await {
                     tracing::warn!(error = %e, "could not compress a finished log; keeping it plain");
                 }
                 inner
@@ -310,11 +304,10 @@ impl LogStore {
 }
 
 /// Compresses a complete log, makes the compressed file's entry durable, then removes the plain
-/// file and the log's journal record. The directory syncs are done here, not in the journal's
+/// file. The directory syncs are done here, not in the index's
 /// flush: acknowledgements waiting for that flush must not wait for background work.
 async fn finish_compressed(
     inner: &Inner,
-    key: &LogKey,
     log: PathBuf,
     attempt_dir: PathBuf,
     len: u64,
@@ -332,6 +325,5 @@ async fn finish_compressed(
     })
     .await
     .map_err(|e| std::io::Error::other(format!("log compression task failed: {e}")))??;
-    inner.journal.forget(key);
     Ok(())
 }
