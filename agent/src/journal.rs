@@ -157,10 +157,11 @@ impl Journal {
         Ok(())
     }
 
-    /// Removes the entry of `attempt_id` (the attempt is over or abandoned).
+    /// Removes the entry of `attempt_id` (the attempt is over or abandoned). One unlink, on the calling
+    /// task: it is on the path of every job's result, and a blocking-pool trip costs more than the unlink.
     pub async fn remove(&self, attempt_id: &str) -> Result<(), JournalError> {
         let path = self.path(attempt_id);
-        match tokio::fs::remove_file(&path).await {
+        match std::fs::remove_file(&path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
                 Err(JournalError::Io { path, source: e })
             }

@@ -1036,11 +1036,10 @@ async fn prepare_dirs(
     scratch: &Path,
     attempt_id: &str,
 ) -> Result<AttemptSpool, String> {
-    tokio::fs::create_dir_all(scratch)
-        .await
-        .map_err(|e| format!("creating {}: {e}", scratch.display()))?;
-    tokio::fs::create_dir_all(spool_root)
-        .await
+    // Two mkdirs (the spool root exists after the first job) on this task: every job waits for them,
+    // and a blocking-pool trip each costs more than the syscalls.
+    std::fs::create_dir_all(scratch).map_err(|e| format!("creating {}: {e}", scratch.display()))?;
+    std::fs::create_dir_all(spool_root)
         .map_err(|e| format!("creating {}: {e}", spool_root.display()))?;
     AttemptSpool::create(spool_root, attempt_id)
         .await
@@ -1072,19 +1071,28 @@ async fn cleanup<E: Executor>(
     if let Err(e) = Journal::new(&ctx.state_dir).remove(attempt_id).await {
         tracing::warn!(attempt = %attempt_id, error = %e, "removing the attempt journal entry");
     }
-    if let Some(ws) = ws {
-        if let Err(e) = ctx.executor.remove_workspace(ws).await {
-            tracing::warn!(attempt = %ws.attempt_id, error = %e, "removing the workspace");
+    // The rest is independent (the workspace, the spool and the scratch directory are apart): removed
+    // side by side, since the job's result waits for all of it.
+    let workspace = async {
+        if let Some(ws) = ws {
+            if let Err(e) = ctx.executor.remove_workspace(ws).await {
+                tracing::warn!(attempt = %ws.attempt_id, error = %e, "removing the workspace");
+            }
         }
-    }
-    if let Some(spool) = spool {
-        if let Err(e) = spool.remove().await {
-            tracing::warn!(error = %e, "removing the log spool");
+    };
+    let spool = async {
+        if let Some(spool) = spool {
+            if let Err(e) = spool.remove().await {
+                tracing::warn!(error = %e, "removing the log spool");
+            }
         }
-    }
-    if let Err(e) = tokio::fs::remove_dir_all(scratch).await {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(error = %e, "removing the scratch directory");
+    };
+    let scratch = async {
+        if let Err(e) = tokio::fs::remove_dir_all(scratch).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(error = %e, "removing the scratch directory");
+            }
         }
-    }
+    };
+    tokio::join!(workspace, spool, scratch);
 }

@@ -228,7 +228,9 @@ impl ShellExecutor {
             .and_then(Pid::from_raw)
             .ok_or_else(|| ExecError::io("starting the step", io::Error::other("no pid")))?;
         let pgid_file = self.pgid_path(&ws.attempt_id);
-        if let Err(e) = tokio::fs::write(&pgid_file, pgid.as_raw_nonzero().to_string()).await {
+        // A few bytes into the page cache: written on this task, as a blocking-pool trip would cost
+        // more than the write (and every step pays it between its spawn and its first output).
+        if let Err(e) = std::fs::write(&pgid_file, pgid.as_raw_nonzero().to_string()) {
             tracing::warn!(error = %e, "recording the step's process group");
         }
         let mut output = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(reader))
@@ -289,7 +291,7 @@ impl ShellExecutor {
         if copied.is_err() {
             signal_group(pgid, Signal::KILL);
         }
-        let _ = tokio::fs::remove_file(&pgid_file).await;
+        let _ = std::fs::remove_file(&pgid_file);
         copied?;
         let code = status.map_or(-1, exit_code);
         Ok(if timed_out {
@@ -458,9 +460,9 @@ impl Executor for ShellExecutor {
 
     async fn remove_workspace(&self, ws: &Workspace) -> Result<(), ExecError> {
         check_attempt(&ws.attempt_id)?;
-        if let Some(pgid) = read_pgid(&self.pgid_path(&ws.attempt_id)).await {
+        if let Some(pgid) = read_pgid(&self.pgid_path(&ws.attempt_id)) {
             signal_group(pgid, Signal::KILL);
-            let _ = tokio::fs::remove_file(self.pgid_path(&ws.attempt_id)).await;
+            let _ = std::fs::remove_file(self.pgid_path(&ws.attempt_id));
         }
         let dir = self.root.join(&ws.attempt_id);
         blocking(
@@ -506,7 +508,7 @@ impl Executor for ShellExecutor {
         match leftover {
             Leftover::Container { id, .. } => {
                 let path = PathBuf::from(id);
-                if let Some(pgid) = read_pgid(&path).await {
+                if let Some(pgid) = read_pgid(&path) {
                     // Only a group that still exists; a recycled id is the rare risk of any pid file.
                     if test_kill_process_group(pgid).is_ok() {
                         signal_group(pgid, Signal::KILL);
@@ -531,8 +533,9 @@ impl Executor for ShellExecutor {
     }
 }
 
-async fn read_pgid(path: &Path) -> Option<Pid> {
-    let text = tokio::fs::read_to_string(path).await.ok()?;
+/// Read on the calling task: a few bytes, and after a normal step the file is already gone.
+fn read_pgid(path: &Path) -> Option<Pid> {
+    let text = std::fs::read_to_string(path).ok()?;
     text.trim().parse::<i32>().ok().and_then(Pid::from_raw)
 }
 

@@ -32,7 +32,7 @@ pub mod why;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -63,6 +63,11 @@ pub type AgentTx = mpsc::Sender<Result<pb::CoordinatorMessage, GrpcStatus>>;
 /// Capacity of an agent's outgoing message channel; a full channel means the agent is not reading and its
 /// session is dropped (it reconnects and reconciles through its hello).
 pub const AGENT_CHANNEL: usize = 64;
+
+/// Finished runs kept in memory after they end, newest last: a client watching or reading a run that just
+/// finished (the common case: WatchRun until the end, then GetRun) is answered without a read of the file,
+/// which would queue on a blocking thread behind the group committer's transaction and fsync.
+const RECENTLY_FINISHED: usize = 256;
 
 /// Unix milliseconds now.
 pub fn now_ms() -> i64 {
@@ -113,6 +118,11 @@ struct Inner {
 struct State {
     /// Runs not finished yet (finished ones are read from the store).
     runs: HashMap<String, RunRec>,
+    /// The last [`RECENTLY_FINISHED`] runs that finished. A finished run never changes again, so once its
+    /// batch is durable this copy is the file's.
+    finished: HashMap<String, RunRec>,
+    /// The ids of `finished`, oldest first (the next to forget).
+    finished_order: VecDeque<String>,
     /// Every queued job of `runs`, oldest first: (run seq, job index) -> run id. The scheduler reads this
     /// rather than scanning every run.
     queued: BTreeMap<(i64, u32), String>,
@@ -605,6 +615,13 @@ impl Engine {
             } else {
                 st.run_traces.remove(&id);
                 st.runs.remove(&id);
+                if st.finished_order.len() >= RECENTLY_FINISHED {
+                    if let Some(old) = st.finished_order.pop_front() {
+                        st.finished.remove(&old);
+                    }
+                }
+                st.finished_order.push_back(id.clone());
+                st.finished.insert(id, r);
             }
         }
         for (id, a) in tx.attempts {
@@ -1473,7 +1490,8 @@ impl Engine {
         // is durable (and read the file only after that).
         let (mem, seq) = {
             let st = self.lock();
-            (st.runs.get(run_id).cloned(), self.inner.store.enqueued())
+            let mem = st.runs.get(run_id).or_else(|| st.finished.get(run_id));
+            (mem.cloned(), self.inner.store.enqueued())
         };
         self.inner.store.wait_durable(seq).await?;
         if let Some(r) = mem {

@@ -135,3 +135,79 @@ async fn assignment_goes_out_before_the_fsync_but_nothing_is_acknowledged_before
     );
     assert_eq!(stored.jobs[0].exit_code, 3);
 }
+
+/// A run that just finished is answered from memory (no read of the file behind the committer), but only
+/// once its last batch is durable, and what it answers is what the file holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_just_finished_run_is_answered_from_memory_only_once_durable_and_as_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, store) = engine(dir.path()).await;
+    let (token, _) = engine
+        .create_token(1, Duration::from_secs(60), BTreeMap::new())
+        .await
+        .unwrap();
+    let (agent, _) = engine
+        .enroll(&token, BTreeMap::new(), "host")
+        .await
+        .unwrap();
+    let (tx, mut rx) = mpsc::channel(AGENT_CHANNEL);
+    let hello = pb::Hello {
+        agent_id: agent.clone(),
+        capacity: 1,
+        ..Default::default()
+    };
+    engine.hello(&agent, hello, tx).await.unwrap();
+    assert!(matches!(next(&mut rx).await, Msg::Welcome(_)));
+    let run_id = engine.submit(PIPELINE, "", "n").await.unwrap();
+    let Msg::Assign(a) = next(&mut rx).await else {
+        panic!("expected an assignment");
+    };
+
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+    let holder = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            store.with_commits_stalled(|| {
+                held_tx.send(()).unwrap();
+                released.recv().unwrap();
+            })
+        })
+    };
+    held_rx.recv().unwrap();
+    let result = engine
+        .job_result_queued(
+            &agent,
+            pb::JobResult {
+                attempt_id: a.attempt_id.clone(),
+                epoch: a.epoch,
+                state: pb::JobState::Failed as i32,
+                failure: pb::FailureClass::Script as i32,
+                exit_code: 4,
+                reason: "exit 4".into(),
+            },
+        )
+        .await
+        .unwrap()
+        .expect("the result changes the run");
+    let read = {
+        let (engine, run_id) = (engine.clone(), run_id.clone());
+        tokio::spawn(async move { engine.run_rec(&run_id).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !read.is_finished(),
+        "a finished run was answered from memory ahead of the file"
+    );
+    release.send(()).unwrap();
+    holder.join().unwrap();
+    result.durable().await.unwrap();
+    let answered = read.await.unwrap().unwrap();
+    assert_eq!(answered.state, super::RunStatus::Failed);
+    assert_eq!(answered.jobs[0].exit_code, 4);
+    let stored = store.get_run(&run_id).await.unwrap().unwrap();
+    assert_eq!(
+        answered, stored,
+        "memory and file disagree on a finished run"
+    );
+}
