@@ -309,6 +309,7 @@ impl<E: Executor> Session<E> {
             running: self.running(),
             hostname: self.cfg.hostname.clone(),
             host_policy: Some(self.ctx.host_policy.clone()),
+            follows_heartbeat_pacing: true,
         };
         tx.send(AgentMessage {
             msg: Some(agent_message::Msg::Hello(hello)),
@@ -335,12 +336,7 @@ impl<E: Executor> Session<E> {
         self.last_contact = Instant::now();
         self.acks_heartbeats = false;
         self.paused = false;
-        if welcome.heartbeat_interval_ms > 0 {
-            self.heartbeat = Duration::from_millis(welcome.heartbeat_interval_ms.max(50));
-        }
-        if welcome.lease_ttl_ms > 0 {
-            self.lease_ttl = Duration::from_millis(welcome.lease_ttl_ms);
-        }
+        self.adopt_pace(welcome.heartbeat_interval_ms, welcome.lease_ttl_ms);
         if !welcome.agent_id.is_empty() && welcome.agent_id != self.cfg.agent_id {
             tracing::warn!(ours = %self.cfg.agent_id, theirs = %welcome.agent_id, "the coordinator knows this agent by another id");
         }
@@ -395,7 +391,14 @@ impl<E: Executor> Session<E> {
                 msg = conn.inbound.message() => match msg {
                     Ok(Some(m)) => {
                         self.last_contact = Instant::now();
+                        let every = self.heartbeat;
                         self.on_message(m);
+                        if self.heartbeat != every {
+                            // The coordinator paced the fleet anew: the next heartbeat is due one
+                            // new interval from now (it counts on that to hold us to the new TTL).
+                            heartbeat = tokio::time::interval_at(Instant::now() + self.heartbeat, self.heartbeat);
+                            heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        }
                     }
                     Ok(None) => return Ok(Ended::Broken("the coordinator closed the session".into())),
                     Err(status) if is_refusal(&status) => return Err(SessionError::Refused(status)),
@@ -492,6 +495,25 @@ impl<E: Executor> Session<E> {
         }
     }
 
+    /// The heartbeat interval and lease TTL the coordinator told (a Welcome, or a HeartbeatAck as the
+    /// fleet grows or shrinks); 0 leaves one unchanged.
+    fn adopt_pace(&mut self, heartbeat_interval_ms: u64, lease_ttl_ms: u64) {
+        if heartbeat_interval_ms > 0 {
+            let every = Duration::from_millis(heartbeat_interval_ms.max(50));
+            if every != self.heartbeat {
+                tracing::debug!(
+                    interval_ms = every.as_millis() as u64,
+                    lease_ttl_ms,
+                    "heartbeat interval set by the coordinator"
+                );
+            }
+            self.heartbeat = every;
+        }
+        if lease_ttl_ms > 0 {
+            self.lease_ttl = Duration::from_millis(lease_ttl_ms);
+        }
+    }
+
     fn check_lease(&mut self) {
         if self.last_contact.elapsed() > self.lease_ttl && !self.running().is_empty() {
             tracing::warn!(
@@ -576,8 +598,9 @@ impl<E: Executor> Session<E> {
                 self.paused = true;
                 self.exiting |= d.exit;
             }
-            Some(coordinator_message::Msg::HeartbeatAck(_)) => {
+            Some(coordinator_message::Msg::HeartbeatAck(ack)) => {
                 self.acks_heartbeats = true;
+                self.adopt_pace(ack.heartbeat_interval_ms, ack.lease_ttl_ms);
             }
             Some(coordinator_message::Msg::Welcome(_)) => {
                 tracing::debug!("ignoring a second welcome");

@@ -14,7 +14,7 @@ use drover_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
 use drover_proto::v1::{
     agent_message, artifact_chunk, coordinator_message, AgentMessage, ArtifactChunk,
     ArtifactUploaded, Assignment, BlobChunk, BlobRequest, Cancel, CoordinatorMessage, FailureClass,
-    InputFile, JobResult, JobState, LogAck, LogChunk, StepSpec, Welcome,
+    HeartbeatAck, InputFile, JobResult, JobState, LogAck, LogChunk, StepSpec, Welcome,
 };
 use futures::Stream;
 use sha2::{Digest, Sha256};
@@ -629,4 +629,95 @@ async fn reconnects_and_resends_after_the_connection_drops() {
         .unwrap()
         .unwrap();
     assert!(exec.leftovers(&agent_id).await.unwrap().is_empty());
+}
+
+/// The agent heartbeats at the interval of its Welcome, says in its hello that it follows pacing,
+/// and re-arms its heartbeat at the interval a HeartbeatAck tells it as the fleet grows.
+#[tokio::test]
+async fn follows_the_heartbeat_interval_the_coordinator_tells() {
+    let coord = FakeCoordinator::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop_server = CancellationToken::new();
+    let server = {
+        let stop = stop_server.clone();
+        let svc = AgentServiceServer::new(coord.clone());
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled())
+                .await
+        })
+    };
+    let state_dir = tempfile::tempdir().unwrap();
+    let agent_id = format!("test-agent-{}", uuid::Uuid::new_v4());
+    let exec = DockerExecutor::connect().await.unwrap();
+    let agent_client = client::agent_client(client::channel(&url).unwrap(), CREDENTIAL).unwrap();
+    let ctx = Arc::new(RunnerContext {
+        executor: Arc::new(exec),
+        client: agent_client.clone(),
+        agent_id: agent_id.clone(),
+        state_dir: state_dir.path().to_path_buf(),
+        max_log_bytes: drover_agent::logs::DEFAULT_MAX_LOG_BYTES,
+        host_policy: Default::default(),
+    });
+    let session = Session::new(
+        SessionConfig {
+            agent_id: agent_id.clone(),
+            labels: HashMap::new(),
+            capacity: 1,
+            hostname: "test-host".into(),
+            coordinator_url: url,
+        },
+        agent_client,
+        ctx,
+    );
+    let drain = CancellationToken::new();
+    let agent = tokio::spawn(session.run(drain.clone()));
+    let beats = |s: &State| {
+        s.messages
+            .iter()
+            .filter(|m| matches!(&m.msg, Some(agent_message::Msg::Heartbeat(_))))
+            .count()
+    };
+
+    // The Welcome says 200 ms.
+    coord
+        .wait_for("three heartbeats", |s| (beats(s) >= 3).then_some(()))
+        .await;
+    match coord.state.lock().unwrap().hello.clone().unwrap().msg {
+        Some(agent_message::Msg::Hello(h)) => assert!(h.follows_heartbeat_pacing),
+        other => panic!("expected a hello, got {other:?}"),
+    }
+    // The fleet grew: from now on, every 1.5 s.
+    coord
+        .push(coordinator_message::Msg::HeartbeatAck(HeartbeatAck {
+            unix_ms: 0,
+            heartbeat_interval_ms: 1500,
+            lease_ttl_ms: 7500,
+        }))
+        .await;
+    // A heartbeat already on its way may still arrive; after that, none for about 1.5 s.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = beats(&coord.state.lock().unwrap());
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(
+        beats(&coord.state.lock().unwrap()),
+        before,
+        "a heartbeat came sooner than the 1.5 s told"
+    );
+    coord
+        .wait_for("a heartbeat at the new interval", |s| {
+            (beats(s) > before).then_some(())
+        })
+        .await;
+
+    drain.cancel();
+    tokio::time::timeout(Duration::from_secs(30), agent)
+        .await
+        .expect("drained")
+        .unwrap()
+        .unwrap();
+    stop_server.cancel();
+    let _ = server.await;
 }

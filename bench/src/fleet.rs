@@ -1,6 +1,9 @@
-//! `fleet`: thousands of idle simulated agents attached to one coordinator (heartbeat every 2 s); the
-//! coordinator's resident memory and CPU, beside the same coordinator with no agent.
+//! `fleet`: thousands of idle simulated agents attached to one coordinator in its default configuration
+//! (base heartbeat 2 s, stretched by the coordinator as the fleet grows past its heartbeat rate); the
+//! coordinator's resident memory and CPU, beside the same coordinator with no agent, and the heartbeat
+//! interval and rate the fleet settled at.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -12,6 +15,9 @@ use crate::Opts;
 
 /// Window over which idle CPU is measured.
 const CPU_WINDOW: Duration = Duration::from_secs(10);
+
+/// The coordinator's default heartbeat interval for a small fleet.
+const BASE_HEARTBEAT: Duration = Duration::from_secs(2);
 
 /// Enrollments and attaches in flight at once.
 const PARALLEL_ATTACH: usize = 64;
@@ -37,26 +43,45 @@ pub(crate) async fn run(opts: &Opts) -> Result<Vec<Line>> {
         bail!("the open-files limit {fds} is too low for {n} agents: raise it with `ulimit -n`");
     }
     let clk_tck = clock_ticks_per_second().await;
-    let coord = Coordinator::start(&["--heartbeat-interval", "2s", "--lease-ttl", "10s"]).await?;
+    // The defaults: what a user gets without tuning anything.
+    let coord = Coordinator::start(&[]).await?;
     let pid = coord.pid()?;
 
     // The floor: the same coordinator before any agent exists.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss0 = rss_mib(pid)?;
-    let cpu0 = cpu_percent(pid, clk_tck).await?;
+    let (cpu0, _) = cpu_percent(pid, clk_tck).await?;
 
     let t0 = Instant::now();
     let token = coord.token(n as u32).await?;
-    let mut fleet = start_many(&coord.url, &token, n, PARALLEL_ATTACH, SimReport::default())
+    let report = SimReport::default();
+    let mut fleet = start_many(&coord.url, &token, n, PARALLEL_ATTACH, report.clone())
         .await
         .with_context(|| format!("attaching {n} agents; coordinator said:\n{}", coord.tail()))?;
     eprintln!(
         "fleet: {n} agents attached in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
-    // Let the attach burst settle into the steady heartbeat rhythm.
+    // Let the attach burst settle into the steady heartbeat rhythm: every agent hears the interval the
+    // coordinator paces the fleet to at its next heartbeat, and keeps it from then on.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let cpu = cpu_percent(pid, clk_tck).await?;
+    let told = || Duration::from_millis(report.heartbeat_interval_ms.load(Ordering::Relaxed));
+    tokio::time::sleep(told() * 2).await;
+    let interval = told();
+    let beats0 = report.heartbeats.load(Ordering::Relaxed);
+    let (cpu, window) = cpu_percent(pid, clk_tck).await?;
+    let beats = report.heartbeats.load(Ordering::Relaxed) - beats0;
+    let rate = beats as f64 / window.as_secs_f64();
+    eprintln!(
+        "fleet: heartbeat interval {:.2} s (base 2 s), {rate:.0} heartbeats/s over the CPU window",
+        interval.as_secs_f64()
+    );
+    if told() != interval {
+        bail!(
+            "the heartbeat interval changed during the measurement ({interval:?} -> {:?})",
+            told()
+        );
+    }
     let rss = rss_mib(pid)?;
     for a in &mut fleet {
         a.check_alive()?;
@@ -71,6 +96,20 @@ pub(crate) async fn run(opts: &Opts) -> Result<Vec<Line>> {
             Figure::new(format!("fleet.{n}_agents.cpu"), cpu, "%"),
             Figure::new("fleet.0_agents.cpu", cpu0, "%"),
             "<= 5 %",
+        ),
+        Line::new(
+            Figure::secs(format!("fleet.{n}_agents.heartbeat_interval"), interval),
+            Figure::secs("fleet.base_heartbeat_interval", BASE_HEARTBEAT),
+            "n/a (the coordinator's default pacing)",
+        ),
+        Line::new(
+            Figure::new(format!("fleet.{n}_agents.heartbeat_rate"), rate, "/s"),
+            Figure::new(
+                "fleet.base_heartbeat_rate",
+                n as f64 / BASE_HEARTBEAT.as_secs_f64(),
+                "/s",
+            ),
+            "n/a",
         ),
     ])
 }
@@ -129,13 +168,13 @@ fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
-/// CPU used by `pid` over [`CPU_WINDOW`], in percent of one core.
-async fn cpu_percent(pid: u32, clk_tck: f64) -> Result<f64> {
+/// CPU used by `pid` over [`CPU_WINDOW`], in percent of one core, and the window's exact length.
+async fn cpu_percent(pid: u32, clk_tck: f64) -> Result<(f64, Duration)> {
     let (t0, c0) = (Instant::now(), cpu_ticks(pid)?);
     tokio::time::sleep(CPU_WINDOW).await;
     let (t1, c1) = (Instant::now(), cpu_ticks(pid)?);
     let secs = c1.saturating_sub(c0) as f64 / clk_tck;
-    Ok(100.0 * secs / (t1 - t0).as_secs_f64())
+    Ok((100.0 * secs / (t1 - t0).as_secs_f64(), t1 - t0))
 }
 
 /// `getconf CLK_TCK` (100 on Linux unless configured otherwise).

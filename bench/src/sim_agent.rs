@@ -53,6 +53,10 @@ pub(crate) struct SimReport {
     pub(crate) results: Option<mpsc::Sender<Instant>>,
     /// Incremented after each JobResult is sent.
     pub(crate) completed: Arc<AtomicU64>,
+    /// Heartbeats sent by all the agents sharing this report.
+    pub(crate) heartbeats: Arc<AtomicU64>,
+    /// The longest heartbeat interval (ms) any of them was told, by its Welcome or a HeartbeatAck.
+    pub(crate) heartbeat_interval_ms: Arc<AtomicU64>,
 }
 
 /// A simulated agent attached to a coordinator; its session stops when dropped.
@@ -96,6 +100,7 @@ impl SimAgent {
             running: Vec::new(),
             hostname: name.to_string(),
             host_policy: None,
+            follows_heartbeat_pacing: true,
         })))
         .await
         .map_err(|_| anyhow!("the Attach request stream closed before the hello"))?;
@@ -113,6 +118,9 @@ impl SimAgent {
             Err(_) => bail!("simulated agent {name}: no welcome within {REPLY_TIMEOUT:?}"),
         };
         let heartbeat = Duration::from_millis(welcome.heartbeat_interval_ms.max(100));
+        report
+            .heartbeat_interval_ms
+            .fetch_max(millis(heartbeat), Ordering::Relaxed);
         let session = Session {
             client,
             tx,
@@ -152,6 +160,10 @@ fn labels() -> HashMap<String, String> {
     HashMap::from([("os".to_string(), "linux".to_string())])
 }
 
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn message(m: Msg) -> pb::AgentMessage {
     pb::AgentMessage { msg: Some(m) }
 }
@@ -175,20 +187,38 @@ impl Session {
         mut inbound: Streaming<pb::CoordinatorMessage>,
         every: Duration,
     ) -> Result<()> {
-        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let arm = |every: Duration| {
+            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        };
+        let mut every = every;
+        let mut heartbeat = arm(every);
         loop {
             tokio::select! {
                 m = inbound.message() => {
                     let m = m.context("Attach stream failed")?.context("the coordinator ended the Attach stream")?;
                     let at = Instant::now();
-                    if let Some(CoordMsg::Assign(a)) = m.msg {
-                        self.run_assignment(a, at).await?;
+                    match m.msg {
+                        Some(CoordMsg::Assign(a)) => self.run_assignment(a, at).await?,
+                        // Like a real agent: the interval the coordinator paces the fleet to, from
+                        // one interval after the acknowledgement that says so.
+                        Some(CoordMsg::HeartbeatAck(ack)) if ack.heartbeat_interval_ms > 0
+                            && Duration::from_millis(ack.heartbeat_interval_ms) != every =>
+                        {
+                            every = Duration::from_millis(ack.heartbeat_interval_ms.max(100));
+                            heartbeat = arm(every);
+                            self.report
+                                .heartbeat_interval_ms
+                                .fetch_max(millis(every), Ordering::Relaxed);
+                        }
+                        _ => {}
                     }
                 }
                 _ = heartbeat.tick() => {
                     // Assignments run to completion inside the select arm, so nothing runs at a heartbeat.
                     self.send(Msg::Heartbeat(pb::Heartbeat { running: Vec::new() })).await?;
+                    self.report.heartbeats.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }

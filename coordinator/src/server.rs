@@ -216,7 +216,6 @@ impl Server {
             .initial_stream_window_size(Some(4 << 20))
             .initial_connection_window_size(Some(16 << 20))
             .max_frame_size(Some(1 << 20))
-            .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -237,7 +236,12 @@ impl Server {
                     // accepted socket, or Nagle holds small replies (results, acks) for up to 40 ms.
                     .serve_with_incoming_shutdown(
                         tonic::transport::server::TcpIncoming::from(self.listener)
-                            .with_nodelay(Some(true)),
+                            .with_nodelay(Some(true))
+                            // Dead peers are found by the kernel's keepalive, not HTTP/2 PINGs
+                            // (see `tls::KEEPALIVE_IDLE`).
+                            .with_keepalive(Some(crate::tls::KEEPALIVE_IDLE))
+                            .with_keepalive_interval(Some(crate::tls::KEEPALIVE_INTERVAL))
+                            .with_keepalive_retries(Some(crate::tls::KEEPALIVE_PROBES)),
                         shutdown,
                     )
                     .await

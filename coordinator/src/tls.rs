@@ -212,6 +212,25 @@ pub fn server_config(
 /// How long a client may take to finish the TLS handshake before its connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Idle time before the kernel probes a quiet connection (TCP keepalive), the time between probes and
+/// how many go unanswered before it drops the connection: a vanished peer's connection is gone
+/// within a minute. The kernel does this, not HTTP/2 PING frames, so ten thousand idle agent
+/// connections cost the coordinator no timer, wake-up or frame of its own.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// See [`KEEPALIVE_IDLE`].
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// See [`KEEPALIVE_IDLE`].
+pub const KEEPALIVE_PROBES: u32 = 3;
+
+/// Turns TCP keepalive on for an accepted connection ([`KEEPALIVE_IDLE`]).
+pub fn keep_alive(tcp: &TcpStream) -> std::io::Result<()> {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    socket2::SockRef::from(tcp).set_tcp_keepalive(&ka)
+}
+
 /// Accepted connections after their TLS handshake, for `serve_with_incoming_shutdown`. Each handshake
 /// runs on its own task with a timeout, so a slow or plaintext client neither blocks others nor ends the
 /// listener; failed handshakes are logged and dropped. The accept loop stops when the server drops the
@@ -238,6 +257,9 @@ pub fn incoming(
                 _ = tx.closed() => break,
             };
             let _ = tcp.set_nodelay(true);
+            if let Err(e) = keep_alive(&tcp) {
+                tracing::warn!(%peer, "cannot turn TCP keepalive on: {e}");
+            }
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {

@@ -374,21 +374,22 @@ async fn agent_session(
     // The engine keeps the only strong sender: when it drops the session (lease expired, replaced by a newer
     // session, shutdown) the response stream ends and the agent reconnects.
     let weak = tx.downgrade();
-    let crate::engine::Attached { session, seen } =
-        match engine.hello(&agent_id, hello, tx.clone()).await {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = tx.send(Err(e.into())).await;
-                return;
-            }
-        };
+    let follows_pacing = hello.follows_heartbeat_pacing;
+    let crate::engine::Attached {
+        session,
+        seen,
+        mut told,
+    } = match engine.hello(&agent_id, hello, tx.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = tx.send(Err(e.into())).await;
+            return;
+        }
+    };
     drop(tx);
     let mut inflight: std::collections::VecDeque<crate::engine::Commit> = Default::default();
-    let ack_every = engine.config().lease_ttl / 4;
     // The first heartbeat is acknowledged at once.
-    let mut last_ack = std::time::Instant::now()
-        .checked_sub(ack_every)
-        .unwrap_or_else(std::time::Instant::now);
+    let mut last_ack: Option<std::time::Instant> = None;
     let mut closing = engine.closing();
     // One shutdown future for the whole session rather than a new one per message: an idle fleet is ten
     // thousand sessions each reading a heartbeat every few seconds, and each new `changed()` future
@@ -416,22 +417,38 @@ async fn agent_session(
         };
         seen.touch();
         let stale = match msg.msg {
-            Some(Msg::Heartbeat(_)) if last_ack.elapsed() < ack_every => None,
             Some(Msg::Heartbeat(_)) => {
                 // The agent's side of the lease: without these it cannot tell a silent partition
-                // from a quiet coordinator. It needs one message per lease TTL, so a quarter TTL
-                // apart is plenty (an idle fleet is mostly heartbeats: every ack is a socket write).
-                // A full channel skips one ack; the next heartbeat retries.
-                last_ack = std::time::Instant::now();
-                if let Some(tx) = weak.upgrade() {
-                    let ack = pb::CoordinatorMessage {
-                        msg: Some(pb::coordinator_message::Msg::HeartbeatAck(
-                            pb::HeartbeatAck {
-                                unix_ms: crate::engine::now_ms(),
-                            },
-                        )),
-                    };
-                    let _ = tx.try_send(Ok(ack));
+                // from a quiet coordinator. It needs one message per lease TTL it holds, so a
+                // quarter of that apart is plenty (an idle fleet is mostly heartbeats: every ack is
+                // a socket write), unless the pace changed: then the next heartbeat is answered
+                // with the new one at once.
+                let pace = engine.pace();
+                let repace = follows_pacing && pace != told;
+                let due = last_ack.is_none_or(|at| at.elapsed() >= told.lease_ttl / 4);
+                if repace || due {
+                    if let Some(tx) = weak.upgrade() {
+                        let ack = pb::CoordinatorMessage {
+                            msg: Some(pb::coordinator_message::Msg::HeartbeatAck(
+                                pb::HeartbeatAck {
+                                    unix_ms: crate::engine::now_ms(),
+                                    heartbeat_interval_ms: pace.interval.as_millis() as u64,
+                                    lease_ttl_ms: pace.lease_ttl.as_millis() as u64,
+                                },
+                            )),
+                        };
+                        // A full channel skips one ack; the next heartbeat retries.
+                        if tx.try_send(Ok(ack)).is_ok() {
+                            last_ack = Some(std::time::Instant::now());
+                            if repace {
+                                // The agent re-arms its heartbeat at the new interval as this
+                                // arrives, and this heartbeat just renewed its lease: from here
+                                // on it is held to the new TTL, shorter or longer.
+                                told = pace;
+                                seen.told_ttl(pace.lease_ttl);
+                            }
+                        }
+                    }
                 }
                 None
             }

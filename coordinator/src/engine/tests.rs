@@ -211,3 +211,103 @@ async fn a_just_finished_run_is_answered_from_memory_only_once_durable_and_as_st
         "memory and file disagree on a finished run"
     );
 }
+
+/// Enrolls an agent and says hello for it; returns its id, session, the Welcome and its session's outbox.
+async fn attach(
+    engine: &Engine,
+) -> (
+    String,
+    super::Attached,
+    pb::Welcome,
+    mpsc::Receiver<Result<pb::CoordinatorMessage, tonic::Status>>,
+) {
+    let (token, _) = engine
+        .create_token(1, Duration::from_secs(60), BTreeMap::new())
+        .await
+        .unwrap();
+    let (agent, _) = engine
+        .enroll(&token, BTreeMap::new(), "host")
+        .await
+        .unwrap();
+    let (tx, mut rx) = mpsc::channel(AGENT_CHANNEL);
+    let hello = pb::Hello {
+        agent_id: agent.clone(),
+        capacity: 1,
+        ..Default::default()
+    };
+    let attached = engine.hello(&agent, hello, tx).await.unwrap();
+    let Msg::Welcome(w) = next(&mut rx).await else {
+        panic!("no welcome");
+    };
+    (agent, attached, w, rx)
+}
+
+/// Past the heartbeat rate, the coordinator tells new agents a longer interval and a lease TTL
+/// stretched alike; when the fleet shrinks again it comes back down, but an agent is never declared
+/// lost before the TTL it was told has run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_told_interval_grows_with_the_fleet_and_the_lease_follows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("drover.sqlite")).unwrap();
+    let logs = LogStore::open(dir.path().join("logs")).unwrap();
+    let blobs = BlobStore::open(dir.path().join("blobs")).unwrap();
+    // Two agents at 200 ms are 10 heartbeats a second: the most this coordinator takes.
+    let config = Config {
+        heartbeat_interval: Duration::from_millis(200),
+        lease_ttl: Duration::from_secs(1),
+        max_heartbeat_rate: 10,
+        ..Config::with_data_dir(dir.path())
+    };
+    let engine = Engine::with_stores(config, store, logs, blobs)
+        .await
+        .unwrap();
+    let ms = Duration::from_millis;
+
+    let (_, a, wa, mut rxa) = attach(&engine).await;
+    let (b, sb, wb, _rxb) = attach(&engine).await;
+    engine.check_leases().await.unwrap();
+    for w in [&wa, &wb] {
+        assert_eq!((w.heartbeat_interval_ms, w.lease_ttl_ms), (200, 1000));
+    }
+    // A third agent is one too many for 200 ms: the next scan stretches the pace by a step.
+    let (c, sc, wc, _rxc) = attach(&engine).await;
+    assert_eq!((wc.heartbeat_interval_ms, wc.lease_ttl_ms), (200, 1000));
+    engine.check_leases().await.unwrap();
+    assert_eq!(engine.pace().interval, ms(300));
+    assert_eq!(engine.pace().lease_ttl, ms(1500));
+    let (_, d, wd, mut rxd) = attach(&engine).await;
+    let d_hello = std::time::Instant::now();
+    assert_eq!((wd.heartbeat_interval_ms, wd.lease_ttl_ms), (300, 1500));
+    engine.check_leases().await.unwrap();
+    assert_eq!(engine.pace().interval, ms(400));
+    assert_eq!(engine.pace().lease_ttl, ms(2000));
+
+    // The fleet shrinks back to two: the pace comes down to the base...
+    engine.detach(&b, sb.session);
+    engine.detach(&c, sc.session);
+    engine.check_leases().await.unwrap();
+    assert_eq!(engine.pace().interval, ms(200));
+    assert_eq!(engine.pace().lease_ttl, ms(1000));
+    // ...but `d` was told 1.5 s: silent for longer than the 1 s in force, it keeps its session.
+    tokio::time::sleep_until((d_hello + ms(1200)).into()).await;
+    a.seen.touch();
+    engine.check_leases().await.unwrap();
+    let checked = d_hello.elapsed();
+    assert!(
+        checked >= ms(1500) || matches!(rxd.try_recv(), Err(mpsc::error::TryRecvError::Empty)),
+        "agent d dropped after {checked:?}, before the 1.5 s it was told"
+    );
+    // Silent past its 1.5 s, it is dropped (its outbox closes); `a`, renewed, is not.
+    tokio::time::sleep_until((d_hello + ms(1800)).into()).await;
+    a.seen.touch();
+    engine.check_leases().await.unwrap();
+    assert!(matches!(
+        tokio::time::timeout(Duration::from_secs(10), rxd.recv()).await,
+        Ok(None)
+    ));
+    assert!(matches!(
+        rxa.try_recv(),
+        Err(mpsc::error::TryRecvError::Empty)
+    ));
+    drop(d);
+}

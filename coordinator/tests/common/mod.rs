@@ -128,6 +128,7 @@ impl FakeAgent {
             running: vec![],
             hostname: "test-host".into(),
             host_policy: None,
+            follows_heartbeat_pacing: false,
         };
         tx.send(pb::AgentMessage {
             msg: Some(pb::agent_message::Msg::Hello(hello)),
