@@ -10,10 +10,8 @@ use std::path::{Path, PathBuf};
 
 use super::entry::io_context;
 
-/// zstd level: its fastest strategy. Compression runs beside the logs still streaming in, so its
-/// CPU is taken from them; level 1 costs about two thirds of level 3's CPU for files about a tenth
-/// larger (build output still shrinks several times).
-const LEVEL: i32 = 1;
+/// zstd level: fast enough to keep up with a busy coordinator, still several times smaller for logs.
+const LEVEL: i32 = 3;
 
 /// Bytes of the plain log read (and handed to the encoder) at once: a MiB rather than `io::copy`'s
 /// 8 KiB, so a 256 MiB log is 256 reads, not 32,768.
