@@ -622,12 +622,17 @@ mod tests {
         ];
         assert_eq!(found.len(), expect.len(), "{found:#?}");
         for (path, data, mode) in expect {
-            let f = by_path.get(path).unwrap_or_else(|| panic!("{path} missing"));
+            let f = by_path
+                .get(path)
+                .unwrap_or_else(|| panic!("{path} missing"));
             assert_eq!(f.size, data.len() as u64, "{path}");
             assert_eq!(f.mode, mode, "{path}");
             assert_eq!(f.digest, hex::encode(Sha256::digest(data)), "{path}");
             assert_eq!(f.source, tar_path, "{path}");
-            assert!(bytes_of(f) == data, "{path}: the recorded range holds other bytes");
+            assert!(
+                bytes_of(f) == data,
+                "{path}: the recorded range holds other bytes"
+            );
         }
         assert!(!by_path.contains_key("dist/escape"));
 

@@ -348,7 +348,10 @@ async fn an_upload_synced_while_it_streams_stores_its_content() {
     let data = sample(40 << 20);
     let expected = sha(&data);
     let (digest, size) = put(&store, &data, Some(&expected)).await.unwrap();
-    assert_eq!((digest.as_str(), size), (expected.as_str(), data.len() as u64));
+    assert_eq!(
+        (digest.as_str(), size),
+        (expected.as_str(), data.len() as u64)
+    );
     assert_eq!(get(&store, &digest).await.unwrap().concat(), data);
     assert_eq!(tmp_files(&store), 0);
 }

@@ -698,7 +698,13 @@ async fn pieces_are_appended_in_order_and_resends_skip_what_is_stored() {
         .append_pieces(A, 0, 50, pieces(50, &[120, 300, 300, 700, 1000]), true)
         .await
         .unwrap();
-    assert_eq!(status, LogStatus { len: 1000, complete: true });
+    assert_eq!(
+        status,
+        LogStatus {
+            len: 1000,
+            complete: true
+        }
+    );
     store.sync(A, 0).await.unwrap();
     let got = collect(store.read(A, 0, 0, false)).await;
     assert_eq!(concat(&got), data);
