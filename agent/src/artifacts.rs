@@ -1,13 +1,16 @@
 //! Collecting a job's artifacts from its workspace.
 //!
 //! For each declared path, dir or glob the literal directory prefix is fetched through the
-//! engine's archive API (no tool needed in the image), spooled to a local tar, and its regular
-//! files that match are extracted with their size, mode and sha256, ready for upload.
+//! engine's archive API (no tool needed in the image) and spooled to a local tar. Its regular
+//! files that match are found with their size, mode, sha256 and the offset of their bytes in
+//! the tar, and uploaded straight from there: the content is written to the agent's disk once
+//! and read back once, with no extracted copy.
 
-use std::collections::{BTreeMap, HashMap};
-use std::io::{self, Read, Write};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{self, Read};
 use std::path::{Component, Path, PathBuf};
 
+use futures::FutureExt;
 use globset::{GlobBuilder, GlobMatcher};
 use sha2::{Digest, Sha256};
 
@@ -27,8 +30,22 @@ pub struct CollectedFile {
     pub size: u64,
     /// sha256, hex.
     pub digest: String,
-    /// Local copy of the content.
-    pub local: PathBuf,
+    /// The local file holding the content: the fetched archive, shared by the files it holds.
+    pub source: PathBuf,
+    /// Where the content starts in `source`; it is `size` bytes long.
+    pub offset: u64,
+}
+
+/// Removes the local files holding `files`' content (after their upload, or when it failed).
+pub async fn remove_sources(files: &[CollectedFile]) {
+    let sources: BTreeSet<&PathBuf> = files.iter().map(|f| &f.source).collect();
+    for source in sources {
+        if let Err(e) = tokio::fs::remove_file(source).await {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(path = %source.display(), error = %e, "removing a fetched archive");
+            }
+        }
+    }
 }
 
 /// Why artifacts could not be collected.
@@ -200,9 +217,31 @@ async fn resolve<E: Executor>(
     Ok(Some(comps))
 }
 
-/// Collects the files matching `patterns` from the workspace behind `helper` into `scratch`
-/// (a local directory that must exist). Every pattern must match at least one regular file.
+/// Collects the files matching `patterns` from the workspace behind `helper`, fetching archives
+/// into `scratch` (a local directory that must exist). Every pattern must match at least one
+/// regular file. The files' content stays in the fetched archives until [`remove_sources`]; on an
+/// error nothing is left behind.
 pub async fn collect<E: Executor>(
+    exec: &E,
+    helper: &ArchiveHelper,
+    patterns: &[String],
+    scratch: &Path,
+) -> Result<Vec<CollectedFile>, ArtifactError> {
+    let collected = collect_archives(exec, helper, patterns, scratch).await;
+    if collected.is_err() {
+        for n in 0..patterns.len() {
+            let _ = tokio::fs::remove_file(archive_path(scratch, n)).await;
+        }
+    }
+    collected
+}
+
+/// Where the archive fetched for the `n`th pattern is spooled.
+fn archive_path(scratch: &Path, n: usize) -> PathBuf {
+    scratch.join(format!("artifacts-{n}.tar"))
+}
+
+async fn collect_archives<E: Executor>(
     exec: &E,
     helper: &ArchiveHelper,
     patterns: &[String],
@@ -219,8 +258,39 @@ pub async fn collect<E: Executor>(
         } else {
             format!("{WORKSPACE_DIR}/{}", resolved.join("/"))
         };
-        let tar_path = scratch.join(format!("artifacts-{n}.tar"));
-        match exec.get_archive(helper, &fetch, &tar_path).await {
+        let tar_path = archive_path(scratch, n);
+        // The archive is scanned (and its files hashed) while it arrives, not after.
+        let (written, progress) = tokio::sync::watch::channel(0u64);
+        let scan = {
+            let tar_path = tar_path.clone();
+            let pattern_raw = raw.clone();
+            let prefix = pattern.prefix.clone();
+            let glob = pattern.glob.clone();
+            tokio::task::spawn_blocking(move || {
+                let growing = GrowingFile::open(&tar_path, progress)
+                    .map_err(|e| ("opening the fetched archive".to_string(), e))?;
+                scan_matching(growing, &tar_path, &prefix, glob.as_ref())
+            })
+            .map(move |joined| match joined {
+                Ok(scanned) => scanned.map_err(|(context, source)| ArtifactError::Io {
+                    pattern: pattern_raw,
+                    context,
+                    source,
+                }),
+                Err(e) => Err(ArtifactError::Io {
+                    pattern: pattern_raw,
+                    context: "reading the archive".to_string(),
+                    source: io::Error::other(e.to_string()),
+                }),
+            })
+        };
+        let fetched = exec
+            .get_archive_watched(helper, &fetch, &tar_path, &written)
+            .await;
+        // The scan reads to the last length announced, then sees the end.
+        drop(written);
+        let found = scan.await;
+        match fetched {
             Ok(()) => {}
             Err(ExecError::NotFound(_)) => return Err(ArtifactError::NoMatch(raw.clone())),
             Err(source) => {
@@ -230,34 +300,16 @@ pub async fn collect<E: Executor>(
                 })
             }
         }
-        let out_dir = scratch.join(format!("artifacts-{n}"));
-        let found = {
-            let tar_path = tar_path.clone();
-            let pattern_raw = raw.clone();
-            let prefix = pattern.prefix.clone();
-            let glob = pattern.glob.clone();
-            tokio::task::spawn_blocking(move || {
-                extract_matching(&tar_path, &out_dir, &prefix, glob.as_ref()).map_err(
-                    |(context, source)| ArtifactError::Io {
-                        pattern: pattern_raw,
-                        context,
-                        source,
-                    },
-                )
-            })
-            .await
-            .map_err(|e| ArtifactError::Io {
-                pattern: raw.clone(),
-                context: "reading the archive".to_string(),
-                source: io::Error::other(e.to_string()),
-            })??
-        };
-        let _ = tokio::fs::remove_file(&tar_path).await;
+        let found = found?;
         if found.is_empty() {
             return Err(ArtifactError::NoMatch(raw.clone()));
         }
         for f in found {
             files.entry(f.path.clone()).or_insert(f);
+        }
+        // Every file of this archive may have been collected already by an earlier pattern.
+        if !files.values().any(|f| f.source == tar_path) {
+            let _ = tokio::fs::remove_file(&tar_path).await;
         }
     }
     Ok(files.into_values().collect())
@@ -280,11 +332,73 @@ fn glob_selects(glob: &GlobMatcher, path: &str) -> bool {
 
 type IoFail = (String, io::Error);
 
-/// Reads the tar at `tar_path` (whose entries start with the fetched path's base name) and
-/// copies the selected regular files into `out_dir`.
-fn extract_matching(
+/// A file read while another task writes it: `written` announces how many bytes are there, and
+/// its sender's end means no more will come. Reads wait (on a blocking thread) for bytes to arrive.
+struct GrowingFile {
+    file: std::fs::File,
+    pos: u64,
+    written: tokio::sync::watch::Receiver<u64>,
+}
+
+impl GrowingFile {
+    fn open(path: &Path, written: tokio::sync::watch::Receiver<u64>) -> io::Result<Self> {
+        // The writer creates the file; it may not have yet.
+        let file = loop {
+            match std::fs::File::open(path) {
+                Ok(file) => break file,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    let mut w = written.clone();
+                    if futures::executor::block_on(w.changed()).is_err() && *w.borrow() == 0 {
+                        // Ended without writing a byte (e.g. the path was not found).
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        Ok(Self {
+            file,
+            pos: 0,
+            written,
+        })
+    }
+}
+
+impl Read for GrowingFile {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        loop {
+            let len = *self.written.borrow_and_update();
+            if self.pos < len {
+                let n = buf.len().min((len - self.pos) as usize);
+                let k = self.file.read_at(&mut buf[..n], self.pos)?;
+                if k == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the fetched archive is shorter than announced",
+                    ));
+                }
+                self.pos += k as u64;
+                return Ok(k);
+            }
+            if futures::executor::block_on(self.written.changed()).is_err()
+                && *self.written.borrow() <= self.pos
+            {
+                return Ok(0);
+            }
+        }
+    }
+}
+
+/// Bytes hashed per read of an archived file.
+const HASH_BUFFER: usize = 256 * 1024;
+
+/// Reads `tar`, the content of the file `tar_path` (whose entries start with the fetched path's
+/// base name), and describes its selected regular files: their content is hashed where it lies in the tar, and
+/// its offset there recorded, so they can be uploaded from the tar without a copy.
+fn scan_matching(
+    tar: impl Read,
     tar_path: &Path,
-    out_dir: &Path,
     prefix: &[String],
     glob: Option<&GlobMatcher>,
 ) -> Result<Vec<CollectedFile>, IoFail> {
@@ -292,16 +406,14 @@ fn extract_matching(
         let what = what.to_string();
         move |e: io::Error| (what, e)
     };
-    std::fs::create_dir_all(out_dir).map_err(ctx("creating the artifact scratch dir"))?;
-    let file = std::fs::File::open(tar_path).map_err(ctx("opening the fetched archive"))?;
-    let mut archive = tar::Archive::new(io::BufReader::new(file));
+    let mut archive = tar::Archive::new(io::BufReader::new(tar));
     let mut out: Vec<CollectedFile> = Vec::new();
-    // Archive path -> index in `out`, for hard links to files already extracted.
+    // Archive path -> index in `out`, for hard links to files already seen.
     let mut by_archive_path: HashMap<String, usize> = HashMap::new();
-    for (n, entry) in archive
+    let mut buf = vec![0u8; HASH_BUFFER];
+    for entry in archive
         .entries()
         .map_err(ctx("reading the fetched archive"))?
-        .enumerate()
     {
         let mut entry = entry.map_err(ctx("reading the fetched archive"))?;
         let entry_path = entry
@@ -352,15 +464,16 @@ fn extract_matching(
             tracing::warn!(path = %rel_path, target = ?target, "not collecting a symlink as an artifact");
             continue;
         }
+        // Both kinds store the content as it is, in one run of bytes (GNU sparse entries would
+        // not; the engine never writes them).
         if !(kind.is_file() || kind == tar::EntryType::Continuous) {
             continue;
         }
         let mode = entry.header().mode().map_err(ctx("reading a file mode"))? & 0o7777;
-        let local = out_dir.join(format!("{n}"));
-        let mut dest = std::fs::File::create(&local).map_err(ctx("creating a local copy"))?;
+        let offset = entry.raw_file_position();
+        let expected = entry.size();
         let mut hasher = Sha256::new();
         let mut size = 0u64;
-        let mut buf = vec![0u8; 64 * 1024];
         loop {
             let k = entry
                 .read(&mut buf)
@@ -369,9 +482,16 @@ fn extract_matching(
                 break;
             }
             hasher.update(&buf[..k]);
-            dest.write_all(&buf[..k])
-                .map_err(ctx("writing a local copy"))?;
             size += k as u64;
+        }
+        if size != expected {
+            return Err((
+                "reading an archived file".to_string(),
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("{rel_path}: the archive holds {size} of its {expected} bytes"),
+                ),
+            ));
         }
         by_archive_path.insert(archive_key, out.len());
         out.push(CollectedFile {
@@ -379,7 +499,8 @@ fn extract_matching(
             mode,
             size,
             digest: hex::encode(hasher.finalize()),
-            local,
+            source: tar_path.to_owned(),
+            offset,
         });
     }
     Ok(out)
@@ -412,6 +533,186 @@ mod tests {
             let err = parse_pattern(bad).unwrap_err();
             assert!(matches!(err, ArtifactError::Invalid { .. }), "{bad}: {err}");
         }
+    }
+
+    /// Content that differs at every offset, so a range read from the wrong place shows.
+    fn content(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
+            .collect()
+    }
+
+    fn add_file(b: &mut tar::Builder<std::fs::File>, path: &str, data: &[u8], mode: u32) {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        b.append_data(&mut h, path, data).unwrap();
+    }
+
+    fn add_dir(b: &mut tar::Builder<std::fs::File>, path: &str, mode: u32) {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_size(0);
+        h.set_mode(mode);
+        b.append_data(&mut h, path, io::empty()).unwrap();
+    }
+
+    fn add_link(b: &mut tar::Builder<std::fs::File>, kind: tar::EntryType, path: &str, to: &str) {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(0);
+        h.set_mode(0o777);
+        b.append_link(&mut h, path, to).unwrap();
+    }
+
+    fn scan_file(
+        tar_path: &Path,
+        prefix: &[String],
+        glob: Option<&GlobMatcher>,
+    ) -> Result<Vec<CollectedFile>, IoFail> {
+        let file = std::fs::File::open(tar_path).unwrap();
+        scan_matching(file, tar_path, prefix, glob)
+    }
+
+    /// The bytes `f` points at in its source.
+    fn bytes_of(f: &CollectedFile) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let mut out = vec![0u8; f.size as usize];
+        std::fs::File::open(&f.source)
+            .unwrap()
+            .read_exact_at(&mut out, f.offset)
+            .unwrap();
+        out
+    }
+
+    /// A directory fetched as a tar the way the engine sends it: several files, one larger than the
+    /// hashing buffer and not a multiple of a tar block (so the next header is mid-buffer), one whose
+    /// long name needs an extra header before it, an empty one, modes, a hard link and a symlink.
+    #[test]
+    fn files_are_found_in_place_in_the_fetched_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        let tar_path = dir.path().join("a.tar");
+        let big = content(HASH_BUFFER * 2 + 12_345, 7);
+        let small = content(513, 9);
+        let long_name = format!("out/{}/deep.txt", "n".repeat(120));
+        let long = content(70_001, 11);
+        {
+            let mut b = tar::Builder::new(std::fs::File::create(&tar_path).unwrap());
+            add_dir(&mut b, "out", 0o755);
+            add_file(&mut b, "out/big.bin", &big, 0o644);
+            add_dir(&mut b, "out/bin", 0o700);
+            add_file(&mut b, "out/bin/tool", &small, 0o755);
+            add_file(&mut b, &long_name, &long, 0o600);
+            add_file(&mut b, "out/empty", &[], 0o640);
+            add_link(&mut b, tar::EntryType::Link, "out/again.bin", "out/big.bin");
+            add_link(&mut b, tar::EntryType::Symlink, "out/escape", "/etc/passwd");
+            b.finish().unwrap();
+        }
+        let found = scan_file(&tar_path, &["dist".to_string()], None).unwrap();
+        let by_path: HashMap<&str, &CollectedFile> =
+            found.iter().map(|f| (f.path.as_str(), f)).collect();
+        let long_rel = format!("dist/{}", &long_name["out/".len()..]);
+        let expect: [(&str, &[u8], u32); 5] = [
+            ("dist/big.bin", &big, 0o644),
+            ("dist/bin/tool", &small, 0o755),
+            (&long_rel, &long, 0o600),
+            ("dist/empty", &[], 0o640),
+            ("dist/again.bin", &big, 0o644),
+        ];
+        assert_eq!(found.len(), expect.len(), "{found:#?}");
+        for (path, data, mode) in expect {
+            let f = by_path
+                .get(path)
+                .unwrap_or_else(|| panic!("{path} missing"));
+            assert_eq!(f.size, data.len() as u64, "{path}");
+            assert_eq!(f.mode, mode, "{path}");
+            assert_eq!(f.digest, hex::encode(Sha256::digest(data)), "{path}");
+            assert_eq!(f.source, tar_path, "{path}");
+            assert!(
+                bytes_of(f) == data,
+                "{path}: the recorded range holds other bytes"
+            );
+        }
+        assert!(!by_path.contains_key("dist/escape"));
+
+        // A glob selects among the same entries.
+        let glob = parse_pattern("dist/**/*.bin").unwrap().glob.unwrap();
+        let found = scan_file(&tar_path, &["dist".to_string()], Some(&glob)).unwrap();
+        let paths: BTreeSet<&str> = found.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, BTreeSet::from(["dist/big.bin", "dist/again.bin"]));
+    }
+
+    /// Scanned while it is written (in odd pieces, each announced after it is on disk), an archive
+    /// gives the same files as when scanned complete; a writer that stops early is the end.
+    #[tokio::test]
+    async fn an_archive_scanned_while_it_arrives_gives_the_same_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let whole = dir.path().join("whole.tar");
+        {
+            let mut b = tar::Builder::new(std::fs::File::create(&whole).unwrap());
+            add_dir(&mut b, "out", 0o755);
+            add_file(&mut b, "out/a.bin", &content(HASH_BUFFER + 3, 1), 0o644);
+            add_file(&mut b, "out/b", &content(9_999, 2), 0o755);
+            b.finish().unwrap();
+        }
+        let bytes = std::fs::read(&whole).unwrap();
+        let expected = scan_file(&whole, &[], None).unwrap();
+        for stop_at in [bytes.len(), 5_000] {
+            let arriving = dir.path().join(format!("arriving-{stop_at}.tar"));
+            let (written, progress) = tokio::sync::watch::channel(0u64);
+            let scan = {
+                let arriving = arriving.clone();
+                tokio::task::spawn_blocking(move || {
+                    let growing = GrowingFile::open(&arriving, progress).unwrap();
+                    scan_matching(growing, &arriving, &[], None)
+                })
+            };
+            {
+                use std::io::Write;
+                let mut file = std::fs::File::create(&arriving).unwrap();
+                let mut at = 0;
+                while at < stop_at {
+                    let n = 7_777.min(stop_at - at);
+                    file.write_all(&bytes[at..at + n]).unwrap();
+                    at += n;
+                    written.send_replace(at as u64);
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            }
+            drop(written);
+            let got = scan.await.unwrap();
+            if stop_at == bytes.len() {
+                let got = got.unwrap();
+                assert_eq!(got.len(), expected.len());
+                for (g, e) in got.iter().zip(&expected) {
+                    assert_eq!(
+                        (&g.path, g.mode, g.size, &g.digest, g.offset),
+                        (&e.path, e.mode, e.size, &e.digest, e.offset)
+                    );
+                }
+            } else {
+                assert!(got.is_err(), "a cut archive must not scan cleanly: {got:?}");
+            }
+        }
+    }
+
+    /// A tar cut short in a file's content is an error, not a shorter artifact.
+    #[test]
+    fn a_truncated_archive_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let tar_path = dir.path().join("a.tar");
+        {
+            let mut b = tar::Builder::new(std::fs::File::create(&tar_path).unwrap());
+            add_file(&mut b, "out/big.bin", &content(100_000, 3), 0o644);
+            b.finish().unwrap();
+        }
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&tar_path)
+            .unwrap();
+        f.set_len(512 + 50_000).unwrap();
+        assert!(scan_file(&tar_path, &[], None).is_err());
     }
 
     #[test]

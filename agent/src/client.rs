@@ -442,6 +442,7 @@ pub async fn upload_artifact(
     client: &AgentClient,
     mut header: ArtifactHeader,
     source: &Path,
+    source_offset: u64,
 ) -> Result<ArtifactUploaded, ClientError> {
     if header.upload_id.is_empty() {
         header.upload_id = uuid::Uuid::new_v4().simple().to_string();
@@ -454,7 +455,7 @@ pub async fn upload_artifact(
         let outcome = match next_offset {
             Some(offset) => {
                 header.offset = offset;
-                upload_from(client, header.clone(), source).await
+                upload_from(client, header.clone(), source, source_offset).await
             }
             None => query_upload(client, &header.upload_id).await.map(|held| {
                 next_offset = Some(held);
@@ -493,21 +494,26 @@ pub async fn query_upload(client: &AgentClient, upload_id: &str) -> Result<u64, 
     Ok(r.into_inner().held_bytes)
 }
 
-/// One try of an upload: `source` from `header.offset` on. `Ok(None)` never happens; the option
-/// lets [`upload_artifact`] share one match with [`query_upload`].
+/// One try of an upload: the artifact's bytes from `header.offset` on, read from `source`, where
+/// the artifact starts at `source_offset` and is `header.size` bytes long (the source may hold more,
+/// e.g. the tar it was fetched in). `Ok(None)` never happens; the option lets [`upload_artifact`]
+/// share one match with [`query_upload`].
 async fn upload_from(
     client: &AgentClient,
     header: ArtifactHeader,
     source: &Path,
+    source_offset: u64,
 ) -> Result<Option<ArtifactUploaded>, ClientError> {
     let mut file = tokio::fs::File::open(source)
         .await
         .map_err(|e| ClientError::io(format!("opening {}", source.display()), e))?;
-    if header.offset > 0 {
-        file.seek(std::io::SeekFrom::Start(header.offset))
+    let start = source_offset.saturating_add(header.offset);
+    if start > 0 {
+        file.seek(std::io::SeekFrom::Start(start))
             .await
             .map_err(|e| ClientError::io(format!("seeking in {}", source.display()), e))?;
     }
+    let mut remaining = header.size.saturating_sub(header.offset);
     let path = header.path.clone();
     let (tx, rx) = mpsc::channel::<ArtifactChunk>(4);
     let source_name = source.display().to_string();
@@ -524,15 +530,21 @@ async fn upload_from(
         {
             return Ok(());
         }
-        loop {
-            let mut buf = vec![0u8; CHUNK_BYTES];
+        while remaining > 0 {
+            let mut buf = vec![0u8; remaining.min(CHUNK_BYTES as u64) as usize];
             let n = read_full(&mut file, &mut buf)
                 .await
                 .map_err(|e| ClientError::io(format!("reading {source_name}"), e))?;
-            if n == 0 {
-                return Ok(());
+            if n < buf.len() {
+                return Err(ClientError::io(
+                    format!("reading {source_name}"),
+                    std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("the file ends {remaining} bytes before the artifact's end"),
+                    ),
+                ));
             }
-            buf.truncate(n);
+            remaining -= n as u64;
             if tx
                 .send(ArtifactChunk {
                     part: Some(artifact_chunk::Part::Data(buf)),
@@ -544,6 +556,7 @@ async fn upload_from(
             }
             crate::metrics::metrics().artifact_uploaded(n as u64);
         }
+        Ok(())
     });
     let mut c = client.clone();
     let response = c.upload_artifact(ReceiverStream::new(rx)).await;

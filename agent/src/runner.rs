@@ -738,6 +738,14 @@ impl<E: Executor> Attempt<'_, E> {
             }
             other => Outcome::failed(FailureClass::Infra, other.to_string()),
         })?;
+        let uploaded = self.upload_artifacts(&files).await;
+        artifacts::remove_sources(&files).await;
+        uploaded
+    }
+
+    /// Uploads collected artifacts, one after the other.
+    async fn upload_artifacts(&self, files: &[artifacts::CollectedFile]) -> Result<(), Outcome> {
+        let a = self.a;
         for f in files {
             let header = ArtifactHeader {
                 attempt_id: a.attempt_id.clone(),
@@ -749,10 +757,9 @@ impl<E: Executor> Attempt<'_, E> {
                 // upload_artifact names the upload itself and resumes it after a broken connection.
                 ..ArtifactHeader::default()
             };
-            client::upload_artifact(&self.ctx.client, header, &f.local)
+            client::upload_artifact(&self.ctx.client, header, &f.source, f.offset)
                 .await
                 .map_err(|e| Outcome::failed(FailureClass::Infra, e.to_string()))?;
-            let _ = tokio::fs::remove_file(&f.local).await;
         }
         Ok(())
     }

@@ -492,31 +492,54 @@ impl Executor for DockerExecutor {
         path: &str,
         dest: &Path,
     ) -> Result<(), ExecError> {
+        self.get_archive_watched(helper, path, dest, &tokio::sync::watch::Sender::new(0))
+            .await
+    }
+
+    async fn get_archive_watched(
+        &self,
+        helper: &ArchiveHelper,
+        path: &str,
+        dest: &Path,
+        written: &tokio::sync::watch::Sender<u64>,
+    ) -> Result<(), ExecError> {
         let options = DownloadFromContainerOptionsBuilder::default()
             .path(path)
             .build();
         let mut stream = self
             .docker
             .download_from_container(&helper.container, Some(options));
-        let file = tokio::fs::File::create(dest)
+        let mut file = tokio::fs::File::create(dest)
             .await
             .map_err(|e| ExecError::io(format!("creating {}", dest.display()), e))?;
-        // The engine sends the archive in pieces of a few KiB: a MiB per trip to the disk.
-        let mut file = tokio::io::BufWriter::with_capacity(ARCHIVE_BUFFER, file);
-        while let Some(chunk) = stream.next().await {
-            let chunk = match chunk {
-                Ok(c) => c,
-                Err(e) if is_not_found(&e) => return Err(ExecError::NotFound(path.to_string())),
-                Err(e) => return Err(ExecError::Docker(format!("getting {path}: {e}"))),
+        let write_err = |e| ExecError::io(format!("writing {}", dest.display()), e);
+        // The engine sends the archive in pieces of a few KiB: a MiB per trip to the disk, each
+        // announced once written (`flush` waits for the write the file runs in the background).
+        let mut buf: Vec<u8> = Vec::with_capacity(ARCHIVE_BUFFER);
+        let mut len = 0u64;
+        loop {
+            let chunk = match stream.next().await {
+                Some(Ok(c)) => Some(c),
+                Some(Err(e)) if is_not_found(&e) => {
+                    return Err(ExecError::NotFound(path.to_string()))
+                }
+                Some(Err(e)) => return Err(ExecError::Docker(format!("getting {path}: {e}"))),
+                None => None,
             };
-            file.write_all(&chunk)
-                .await
-                .map_err(|e| ExecError::io(format!("writing {}", dest.display()), e))?;
+            if let Some(c) = &chunk {
+                buf.extend_from_slice(c);
+            }
+            if buf.len() >= ARCHIVE_BUFFER || (chunk.is_none() && !buf.is_empty()) {
+                file.write_all(&buf).await.map_err(write_err)?;
+                file.flush().await.map_err(write_err)?;
+                len += buf.len() as u64;
+                buf.clear();
+                written.send_replace(len);
+            }
+            if chunk.is_none() {
+                return Ok(());
+            }
         }
-        file.flush()
-            .await
-            .map_err(|e| ExecError::io(format!("writing {}", dest.display()), e))?;
-        Ok(())
     }
 
     async fn remove_helper(&self, helper: ArchiveHelper) -> Result<(), ExecError> {

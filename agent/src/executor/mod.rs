@@ -264,6 +264,16 @@ pub trait Executor: Send + Sync + 'static {
         dest: &Path,
     ) -> impl Future<Output = Result<(), ExecError>> + Send;
 
+    /// [`Executor::get_archive`], announcing on `written` how many bytes of `dest` are written so
+    /// far (each value readable once sent), so the archive can be read while it arrives.
+    fn get_archive_watched(
+        &self,
+        helper: &ArchiveHelper,
+        path: &str,
+        dest: &Path,
+        written: &tokio::sync::watch::Sender<u64>,
+    ) -> impl Future<Output = Result<(), ExecError>> + Send;
+
     /// Removes an archive helper.
     fn remove_helper(
         &self,

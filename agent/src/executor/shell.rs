@@ -421,6 +421,23 @@ impl Executor for ShellExecutor {
         .await
     }
 
+    async fn get_archive_watched(
+        &self,
+        helper: &ArchiveHelper,
+        path: &str,
+        dest: &Path,
+        written: &tokio::sync::watch::Sender<u64>,
+    ) -> Result<(), ExecError> {
+        // Written in one piece on a blocking thread: announced once complete.
+        self.get_archive(helper, path, dest).await?;
+        let len = tokio::fs::metadata(dest)
+            .await
+            .map_err(|e| ExecError::io(format!("stat {}", dest.display()), e))?
+            .len();
+        written.send_replace(len);
+        Ok(())
+    }
+
     async fn remove_helper(&self, _helper: ArchiveHelper) -> Result<(), ExecError> {
         Ok(())
     }

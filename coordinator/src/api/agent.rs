@@ -569,12 +569,15 @@ async fn ship_logs(
             }
         }
         engine.touch(&agent_id);
-        for c in merge_contiguous(batch) {
-            if let Err(e) = append_chunk(&engine, &agent_id, &c).await {
-                tracing::warn!(agent = %agent_id, attempt = %c.attempt_id, "log chunk rejected: {e}");
-                let _ = tx.send(Err(e.into())).await;
-                return;
-            }
+        for run in merge_contiguous(batch) {
+            let c = match append_run(&engine, &agent_id, run).await {
+                Ok(c) => c,
+                Err((c, e)) => {
+                    tracing::warn!(agent = %agent_id, attempt = %c.attempt_id, "log chunk rejected: {e}");
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            };
             if !pending
                 .iter()
                 .any(|(a, s)| *a == c.attempt_id && *s == c.step_index)
@@ -598,33 +601,73 @@ async fn ship_logs(
     }
 }
 
+/// Chunks of one log that continue each other: written in one trip to the disk, their bytes kept in
+/// the pieces they arrived in rather than copied together.
+#[derive(Debug)]
+struct ChunkRun {
+    /// The first chunk, its data moved to `pieces`; its `eof` and `times` are the run's.
+    head: pb::LogChunk,
+    /// The data of every chunk of the run, in order.
+    pieces: Vec<Vec<u8>>,
+    /// Bytes in `pieces`.
+    len: u64,
+}
+
 /// Joins chunks that continue each other (same log and epoch, each starting where the previous one
-/// ends) into one, so a batch of a fast log costs one write rather than one per 128 KiB chunk.
-fn merge_contiguous(batch: Vec<pb::LogChunk>) -> Vec<pb::LogChunk> {
-    let mut out: Vec<pb::LogChunk> = Vec::with_capacity(batch.len());
-    for c in batch {
+/// ends) into one run, so a batch of a fast log costs one write trip rather than one per 128 KiB
+/// chunk.
+fn merge_contiguous(batch: Vec<pb::LogChunk>) -> Vec<ChunkRun> {
+    let mut out: Vec<ChunkRun> = Vec::with_capacity(batch.len());
+    for mut c in batch {
+        let data = std::mem::take(&mut c.data);
         if let Some(last) = out.last_mut() {
-            let continues = last.attempt_id == c.attempt_id
-                && last.epoch == c.epoch
-                && last.step_index == c.step_index
-                && !last.eof
-                && last.truncated == c.truncated
-                && last.offset.checked_add(last.data.len() as u64) == Some(c.offset);
+            let head = &mut last.head;
+            let continues = head.attempt_id == c.attempt_id
+                && head.epoch == c.epoch
+                && head.step_index == c.step_index
+                && !head.eof
+                && head.truncated == c.truncated
+                && head.offset.checked_add(last.len) == Some(c.offset);
             if continues {
-                last.data.extend_from_slice(&c.data);
-                last.times.extend(c.times);
-                last.eof = c.eof;
+                last.len += data.len() as u64;
+                last.pieces.push(data);
+                head.times.extend(c.times);
+                head.eof = c.eof;
                 continue;
             }
         }
-        out.push(c);
+        out.push(ChunkRun {
+            len: data.len() as u64,
+            pieces: vec![data],
+            head: c,
+        });
     }
     out
 }
 
-/// Appends one chunk (its times first, so a follower asking for them never sees bytes whose times are
-/// missing), fenced by the attempt's epoch.
-async fn append_chunk(engine: &Engine, agent_id: &str, c: &pb::LogChunk) -> Result<(), CoordError> {
+/// Appends one run of chunks (its times first, so a follower asking for them never sees bytes whose
+/// times are missing), fenced by the attempt's epoch. Returns the run's first chunk (without its data).
+async fn append_run(
+    engine: &Engine,
+    agent_id: &str,
+    run: ChunkRun,
+) -> Result<pb::LogChunk, (pb::LogChunk, CoordError)> {
+    let ChunkRun { head, pieces, len } = run;
+    match append_pieces(engine, agent_id, &head, pieces).await {
+        Ok(()) => {
+            engine.metrics().log_bytes(len);
+            Ok(head)
+        }
+        Err(e) => Err((head, e)),
+    }
+}
+
+async fn append_pieces(
+    engine: &Engine,
+    agent_id: &str,
+    c: &pb::LogChunk,
+    pieces: Vec<Vec<u8>>,
+) -> Result<(), CoordError> {
     let steps = engine.check_attempt(agent_id, &c.attempt_id, c.epoch)?;
     if c.step_index >= steps {
         return Err(CoordError::InvalidArgument(format!(
@@ -644,9 +687,8 @@ async fn append_chunk(engine: &Engine, agent_id: &str, c: &pb::LogChunk) -> Resu
     }
     engine
         .logs()
-        .append(&c.attempt_id, c.step_index, c.offset, &c.data, c.eof)
+        .append_pieces(&c.attempt_id, c.step_index, c.offset, pieces, c.eof)
         .await?;
-    engine.metrics().log_bytes(c.data.len() as u64);
     Ok(())
 }
 
@@ -730,14 +772,15 @@ mod tests {
         ]);
         let got: Vec<(String, u32, u64, Vec<u8>, bool, usize)> = merged
             .into_iter()
-            .map(|c| {
+            .map(|r| {
+                assert_eq!(r.len, r.pieces.iter().map(Vec::len).sum::<usize>() as u64);
                 (
-                    c.attempt_id,
-                    c.step_index,
-                    c.offset,
-                    c.data,
-                    c.eof,
-                    c.times.len(),
+                    r.head.attempt_id,
+                    r.head.step_index,
+                    r.head.offset,
+                    r.pieces.concat(),
+                    r.head.eof,
+                    r.head.times.len(),
                 )
             })
             .collect();

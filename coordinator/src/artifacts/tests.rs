@@ -339,3 +339,19 @@ async fn upload_ids_are_checked() {
         assert!(matches!(err, BlobError::Invalid(_)), "{bad:?}: {err}");
     }
 }
+
+/// An upload past several background-sync marks: the syncs run beside the writes (one at a time)
+/// and the stored blob is the uploaded content.
+#[tokio::test]
+async fn an_upload_synced_while_it_streams_stores_its_content() {
+    let (_dir, store) = store();
+    let data = sample(40 << 20);
+    let expected = sha(&data);
+    let (digest, size) = put(&store, &data, Some(&expected)).await.unwrap();
+    assert_eq!(
+        (digest.as_str(), size),
+        (expected.as_str(), data.len() as u64)
+    );
+    assert_eq!(get(&store, &digest).await.unwrap().concat(), data);
+    assert_eq!(tmp_files(&store), 0);
+}

@@ -3,6 +3,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
@@ -11,6 +12,12 @@ use super::{io_context, validate_digest, BlobError, BlobStore};
 
 /// Bytes gathered before a write to the temporary file.
 const WRITE_BUFFER: usize = 1 << 20;
+
+/// Bytes written between two background syncs of the temporary file. Without them the kernel keeps
+/// a whole upload in the page cache (a GiB is far below its writeback threshold on a large host) and
+/// the sync in [`BlobWriter::finish`] writes all of it while the uploader waits; with them the disk
+/// writes the upload while it streams in and `finish` waits only for the tail.
+const SYNC_EVERY: u64 = 16 << 20;
 
 /// One upload in progress. Dropped without [`BlobWriter::finish`], it removes its temporary file.
 #[derive(Debug)]
@@ -23,6 +30,50 @@ pub struct BlobWriter {
     tmp_path: Option<PathBuf>,
     hasher: Sha256,
     size: u64,
+    /// Early syncs: started every [`SYNC_EVERY`] bytes, one at a time.
+    early: EarlySync,
+}
+
+/// Background syncs of an upload's temporary file while it is written. They run on a second handle
+/// of the same open file, so a failure they see would not be reported again to the final sync: it is
+/// kept and fails the upload.
+#[derive(Debug)]
+struct EarlySync {
+    /// A second handle of the temporary file (same open file description).
+    file: Arc<std::fs::File>,
+    /// The sync in flight, if any.
+    running: Option<tokio::task::JoinHandle<io::Result<()>>>,
+    /// Size from which the next sync starts.
+    next_at: u64,
+}
+
+impl EarlySync {
+    /// The result of the sync in flight, waiting for it if `wait` (else only if it is done).
+    async fn reap(&mut self, wait: bool) -> io::Result<()> {
+        let done = self
+            .running
+            .as_ref()
+            .is_some_and(|h| wait || h.is_finished());
+        match self.running.take() {
+            Some(handle) if done => handle
+                .await
+                .map_err(|e| io::Error::other(format!("blob sync task failed: {e}")))?,
+            other => {
+                self.running = other;
+                Ok(())
+            }
+        }
+    }
+
+    /// Start a sync of what was written so far if `size` passed the next mark and none is running.
+    fn maybe_start(&mut self, size: u64) {
+        if size < self.next_at || self.running.is_some() {
+            return;
+        }
+        self.next_at = size + SYNC_EVERY;
+        let file = self.file.clone();
+        self.running = Some(tokio::task::spawn_blocking(move || file.sync_data()));
+    }
 }
 
 impl BlobWriter {
@@ -36,12 +87,23 @@ impl BlobWriter {
             .open(&tmp_path)
             .await
             .map_err(|e| io_context(e, "create blob upload", &tmp_path))?;
+        let second = file
+            .try_clone()
+            .await
+            .map_err(|e| io_context(e, "open blob upload", &tmp_path))?
+            .into_std()
+            .await;
         Ok(Self {
             store,
             file: Some(tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file)),
             tmp_path: Some(tmp_path),
             hasher: Sha256::new(),
             size: 0,
+            early: EarlySync {
+                file: Arc::new(second),
+                running: None,
+                next_at: SYNC_EVERY,
+            },
         })
     }
 
@@ -74,6 +136,11 @@ impl BlobWriter {
             .map_err(|e| io_context(e, "write blob upload", &path))?;
         self.hasher.update(data);
         self.size = new_size;
+        self.early
+            .reap(false)
+            .await
+            .map_err(|e| io_context(e, "sync blob upload", &path))?;
+        self.early.maybe_start(new_size);
         Ok(())
     }
 
@@ -92,6 +159,7 @@ impl BlobWriter {
             .ok_or_else(|| BlobError::Invalid("blob upload is already finished".to_owned()))?;
         file.flush()
             .await
+            .and(self.early.reap(true).await)
             .and(file.get_mut().sync_all().await)
             .map_err(|e| io_context(e, "sync blob upload", &tmp_path))?;
         drop(file);

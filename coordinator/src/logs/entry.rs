@@ -260,14 +260,20 @@ impl LogEntry {
         Ok(file)
     }
 
-    async fn write_at(&self, io: &mut LogIo, data: Vec<u8>) -> Result<(), LogError> {
+    /// Writes `pieces` one after the other at the end of the log, in one trip to a blocking thread.
+    async fn write_at(&self, io: &mut LogIo, pieces: Vec<Vec<u8>>) -> Result<(), LogError> {
         let file = self.file(io).await?;
         let at = io.len;
         let path = self.paths.log.clone();
-        let written = data.len() as u64;
+        let written: u64 = pieces.iter().map(|p| p.len() as u64).sum();
         blocking(move || {
-            file.write_all_at(&data, at)
-                .map_err(|e| io_context(e, "write log", &path))
+            let mut to = at;
+            for piece in &pieces {
+                file.write_all_at(piece, to)
+                    .map_err(|e| io_context(e, "write log", &path))?;
+                to += piece.len() as u64;
+            }
+            Ok(())
         })
         .await?;
         io.len = at + written;
@@ -280,18 +286,19 @@ impl LogEntry {
         Ok(io.status())
     }
 
+    /// Appends the bytes of `pieces` (one after the other) at `offset`.
     pub(super) async fn append(
         &self,
         offset: u64,
-        data: &[u8],
+        mut pieces: Vec<Vec<u8>>,
         eof: bool,
     ) -> Result<LogStatus, LogError> {
         let mut io = self.io.lock().await;
         self.ensure_loaded(&mut io).await?;
-        let end = offset.checked_add(data.len() as u64).ok_or_else(|| {
+        let data_len: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+        let end = offset.checked_add(data_len).ok_or_else(|| {
             LogError::Invalid(format!(
-                "chunk at offset {offset} of {} bytes overflows",
-                data.len()
+                "chunk at offset {offset} of {data_len} bytes overflows"
             ))
         })?;
         if offset > io.len {
@@ -319,9 +326,18 @@ impl LogEntry {
             )));
         }
         if end > io.len {
-            // `offset <= len < end`, so the skip is within `data`.
-            let skip = (io.len - offset) as usize;
-            self.write_at(&mut io, data[skip..].to_vec()).await?;
+            // `offset <= len < end`, so the skip is within the pieces: drop the bytes already stored.
+            let mut skip = (io.len - offset) as usize;
+            pieces.retain_mut(|p| {
+                if skip >= p.len() {
+                    skip -= p.len();
+                    return false;
+                }
+                p.drain(..skip);
+                skip = 0;
+                true
+            });
+            self.write_at(&mut io, pieces).await?;
         }
         if eof {
             // An empty log gets no file: its completion (in the journal) says all there is.
@@ -405,7 +421,7 @@ impl LogEntry {
             self.publish(&io);
             return Ok(false);
         }
-        self.write_at(&mut io, marker.to_vec()).await?;
+        self.write_at(&mut io, vec![marker.to_vec()]).await?;
         io.complete = true;
         self.publish(&io);
         Ok(true)

@@ -207,8 +207,21 @@ impl LogStore {
         data: &[u8],
         eof: bool,
     ) -> Result<LogStatus, LogError> {
+        self.append_pieces(attempt, step, offset, vec![data.to_vec()], eof)
+            .await
+    }
+
+    /// [`LogStore::append`] of the bytes of `pieces`, one after the other, taken without a copy.
+    pub async fn append_pieces(
+        &self,
+        attempt: &str,
+        step: u32,
+        offset: u64,
+        pieces: Vec<Vec<u8>>,
+        eof: bool,
+    ) -> Result<LogStatus, LogError> {
         let handle = self.handle(attempt, step)?;
-        handle.entry.append(offset, data, eof).await
+        handle.entry.append(offset, pieces, eof).await
     }
 
     /// Make what was appended durable (fdatasync, then the completion record) and return the durable status:

@@ -667,3 +667,39 @@ async fn many_concurrent_completions_are_all_durable() {
         assert!(store.status(&attempt, 1).await.unwrap().complete);
     }
 }
+
+/// Pieces appended together land one after the other; a resend overlapping several pieces writes
+/// only the bytes past the stored end.
+#[tokio::test]
+async fn pieces_are_appended_in_order_and_resends_skip_what_is_stored() {
+    let (_dir, store) = store();
+    let data: Vec<u8> = (0..1000u32).map(|i| (i * 13 % 251) as u8).collect();
+    let pieces = |from: usize, cuts: &[usize]| -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut at = from;
+        for &cut in cuts {
+            out.push(data[at..cut].to_vec());
+            at = cut;
+        }
+        out
+    };
+    store
+        .append_pieces(A, 0, 0, pieces(0, &[100, 100, 250, 400]), false)
+        .await
+        .unwrap();
+    // Starts inside the first piece's range and covers the next stored piece entirely.
+    let status = store
+        .append_pieces(A, 0, 50, pieces(50, &[120, 300, 300, 700, 1000]), true)
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        LogStatus {
+            len: 1000,
+            complete: true
+        }
+    );
+    store.sync(A, 0).await.unwrap();
+    let got = collect(store.read(A, 0, 0, false)).await;
+    assert_eq!(concat(&got), data);
+}
