@@ -44,22 +44,7 @@ async fn next(rx: &mut mpsc::Receiver<Result<pb::CoordinatorMessage, tonic::Stat
 async fn assignment_goes_out_before_the_fsync_but_nothing_is_acknowledged_before_it() {
     let dir = tempfile::tempdir().unwrap();
     let (engine, store) = engine(dir.path()).await;
-    let (token, _) = engine
-        .create_token(1, Duration::from_secs(60), BTreeMap::new())
-        .await
-        .unwrap();
-    let (agent, _) = engine
-        .enroll(&token, BTreeMap::new(), "host")
-        .await
-        .unwrap();
-    let (tx, mut rx) = mpsc::channel(AGENT_CHANNEL);
-    let hello = pb::Hello {
-        agent_id: agent.clone(),
-        capacity: 1,
-        ..Default::default()
-    };
-    engine.hello(&agent, hello, tx).await.unwrap();
-    assert!(matches!(next(&mut rx).await, Msg::Welcome(_)));
+    let (agent, _session, _welcome, mut rx) = attach(&engine).await;
 
     let (release, released) = std::sync::mpsc::channel::<()>();
     let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
@@ -142,22 +127,7 @@ async fn assignment_goes_out_before_the_fsync_but_nothing_is_acknowledged_before
 async fn a_just_finished_run_is_answered_from_memory_only_once_durable_and_as_stored() {
     let dir = tempfile::tempdir().unwrap();
     let (engine, store) = engine(dir.path()).await;
-    let (token, _) = engine
-        .create_token(1, Duration::from_secs(60), BTreeMap::new())
-        .await
-        .unwrap();
-    let (agent, _) = engine
-        .enroll(&token, BTreeMap::new(), "host")
-        .await
-        .unwrap();
-    let (tx, mut rx) = mpsc::channel(AGENT_CHANNEL);
-    let hello = pb::Hello {
-        agent_id: agent.clone(),
-        capacity: 1,
-        ..Default::default()
-    };
-    engine.hello(&agent, hello, tx).await.unwrap();
-    assert!(matches!(next(&mut rx).await, Msg::Welcome(_)));
+    let (agent, _session, _welcome, mut rx) = attach(&engine).await;
     let run_id = engine.submit(PIPELINE, "", "n").await.unwrap();
     let Msg::Assign(a) = next(&mut rx).await else {
         panic!("expected an assignment");
