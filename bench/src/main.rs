@@ -49,6 +49,12 @@ struct Cli {
     /// Smaller counts, for a quick look.
     #[arg(long)]
     quick: bool,
+    /// `throughput` only: jobs per load (default 3,000; 600 with --quick), e.g. a longer load to profile.
+    #[arg(long, value_name = "N")]
+    jobs: Option<usize>,
+    /// `throughput` only: this fleet size instead of 1, 8 and 64 agents (the open-loop run still uses 64).
+    #[arg(long, value_name = "N")]
+    agents: Option<usize>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -65,6 +71,10 @@ enum Cmd {
 pub(crate) struct Opts {
     /// Smaller counts.
     pub(crate) quick: bool,
+    /// `throughput`: jobs per load, when not the default.
+    pub(crate) jobs: Option<usize>,
+    /// `throughput`: the one fleet size to load, when not 1, 8 and 64.
+    pub(crate) agents: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -96,7 +106,11 @@ fn main() -> ExitCode {
         }
         None => BENCHMARKS.to_vec(),
     };
-    let opts = Opts { quick: cli.quick };
+    let opts = Opts {
+        quick: cli.quick,
+        jobs: cli.jobs,
+        agents: cli.agents,
+    };
     let mut failed = Vec::new();
     for name in selected {
         eprintln!("==> {name}");

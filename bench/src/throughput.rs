@@ -33,9 +33,13 @@ const OFFERED_AGENTS: usize = 64;
 
 /// The benchmark.
 pub(crate) async fn run(opts: &Opts) -> Result<Vec<Line>> {
-    let jobs = if opts.quick { 600 } else { 3_000 };
+    let jobs = opts.jobs.unwrap_or(if opts.quick { 600 } else { 3_000 });
+    let fleets = match opts.agents {
+        Some(n) => vec![n.max(1)],
+        None => vec![1, 8, 64],
+    };
     let mut lines = Vec::new();
-    for agents in [1usize, 8, 64] {
+    for agents in fleets {
         let coord = Coordinator::start(&[]).await?;
         let floor_dir = coord.scratch("sqlite-floor")?;
         let floor_jobs = jobs.max(10_000);

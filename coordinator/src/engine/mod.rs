@@ -710,21 +710,22 @@ impl Engine {
             *running.entry(a.agent_id.as_str()).or_default() += 1;
         }
         // Only agents that can take a job now: with none, there is nothing to do (and no queue to scan).
+        // Under load that is one agent or none of the whole fleet, so only those are copied.
         let mut agents: Vec<AgentSlots> = st
             .agents
             .values()
             .filter(|a| a.session.is_some() && !a.rec.revoked)
-            .map(|a| AgentSlots {
-                id: a.rec.id.clone(),
-                labels: a.rec.labels.clone(),
-                free: a
-                    .rec
-                    .capacity
-                    .saturating_sub(running.get(a.rec.id.as_str()).copied().unwrap_or(0)),
-                accepting: st.accepts_work(&a.rec.id),
-                policy: a.host_policy.clone(),
+            .filter_map(|a| {
+                let busy = running.get(a.rec.id.as_str()).copied().unwrap_or(0);
+                let free = a.rec.capacity.saturating_sub(busy);
+                (free > 0 && st.accepts_work(&a.rec.id)).then(|| AgentSlots {
+                    id: a.rec.id.clone(),
+                    labels: a.rec.labels.clone(),
+                    free,
+                    accepting: true,
+                    policy: a.host_policy.clone(),
+                })
             })
-            .filter(|a| a.free > 0 && a.accepting)
             .collect();
         drop(running);
         if agents.is_empty() {

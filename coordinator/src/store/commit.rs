@@ -184,6 +184,43 @@ impl Committer {
     }
 }
 
+/// WAL frames (pages) past which the committer checkpoints between two groups so that the WAL starts
+/// over from its beginning (16 MiB of 4 KiB pages).
+///
+/// Under a steady load the background checkpointer never catches up with the end of the WAL (the
+/// committer appends while it copies), so SQLite never restarts the log and the file grows without
+/// bound: every commit then writes into new file blocks, which costs page-cache allocation and
+/// zeroing, block allocation and a journalled metadata update in every fsync (measured: the WAL grew
+/// 80 MB/s at 1,400 jobs/s and `pwrite` alone was a fifth of the coordinator's CPU). Checkpointing
+/// from the committer itself, between groups, copies only what the background pass left and lets
+/// the next transaction rewrite the same, already allocated and cached, blocks.
+const RESTART_WAL_AT: i32 = 4096;
+
+thread_local! {
+    /// Frames in the WAL after the last commit made on this thread (set by [`note_wal_frames`]).
+    static WAL_FRAMES: std::cell::Cell<i32> = const { std::cell::Cell::new(0) };
+}
+
+/// The store connection's WAL hook: remembers how long the WAL is after each commit.
+pub(super) fn note_wal_frames(
+    _: &rusqlite::hooks::Wal,
+    frames: std::ffi::c_int,
+) -> rusqlite::Result<()> {
+    WAL_FRAMES.set(frames);
+    Ok(())
+}
+
+/// Checkpoint the whole WAL (PASSIVE: when the background checkpointer holds the checkpoint lock this
+/// returns at once and the next group tries again), so that the next transaction restarts the log.
+fn restart_wal(conn: &Mutex<Connection>) {
+    let c = lock(conn);
+    match c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0)) {
+        // Busy: the next group retries. Done: the next write starts the WAL over.
+        Ok(_) => WAL_FRAMES.set(0),
+        Err(e) => tracing::warn!("WAL checkpoint failed: {e}"),
+    }
+}
+
 fn run(shared: &Shared, conn: &Mutex<Connection>) {
     let mut durable = 0u64;
     loop {
@@ -223,6 +260,10 @@ fn run(shared: &Shared, conn: &Mutex<Connection>) {
                 shared.durable.send_replace(durable);
                 for w in waiters {
                     let _ = w.send(Ok(()));
+                }
+                // After the waiters are answered: the checkpoint delays the next group, not this one.
+                if WAL_FRAMES.get() >= RESTART_WAL_AT {
+                    restart_wal(conn);
                 }
             }
             Err(e) => {

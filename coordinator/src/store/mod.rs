@@ -261,7 +261,12 @@ impl Store {
         // Checkpoints move WAL pages into the database file and fsync it: done inline they would stall the
         // commit that crossed the threshold (the p99 of every acknowledgement). A thread with its own
         // connection does them instead; PASSIVE never blocks the committer.
-        lock(&store.conn).pragma_update(None, "wal_autocheckpoint", 0)?;
+        {
+            let conn = lock(&store.conn);
+            conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+            // After the pragma, which replaces any WAL hook: the committer restarts the WAL with it.
+            conn.wal_hook(Some(commit::note_wal_frames));
+        }
         spawn_checkpointer(path, Arc::downgrade(&store.conn))?;
         Ok(store)
     }
