@@ -115,6 +115,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// Secrets, open in memory for assignments (sealed in the store).
     secrets: crate::secrets::Secrets,
+    /// Models of recently submitted pipeline texts.
+    parsed: crate::pipeline::ParseMemo,
 }
 
 #[derive(Debug, Default)]
@@ -430,6 +432,7 @@ impl Engine {
                 next_session: AtomicU64::new(1),
                 metrics,
                 secrets,
+                parsed: Default::default(),
             }),
         })
     }
@@ -667,6 +670,7 @@ impl Engine {
                     span.record("state", a.state.as_str());
                 }
                 st.attempts.remove(&id);
+                self.inner.logs.attempt_ended(&id);
             }
         }
         for (agent, msg) in tx.messages {
@@ -747,6 +751,9 @@ impl Engine {
             let attempt_id = uuid::Uuid::new_v4().to_string();
             let run = tx.run_mut(st, &run_id)?;
             machine::start_attempt(&mut run.jobs[idx], &attempt_id, &p.agent);
+            self.inner
+                .logs
+                .attempt_started(&attempt_id, run.jobs[idx].steps.len() as u32);
             let (job_name, epoch) = (run.jobs[idx].name.clone(), run.jobs[idx].epoch);
             // Debug, like the result below: at thousands of jobs a second, info lines per job cost more than
             // the scheduling (the run's submit and end stay at info; the API and traces show each job).
@@ -1404,7 +1411,10 @@ impl Engine {
         name: &str,
     ) -> CoordResult<String> {
         let secrets = &self.inner.secrets;
-        let pipeline = crate::pipeline::parse_with_secrets(yaml, &|n| secrets.contains(n))
+        let pipeline = self
+            .inner
+            .parsed
+            .parse_with_secrets(yaml, &|n| secrets.contains(n))
             .map_err(|errs| {
                 let lines: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
                 CoordError::InvalidArgument(format!("invalid pipeline:\n{}", lines.join("\n")))

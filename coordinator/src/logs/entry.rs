@@ -201,6 +201,19 @@ impl LogEntry {
         }
     }
 
+    /// The log of a step of an attempt started by this process that nothing was ever stored for: its
+    /// status is known (empty, open) without looking at the disk.
+    pub(super) fn new_empty(root: &Path, journal: Arc<Journal>, attempt: &str, step: u32) -> Self {
+        let mut entry = Self::new(root, journal, attempt, step);
+        *entry.io.get_mut() = LogIo {
+            loaded: true,
+            // No file, so no directory entry to make durable (creating the file clears this).
+            dirs_synced: true,
+            ..LogIo::default()
+        };
+        entry
+    }
+
     /// True when dropping this entry loses nothing: no unsynced bytes, no unwritten marker. Called from a
     /// `Drop` under the store's map lock, hence `try_lock`: a locked entry is in use, so not droppable.
     pub(super) fn is_clean(&self) -> bool {

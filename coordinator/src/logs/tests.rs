@@ -703,3 +703,47 @@ async fn pieces_are_appended_in_order_and_resends_skip_what_is_stored() {
     let got = collect(store.read(A, 0, 0, false)).await;
     assert_eq!(concat(&got), data);
 }
+
+#[tokio::test]
+async fn logs_of_a_fresh_attempt_start_empty_and_reload_from_disk_once_evicted() {
+    let (dir, store) = store();
+    store.attempt_started(A, 3);
+    // Step 0 takes the fast start, is written, synced and evicted (no handle left, nothing unsynced).
+    store.append(A, 0, 0, b"hello ", false).await.unwrap();
+    let s = store.sync(A, 0).await.unwrap();
+    assert_eq!((s.len, s.complete), (6, false));
+    assert_eq!(live_entries(&store), 0);
+    // Opened again, it is read from the disk: the fresh mark was used up by the first open.
+    store.append(A, 0, 6, b"world", true).await.unwrap();
+    let s = store.sync(A, 0).await.unwrap();
+    assert_eq!((s.len, s.complete), (11, true));
+    // An empty step completes without a file, like any empty log.
+    store.append(A, 1, 0, b"", true).await.unwrap();
+    assert!(store.sync(A, 1).await.unwrap().complete);
+    // Once the attempt ends, its unopened step is looked up on the disk like any other log.
+    store.attempt_ended(A);
+    assert!(store.inner.fresh.lock().unwrap().is_empty());
+    let s = store.status(A, 2).await.unwrap();
+    assert_eq!((s.len, s.complete), (0, false));
+
+    // A reopened store knows nothing fresh: everything comes back from the disk.
+    drop(store);
+    let store = LogStore::open(dir.path().join("logs")).expect("reopen");
+    let body = concat(&collect(store.read(A, 0, 0, false)).await);
+    assert_eq!(body, b"hello world");
+    assert!(store.status(A, 1).await.unwrap().complete);
+}
+
+#[test]
+fn every_step_of_a_fresh_attempt_is_fresh_once() {
+    let (_dir, store) = store();
+    store.attempt_started(A, 2);
+    assert!(store.take_fresh(A, 1));
+    assert!(!store.take_fresh(A, 1));
+    assert!(!store.take_fresh(A, 7));
+    assert!(store.take_fresh(A, 0));
+    // The last one taken forgets the attempt.
+    assert!(store.inner.fresh.lock().unwrap().is_empty());
+    store.attempt_started("other", 0);
+    assert!(store.inner.fresh.lock().unwrap().is_empty());
+}

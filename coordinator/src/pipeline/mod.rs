@@ -5,6 +5,7 @@ mod cache_tests;
 mod error;
 #[cfg(test)]
 mod host_tests;
+mod memo;
 mod model;
 mod parse;
 #[cfg(test)]
@@ -14,6 +15,7 @@ mod tests;
 mod yaml;
 
 pub use error::PipelineError;
+pub use memo::ParseMemo;
 pub use model::{
     CacheSpec, HostAccess, JobSpec, Pipeline, PullPolicy, Resources, StepSpec, Volume,
 };

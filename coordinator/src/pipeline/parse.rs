@@ -62,27 +62,61 @@ pub fn parse_with_secrets(
     src: &str,
     known: &dyn Fn(&str) -> bool,
 ) -> Result<Pipeline, Vec<PipelineError>> {
+    check(src)?.finish(known)
+}
+
+/// A pipeline file walked once: its model, the secrets it names and the problems found, before the
+/// secret names are checked (the only part that depends on anything but the text).
+#[derive(Debug, Clone)]
+pub(super) struct Checked {
+    pub(super) pipeline: Pipeline,
+    /// Every well-formed `secrets:` entry with its line and column.
+    secret_refs: Vec<(String, u32, u32)>,
+    errors: Vec<PipelineError>,
+}
+
+/// Walks `src`; fails only when it is not YAML at all.
+pub(super) fn check(src: &str) -> Result<Checked, Vec<PipelineError>> {
     let root = yaml::load(src).map_err(|err| vec![err])?;
     let mut checker = Checker::default();
     let pipeline = checker.pipeline(&root);
-    for (name, line, column) in std::mem::take(&mut checker.secret_refs) {
-        if !known(&name) {
-            checker.errors.push(PipelineError {
-                line,
-                column,
-                message: format!(
-                    "unknown secret {name:?}; expected a secret set with `drover secrets set {name}`"
-                ),
-            });
-        }
+    Ok(Checked {
+        pipeline,
+        secret_refs: std::mem::take(&mut checker.secret_refs),
+        errors: checker.errors,
+    })
+}
+
+impl Checked {
+    /// True when the text itself is valid (its secrets may still be unknown).
+    pub(super) fn is_valid(&self) -> bool {
+        self.errors.is_empty()
     }
-    if checker.errors.is_empty() {
-        Ok(pipeline)
-    } else {
-        let mut errors = checker.errors;
-        // Stable: problems on one node stay in the order they were found.
-        errors.sort_by_key(|e| (e.line, e.column));
-        Err(errors)
+
+    /// The model, or every problem (unknown secrets among them) in the order of the file.
+    pub(super) fn finish(
+        self,
+        known: &dyn Fn(&str) -> bool,
+    ) -> Result<Pipeline, Vec<PipelineError>> {
+        let mut errors = self.errors;
+        for (name, line, column) in self.secret_refs {
+            if !known(&name) {
+                errors.push(PipelineError {
+                    line,
+                    column,
+                    message: format!(
+                        "unknown secret {name:?}; expected a secret set with `drover secrets set {name}`"
+                    ),
+                });
+            }
+        }
+        if errors.is_empty() {
+            Ok(self.pipeline)
+        } else {
+            // Stable: problems on one node stay in the order they were found.
+            errors.sort_by_key(|e| (e.line, e.column));
+            Err(errors)
+        }
     }
 }
 

@@ -978,6 +978,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_wal_starts_over_under_a_steady_stream_of_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let store = Store::open(&path).unwrap();
+        let mut r = run();
+        // A run with 64 KiB of pipeline text per commit: each writes at least 16 pages, so 1,000 commits
+        // back to back are over 64 MiB of WAL frames, four times the size past which it must start over.
+        let text = "x".repeat(64 * 1024);
+        for i in 1..=1_000 {
+            (r.seq, r.id, r.pipeline) = (i, format!("r{i}"), format!("{i}{text}"));
+            store.commit(vec![Write::Run(r.clone())]).await.unwrap();
+        }
+        let wal = std::fs::metadata(dir.path().join("db.sqlite-wal"))
+            .unwrap()
+            .len();
+        assert!(wal < 32 << 20, "the WAL grew to {wal} bytes");
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.get_run("r1000").await.unwrap().unwrap(), r);
+        assert_eq!(store.load().await.unwrap().runs.len(), 1_000);
+    }
+
+    #[tokio::test]
     async fn runs_list_in_pages_newest_first() {
         let store = Store::open_in_memory().unwrap();
         for i in 1..=5 {
