@@ -152,7 +152,7 @@ fn parse_vmrss_kib(status: &str) -> Option<u64> {
 }
 
 /// utime + stime of `pid`, in clock ticks (fields 14 and 15 of /proc/PID/stat).
-fn cpu_ticks(pid: u32) -> Result<u64> {
+pub(crate) fn cpu_ticks(pid: u32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     parse_cpu_ticks(&stat).context("malformed /proc/PID/stat")
@@ -178,7 +178,7 @@ async fn cpu_percent(pid: u32, clk_tck: f64) -> Result<(f64, Duration)> {
 }
 
 /// `getconf CLK_TCK` (100 on Linux unless configured otherwise).
-async fn clock_ticks_per_second() -> f64 {
+pub(crate) async fn clock_ticks_per_second() -> f64 {
     let out = tokio::process::Command::new("getconf")
         .arg("CLK_TCK")
         .output()

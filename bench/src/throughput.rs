@@ -12,6 +12,7 @@ use futures::StreamExt;
 
 use crate::cluster::Coordinator;
 use crate::dispatch::NOOP_PIPELINE;
+use crate::fleet::{clock_ticks_per_second, cpu_ticks};
 use crate::report::{Figure, Line};
 use crate::sim_agent::{start_many, SimReport};
 use crate::Opts;
@@ -39,6 +40,7 @@ pub(crate) async fn run(opts: &Opts) -> Result<Vec<Line>> {
         None => vec![1, 8, 64],
     };
     let mut lines = Vec::new();
+    let clk_tck = clock_ticks_per_second().await;
     for agents in fleets {
         let coord = Coordinator::start(&[]).await?;
         let floor_dir = coord.scratch("sqlite-floor")?;
@@ -46,10 +48,23 @@ pub(crate) async fn run(opts: &Opts) -> Result<Vec<Line>> {
         let floor = tokio::task::spawn_blocking(move || sqlite_floor(&floor_dir, floor_jobs))
             .await
             .context("the SQLite floor panicked")??;
-        let rate = load(&coord, agents, jobs)
+        let Load {
+            rate,
+            coordinator_ticks,
+            generator_ticks,
+        } = load(&coord, agents, jobs)
             .await
             .with_context(|| format!("{agents} agents; coordinator said:\n{}", coord.tail()))?;
-        eprintln!("throughput: {agents} agents, {jobs} jobs: {rate:.0} jobs/s");
+        // Where the machine's CPU went: the coordinator's and this process's (the simulated agents and
+        // the submitting clients) per job, and the rate both together would allow with every core busy.
+        let per_job = |ticks: u64| 1e6 * ticks as f64 / clk_tck / jobs as f64;
+        let (coord_us, gen_us) = (per_job(coordinator_ticks), per_job(generator_ticks));
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        eprintln!(
+            "throughput: {agents} agents, {jobs} jobs: {rate:.0} jobs/s; CPU per job: coordinator \
+             {coord_us:.0} us, load generator {gen_us:.0} us; {cores} cores busy allow {:.0} jobs/s",
+            cores * 1e6 / (coord_us + gen_us)
+        );
         let target = if agents == 64 {
             ">= 10000 jobs/s"
         } else {
@@ -182,7 +197,7 @@ async fn offered(coord: &Coordinator, rate: f64, duration: Duration) -> Result<O
 /// Attaches `agents` simulated agents, submits `jobs` one-job runs from [`CLIENTS`] clients at once and
 /// returns completed jobs per second (first submit -> last JobResult sent), after checking every run
 /// succeeded.
-async fn load(coord: &Coordinator, agents: usize, jobs: usize) -> Result<f64> {
+async fn load(coord: &Coordinator, agents: usize, jobs: usize) -> Result<Load> {
     let token = coord.token(agents as u32).await?;
     let completed = Arc::new(AtomicU64::new(0));
     let report = SimReport {
@@ -192,6 +207,8 @@ async fn load(coord: &Coordinator, agents: usize, jobs: usize) -> Result<f64> {
     let mut fleet = start_many(&coord.url, &token, agents, 16, report).await?;
 
     let next = Arc::new(AtomicUsize::new(0));
+    let pid = coord.pid()?;
+    let cpu0 = (cpu_ticks(pid)?, cpu_ticks(std::process::id())?);
     let t0 = Instant::now();
     let mut submitters = Vec::new();
     for _ in 0..CLIENTS {
@@ -234,8 +251,20 @@ async fn load(coord: &Coordinator, agents: usize, jobs: usize) -> Result<f64> {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let elapsed = t0.elapsed();
+    let cpu1 = (cpu_ticks(pid)?, cpu_ticks(std::process::id())?);
     verify_succeeded(coord, &run_ids).await?;
-    Ok(jobs as f64 / elapsed.as_secs_f64())
+    Ok(Load {
+        rate: jobs as f64 / elapsed.as_secs_f64(),
+        coordinator_ticks: cpu1.0.saturating_sub(cpu0.0),
+        generator_ticks: cpu1.1.saturating_sub(cpu0.1),
+    })
+}
+
+/// A closed-loop load's rate, and the CPU (clock ticks) spent on it by each side.
+struct Load {
+    rate: f64,
+    coordinator_ticks: u64,
+    generator_ticks: u64,
 }
 
 /// Every run must end succeeded (the last results may still be in flight when the clock stops).

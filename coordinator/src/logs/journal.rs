@@ -54,6 +54,31 @@ struct Flusher {
     flushes: u64,
 }
 
+/// Durable completions kept in memory after their flush.
+const RECENT: usize = 8192;
+
+/// The last durable completions, oldest first in `order`.
+#[derive(Debug, Default)]
+struct Recent {
+    len: HashMap<LogKey, u64>,
+    order: std::collections::VecDeque<LogKey>,
+}
+
+impl Recent {
+    fn extend(&mut self, records: HashMap<LogKey, u64>) {
+        for (key, len) in records {
+            if self.len.insert(key.clone(), len).is_none() {
+                self.order.push_back(key);
+            }
+        }
+        while self.order.len() > RECENT {
+            if let Some(old) = self.order.pop_front() {
+                self.len.remove(&old);
+            }
+        }
+    }
+}
+
 /// The completion index of one store.
 #[derive(Debug)]
 pub(super) struct Journal {
@@ -67,6 +92,9 @@ pub(super) struct Journal {
     flusher: tokio::sync::Mutex<Flusher>,
     /// The writing connection, used by one flush at a time (on a blocking thread).
     writer: Arc<Mutex<Connection>>,
+    /// The last [`RECENT`] completions made durable, answered without a lookup in the index: a job's
+    /// result, which checks every step's log is complete, follows their completion closely.
+    recent: Mutex<Recent>,
     /// A second connection for lookups: in WAL mode it reads the last commit while a flush writes.
     reader: Mutex<Connection>,
 }
@@ -175,18 +203,28 @@ impl Journal {
                 flushes: 0,
             }),
             writer: Arc::new(Mutex::new(writer)),
+            recent: Mutex::new(Recent::default()),
             reader: Mutex::new(reader),
         })
     }
 
-    /// The final length of a log whose completion was recorded (durable, or queued for the next
-    /// flush). Blocking: a point lookup in the index.
-    pub(super) fn completed_len(&self, key: &LogKey) -> io::Result<Option<u64>> {
+    /// [`Journal::completed_len`] when memory knows it (queued, being flushed, or among the recent
+    /// durable ones); `None` means "look in the index", not "incomplete".
+    pub(super) fn completed_len_in_memory(&self, key: &LogKey) -> Option<u64> {
         if let Some(len) = guard(&self.queued).records.get(key) {
-            return Ok(Some(*len));
+            return Some(*len);
         }
         if let Some(len) = guard(&self.flushing).get(key) {
-            return Ok(Some(*len));
+            return Some(*len);
+        }
+        guard(&self.recent).len.get(key).copied()
+    }
+
+    /// The final length of a log whose completion was recorded (durable, or queued for the next
+    /// flush). Blocking: a point lookup in the index unless memory knows.
+    pub(super) fn completed_len(&self, key: &LogKey) -> io::Result<Option<u64>> {
+        if let Some(len) = self.completed_len_in_memory(key) {
+            return Ok(Some(len));
         }
         let conn = guard(&self.reader);
         conn.prepare_cached("SELECT len FROM complete WHERE attempt = ?1 AND step = ?2")
@@ -232,7 +270,7 @@ impl Journal {
             (records, std::mem::take(&mut q.dirs), q.ticket)
         };
         let writer = self.writer.clone();
-        let flushed = tokio::task::spawn_blocking(move || -> io::Result<()> {
+        let flushed = tokio::task::spawn_blocking(move || -> io::Result<HashMap<LogKey, u64>> {
             // Directories first: a record may name a log whose file was just created.
             for dir in &dirs {
                 sync_dir(dir)?;
@@ -242,17 +280,22 @@ impl Journal {
                 let path = conn.path().map(PathBuf::from).unwrap_or_default();
                 insert(&mut conn, &records, &path)?;
             }
-            Ok(())
+            Ok(records)
         })
         .await
         .map_err(|e| io::Error::other(format!("log index task failed: {e}")))
         .and_then(|r| r);
-        if let Err(e) = flushed {
-            // Keep answering the lost records from memory: the entries that asked for them fail,
-            // and nothing more is acknowledged.
-            f.broken = Some(e.to_string());
-            return Err(e);
-        }
+        let records = match flushed {
+            Ok(records) => records,
+            Err(e) => {
+                // Keep answering the lost records from memory: the entries that asked for them fail,
+                // and nothing more is acknowledged.
+                f.broken = Some(e.to_string());
+                return Err(e);
+            }
+        };
+        // Recent before the flushing copy goes: a lookup never misses a completion in between.
+        guard(&self.recent).extend(records);
         guard(&self.flushing).clear();
         f.durable = upto;
         f.flushes += 1;
