@@ -176,7 +176,7 @@ async fn drover_job(n: usize) -> Result<Samples> {
             .context("SubmitRun")?
             .into_inner()
             .run_id;
-        let state = tokio::time::timeout(
+        let (state, _) = tokio::time::timeout(
             Duration::from_secs(60),
             watch_until_finished(&mut client, &run_id),
         )

@@ -132,10 +132,9 @@ async fn one_job(
         .await
         .map_err(|_| anyhow!("run {run_id}: no assignment within {JOB_TIMEOUT:?}"))?
         .ok_or_else(|| anyhow!("the simulated agent's session ended"))?;
-    let state = tokio::time::timeout(JOB_TIMEOUT, watch_until_finished(client, &run_id))
+    let (state, seen) = tokio::time::timeout(JOB_TIMEOUT, watch_until_finished(client, &run_id))
         .await
         .map_err(|_| anyhow!("run {run_id} not finished within {JOB_TIMEOUT:?}"))??;
-    let seen = Instant::now();
     if state != RunState::Succeeded {
         bail!("run {run_id} ended {state:?}, expected Succeeded");
     }
@@ -153,11 +152,11 @@ async fn one_job(
     })
 }
 
-/// Follows WatchRun until the run is no longer running; returns its final state.
+/// Follows WatchRun until the run is no longer running; returns its final state and when it arrived.
 pub(crate) async fn watch_until_finished(
     client: &mut crate::cluster::Control,
     run_id: &str,
-) -> Result<RunState> {
+) -> Result<(RunState, Instant)> {
     let mut stream = client
         .watch_run(GetRunRequest {
             run_id: run_id.to_string(),
@@ -167,10 +166,30 @@ pub(crate) async fn watch_until_finished(
         .into_inner();
     while let Some(run) = stream.message().await.context("WatchRun stream failed")? {
         if run.state() != RunState::Running {
-            return Ok(run.state());
+            let at = Instant::now();
+            read_to_end(&mut stream).await?;
+            return Ok((run.state(), at));
         }
     }
     bail!("WatchRun of {run_id} ended while the run was still running")
+}
+
+/// Reads a WatchRun stream to its end (the coordinator ends it right after the final state).
+///
+/// Dropping it at the final message instead races the stream's trailers: when they arrive after the
+/// client reset the stream, the client's h2 counts a reset of its own, and after 1,024 of those on one
+/// connection it closes the connection ("too_many_internal_resets", hyperium/h2#856), failing every
+/// call in flight on it. A benchmark that watches thousands of runs over one connection hit that.
+pub(crate) async fn read_to_end(
+    stream: &mut tonic::Streaming<drover_proto::v1::Run>,
+) -> Result<()> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while stream.message().await?.is_some() {}
+        Ok::<_, tonic::Status>(())
+    })
+    .await
+    .context("WatchRun did not end after the run finished")?
+    .context("WatchRun stream failed after the run finished")
 }
 
 /// The benchmark: echo floor first, then the sequential jobs.

@@ -82,6 +82,7 @@ async fn watch(client: &mut Control, run_id: &str) -> Result<Watched> {
             step_done = Some(now);
         }
         if run.state() != RunState::Running {
+            crate::dispatch::read_to_end(&mut stream).await?;
             return Ok(Watched {
                 step_running,
                 step_done,
