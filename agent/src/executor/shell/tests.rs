@@ -311,3 +311,11 @@ async fn workspaces_are_removed_and_bad_attempt_ids_refused() {
         Err(ExecError::Escape(_))
     ));
 }
+
+#[test]
+fn steps_start_their_shell_by_absolute_path() {
+    // By name (with a PATH for the child) the standard library would fork the whole agent per step.
+    let sh = find_sh();
+    assert!(sh.is_absolute(), "{}", sh.display());
+    assert!(sh.is_file(), "{}", sh.display());
+}
