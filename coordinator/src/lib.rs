@@ -16,6 +16,7 @@ pub mod http;
 pub mod logs;
 pub mod mtls;
 pub mod pipeline;
+mod recent;
 pub mod scheduler;
 pub mod secrets;
 pub mod server;

@@ -24,6 +24,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::entry::{io_context, sync_dir};
 use super::LogKey;
+use crate::recent::Recent;
 use std::io;
 
 /// File name of the text journal of earlier versions, imported and removed at open.
@@ -57,28 +58,6 @@ struct Flusher {
 /// Durable completions kept in memory after their flush.
 const RECENT: usize = 8192;
 
-/// The last durable completions, oldest first in `order`.
-#[derive(Debug, Default)]
-struct Recent {
-    len: HashMap<LogKey, u64>,
-    order: std::collections::VecDeque<LogKey>,
-}
-
-impl Recent {
-    fn extend(&mut self, records: HashMap<LogKey, u64>) {
-        for (key, len) in records {
-            if self.len.insert(key.clone(), len).is_none() {
-                self.order.push_back(key);
-            }
-        }
-        while self.order.len() > RECENT {
-            if let Some(old) = self.order.pop_front() {
-                self.len.remove(&old);
-            }
-        }
-    }
-}
-
 /// The completion index of one store.
 #[derive(Debug)]
 pub(super) struct Journal {
@@ -94,7 +73,7 @@ pub(super) struct Journal {
     writer: Arc<Mutex<Connection>>,
     /// The last [`RECENT`] completions made durable, answered without a lookup in the index: a job's
     /// result, which checks every step's log is complete, follows their completion closely.
-    recent: Mutex<Recent>,
+    recent: Mutex<Recent<LogKey, u64>>,
     /// A second connection for lookups: in WAL mode it reads the last commit while a flush writes.
     reader: Mutex<Connection>,
 }
@@ -203,7 +182,7 @@ impl Journal {
                 flushes: 0,
             }),
             writer: Arc::new(Mutex::new(writer)),
-            recent: Mutex::new(Recent::default()),
+            recent: Mutex::new(Recent::new(RECENT)),
             reader: Mutex::new(reader),
         })
     }
@@ -217,7 +196,7 @@ impl Journal {
         if let Some(len) = guard(&self.flushing).get(key) {
             return Some(*len);
         }
-        guard(&self.recent).len.get(key).copied()
+        guard(&self.recent).get(key).copied()
     }
 
     /// The final length of a log whose completion was recorded (durable, or queued for the next
@@ -295,7 +274,11 @@ impl Journal {
             }
         };
         // Recent before the flushing copy goes: a lookup never misses a completion in between.
-        guard(&self.recent).extend(records);
+        let mut recent = guard(&self.recent);
+        for (key, len) in records {
+            recent.insert(key, len);
+        }
+        drop(recent);
         guard(&self.flushing).clear();
         f.durable = upto;
         f.flushes += 1;

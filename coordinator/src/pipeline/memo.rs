@@ -8,11 +8,11 @@
 //! hit or miss, exactly as a fresh parse does, so an unknown secret is reported at its line and column
 //! either way.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::parse::{check, Checked};
 use super::{Pipeline, PipelineError};
+use crate::recent::Recent;
 
 /// Texts longer than this are walked every time (an entry holds its text and its model).
 const MAX_TEXT: usize = 64 * 1024;
@@ -20,15 +20,17 @@ const MAX_TEXT: usize = 64 * 1024;
 const ENTRIES: usize = 256;
 
 /// Remembers the checked model of the last [`ENTRIES`] valid pipeline texts.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ParseMemo {
-    inner: Mutex<Entries>,
+    inner: Mutex<Recent<Arc<str>, Arc<Checked>>>,
 }
 
-#[derive(Debug, Default)]
-struct Entries {
-    checked: HashMap<Arc<str>, Arc<Checked>>,
-    order: VecDeque<Arc<str>>,
+impl Default for ParseMemo {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::new(Recent::new(ENTRIES)),
+        }
+    }
 }
 
 impl ParseMemo {
@@ -38,38 +40,24 @@ impl ParseMemo {
         src: &str,
         known: &dyn Fn(&str) -> bool,
     ) -> Result<Pipeline, Vec<PipelineError>> {
-        if let Some(hit) = self.lock().checked.get(src).cloned() {
+        if let Some(hit) = self.lock().get(src).cloned() {
             return Checked::clone(&hit).finish(known);
         }
         let checked = check(src)?;
         if checked.is_valid() && src.len() <= MAX_TEXT {
-            self.remember(src, Arc::new(checked.clone()));
+            self.lock()
+                .insert(Arc::from(src), Arc::new(checked.clone()));
         }
         checked.finish(known)
-    }
-
-    fn remember(&self, src: &str, checked: Arc<Checked>) {
-        let mut m = self.lock();
-        let key: Arc<str> = Arc::from(src);
-        if m.checked.insert(key.clone(), checked).is_some() {
-            // Another submit of the same text got here first: already in the order.
-            return;
-        }
-        m.order.push_back(key);
-        while m.order.len() > ENTRIES {
-            if let Some(old) = m.order.pop_front() {
-                m.checked.remove(&old);
-            }
-        }
     }
 
     /// How many texts are remembered.
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.lock().checked.len()
+        self.lock().len()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Entries> {
+    fn lock(&self) -> MutexGuard<'_, Recent<Arc<str>, Arc<Checked>>> {
         // Sections under this lock only look up, insert and remove entries; recover rather than wedge.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -135,7 +123,7 @@ mod tests {
             memo.parse_with_secrets(&text(i), &|_| true).unwrap();
         }
         assert_eq!(memo.len(), ENTRIES);
-        assert!(!memo.lock().checked.contains_key(text(0).as_str()));
-        assert!(memo.lock().checked.contains_key(text(ENTRIES + 9).as_str()));
+        assert!(memo.lock().get(text(0).as_str()).is_none());
+        assert!(memo.lock().get(text(ENTRIES + 9).as_str()).is_some());
     }
 }
