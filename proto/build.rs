@@ -25,6 +25,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Every rpc gets a default `UNIMPLEMENTED` body and server streams are boxed (`BoxStream<T>`), so
         // adding an rpc to the contract does not break other implementations (test doubles).
         .generate_default_stubs(true)
+        // A log chunk's bytes are shared, not copied: the agent sends slices of the buffers its spool
+        // writer already holds, and the coordinator's decoder hands out slices of its receive buffer.
+        .bytes(".drover.v1.LogChunk.data")
         .compile_fds(fds)?;
     Ok(())
 }

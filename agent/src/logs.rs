@@ -10,8 +10,9 @@ use std::future::Future;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use bytes::{Bytes, BytesMut};
 use drover_proto::v1::{LogAck, LogChunk};
 use drover_proto::CHUNK_BYTES;
 use tokio::sync::{mpsc, watch};
@@ -47,6 +48,8 @@ pub struct LogState {
 pub struct AttemptSpool {
     dir: PathBuf,
     state: watch::Sender<LogState>,
+    /// The latest bytes written, for the shipper.
+    tail: Arc<Mutex<SpoolTail>>,
     /// Per-step log cap in bytes; output past it is dropped behind a marker line.
     max_log_bytes: u64,
 }
@@ -65,6 +68,7 @@ impl AttemptSpool {
         Ok(Self {
             dir,
             state: watch::Sender::new(LogState::default()),
+            tail: Arc::default(),
             max_log_bytes: DEFAULT_MAX_LOG_BYTES,
         })
     }
@@ -120,6 +124,7 @@ impl AttemptSpool {
         let spool = Self {
             dir,
             state: watch::Sender::new(state),
+            tail: Arc::default(),
             max_log_bytes: DEFAULT_MAX_LOG_BYTES,
         };
         let step = StepSpool {
@@ -127,6 +132,7 @@ impl AttemptSpool {
             len,
             index: current,
             state: spool.state.clone(),
+            tail: spool.tail.clone(),
             times: Arc::new(times),
             // Where the earlier run stopped is unknown: the next read is stamped as a line start.
             clock: LineClock::default(),
@@ -159,6 +165,7 @@ impl AttemptSpool {
             len: 0,
             index,
             state: self.state.clone(),
+            tail: self.tail.clone(),
             times: Arc::new(times),
             clock: LineClock::default(),
             cap: self.max_log_bytes,
@@ -194,6 +201,8 @@ pub struct StepSpool {
     len: u64,
     index: u32,
     state: watch::Sender<LogState>,
+    /// Where each write is also kept for the shipper.
+    tail: Arc<Mutex<SpoolTail>>,
     /// The line-time sidecar.
     times: Arc<std::fs::File>,
     clock: LineClock,
@@ -220,27 +229,30 @@ impl StepSpool {
 impl StepSpool {
     /// Appends `data` to the spool, its line time (if it starts a line) to the sidecar first, so
     /// the shipper never reads bytes whose times are not written yet: plain `write`s to files
-    /// opened for appending, readable by the shipper as soon as they return.
+    /// opened for appending, readable by the shipper as soon as they return. The bytes are also
+    /// kept in the attempt's [`SpoolTail`], so the shipper sends them without reading them back.
     ///
     /// Written on the calling task, not on a blocking thread: a write of at most a MiB into the
     /// page cache takes microseconds, while the two thread switches of a trip to a blocking
     /// thread per write were half the agent's CPU time on a fast log (profiled with `perf`).
-    async fn append(&mut self, data: &[u8]) -> io::Result<()> {
+    async fn append(&mut self, data: Bytes) -> io::Result<()> {
         if data.is_empty() {
             return Ok(());
         }
-        if let Some(t) = self.clock.observe(self.len, data, logtimes::now_ms()) {
+        if let Some(t) = self.clock.observe(self.len, &data, logtimes::now_ms()) {
             (&*self.times).write_all(&logtimes::encode(&t))?;
         }
-        (&*self.file).write_all(data)?;
+        (&*self.file).write_all(&data)?;
+        let offset = self.len;
         self.len += data.len() as u64;
         self.ends_line = data.last() == Some(&b'\n');
+        lock(&self.tail).push(self.index, offset, data);
         Ok(())
     }
 }
 
 impl OutputSink for StepSpool {
-    async fn write(&mut self, data: &[u8]) -> io::Result<()> {
+    async fn write(&mut self, data: Bytes) -> io::Result<()> {
         if data.is_empty() || self.truncated {
             return Ok(());
         }
@@ -249,13 +261,13 @@ impl OutputSink for StepSpool {
             self.append(data).await?;
         } else {
             // Keep what fits, then say (in the log itself) that the rest is dropped: the job runs on.
-            self.append(&data[..room as usize]).await?;
+            self.append(data.slice(..room as usize)).await?;
             let marker = format!(
                 "{}[drover] log truncated at {} bytes\n",
                 if self.ends_line { "" } else { "\n" },
                 self.cap
             );
-            self.append(marker.as_bytes()).await?;
+            self.append(Bytes::from(marker)).await?;
             self.truncated = true;
         }
         let (index, len, truncated) = (self.index, self.len, self.truncated);
@@ -266,6 +278,113 @@ impl OutputSink for StepSpool {
         });
         Ok(())
     }
+}
+
+/// Most bytes an attempt's [`SpoolTail`] holds.
+const TAIL_BYTES: usize = 4 << 20;
+
+/// The latest bytes written to an attempt's spools (at most [`TAIL_BYTES`]), kept in memory so the
+/// shipper sends the very buffers the spool writer wrote instead of reading them back from the page
+/// cache (a copy, and a zeroed buffer to copy into, per byte of a fast log). The spool file stays the
+/// source of truth: bytes the tail no longer holds (a shipper that fell behind, a resend after a
+/// reconnect, an agent restart) are read from it.
+#[derive(Debug, Default)]
+struct SpoolTail {
+    /// `(step, offset, bytes)` in the order written, so ascending by `(step, offset)`.
+    pieces: VecDeque<(u32, u64, Bytes)>,
+    /// Bytes in `pieces`.
+    held: usize,
+}
+
+impl SpoolTail {
+    /// Keeps the bytes written at `offset` of `step`, forgetting the oldest past [`TAIL_BYTES`].
+    fn push(&mut self, step: u32, offset: u64, data: Bytes) {
+        if self
+            .pieces
+            .back()
+            .is_some_and(|(s, o, d)| (*s, o + d.len() as u64) > (step, offset))
+        {
+            // Not after the last piece (a step's spool reopened): start over, the file has it all.
+            self.pieces.clear();
+            self.held = 0;
+        }
+        self.held += data.len();
+        self.pieces.push_back((step, offset, data));
+        while self.held > TAIL_BYTES {
+            let Some((_, _, d)) = self.pieces.pop_front() else {
+                break;
+            };
+            self.held -= d.len();
+        }
+    }
+
+    /// Forgets the bytes of `step` before `offset` (acknowledged: never sent again).
+    fn forget(&mut self, step: u32, offset: u64) {
+        while let Some((s, o, d)) = self.pieces.front() {
+            if *s > step || (*s == step && o + d.len() as u64 > offset) {
+                break;
+            }
+            self.held -= d.len();
+            self.pieces.pop_front();
+        }
+    }
+
+    /// The bytes `[offset, offset + len)` of `step`, as slices of the pieces that hold them; `None`
+    /// unless all of them are held.
+    fn get(&self, step: u32, offset: u64, len: usize) -> Option<Vec<Bytes>> {
+        let end = offset + len as u64;
+        let first = self
+            .pieces
+            .partition_point(|(s, o, d)| (*s, o + d.len() as u64) <= (step, offset));
+        let mut out = Vec::new();
+        let mut at = offset;
+        for (s, o, d) in self.pieces.range(first..) {
+            if at == end || *s != step || *o > at {
+                break;
+            }
+            let to = (end - o).min(d.len() as u64) as usize;
+            out.push(d.slice((at - o) as usize..to));
+            at = o + to as u64;
+        }
+        (at == end).then_some(out)
+    }
+}
+
+/// `pieces` cut and joined into chunks of at most [`CHUNK_BYTES`] each: a chunk within one piece
+/// is a slice of it (no copy); only pieces smaller than a chunk are copied together.
+fn into_chunks(pieces: Vec<Bytes>) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut gathered: Vec<Bytes> = Vec::new();
+    let mut gathered_len = 0;
+    let flush = |gathered: &mut Vec<Bytes>, out: &mut Vec<Bytes>| match gathered.len() {
+        0 => {}
+        1 => out.push(gathered.pop().unwrap_or_default()),
+        _ => {
+            let mut joined = BytesMut::with_capacity(gathered.iter().map(Bytes::len).sum());
+            for p in gathered.drain(..) {
+                joined.extend_from_slice(&p);
+            }
+            out.push(joined.freeze());
+        }
+    };
+    for mut piece in pieces {
+        while !piece.is_empty() {
+            let take = piece.len().min(CHUNK_BYTES - gathered_len);
+            gathered.push(piece.split_to(take));
+            gathered_len += take;
+            if gathered_len == CHUNK_BYTES {
+                flush(&mut gathered, &mut out);
+                gathered_len = 0;
+            }
+        }
+    }
+    flush(&mut gathered, &mut out);
+    out
+}
+
+/// Locks `m`, whatever a panicking holder left (the tail is a cache; the spool file is the truth).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Drop for StepSpool {
@@ -434,6 +553,7 @@ pub struct Shipper<T> {
     epoch: u64,
     dir: PathBuf,
     state: watch::Receiver<LogState>,
+    tail: Arc<Mutex<SpoolTail>>,
 }
 
 impl<T: LogTransport> Shipper<T> {
@@ -445,6 +565,7 @@ impl<T: LogTransport> Shipper<T> {
             epoch,
             dir: spool.dir().to_path_buf(),
             state: spool.subscribe(),
+            tail: spool.tail.clone(),
         }
     }
 
@@ -521,6 +642,10 @@ impl<T: LogTransport> Shipper<T> {
                             let a = acked.entry(ack.step_index).or_default();
                             a.durable = a.durable.max(ack.durable_offset);
                             a.complete |= ack.complete;
+                            lock(&self.tail).forget(
+                                ack.step_index,
+                                if a.complete { u64::MAX } else { a.durable },
+                            );
                             let s = sent.entry(ack.step_index).or_default();
                             s.next = s.next.max(a.durable);
                             s.eof |= a.complete;
@@ -563,8 +688,9 @@ impl<T: LogTransport> Shipper<T> {
     }
 
     /// The bytes `[offset, offset + len)` of a step's spool and the line times recorded for them,
-    /// read at once and cut into chunks of at most [`CHUNK_BYTES`]; only
-    /// the last one carries `eof`. The spool and its sidecar stay open for the next span.
+    /// cut into chunks of at most [`CHUNK_BYTES`]; only the last one carries `eof`. The bytes come
+    /// from the attempt's [`SpoolTail`] when it still holds them all, else from the spool file.
+    /// The spool and its sidecar stay open for the next span.
     async fn read_span(
         &self,
         files: &mut HashMap<u32, Arc<SpoolFiles>>,
@@ -585,11 +711,17 @@ impl<T: LogTransport> Shipper<T> {
             truncated,
         };
         if len == 0 {
-            return Ok(VecDeque::from([chunk(offset, Vec::new(), Vec::new(), eof)]));
+            return Ok(VecDeque::from([chunk(
+                offset,
+                Bytes::new(),
+                Vec::new(),
+                eof,
+            )]));
         }
         let err = |source| ShipError::Spool { step, source };
-        // Read on this task, not on a blocking thread: the bytes were just written and are in the
-        // page cache, so the read costs less than the thread switches (see `StepSpool::append`).
+        // Read on this task, not on a blocking thread: the sidecar (and the spool, when the tail
+        // no longer holds the bytes) was just written and is in the page cache, so the read costs
+        // less than the thread switches (see `StepSpool::append`).
         let opened = match files.get(&step) {
             Some(f) => f.clone(),
             None => {
@@ -606,18 +738,25 @@ impl<T: LogTransport> Shipper<T> {
                 opened
             }
         };
-        // One buffer per chunk, so none is copied again to be sent.
-        let mut data = Vec::with_capacity(len.div_ceil(CHUNK_BYTES));
-        let mut at = 0;
-        while at < len {
-            let mut piece = vec![0u8; (len - at).min(CHUNK_BYTES)];
-            opened
-                .log
-                .read_exact_at(&mut piece, offset + at as u64)
-                .map_err(err)?;
-            at += piece.len();
-            data.push(piece);
-        }
+        let held = lock(&self.tail).get(step, offset, len);
+        let data = match held {
+            Some(pieces) => into_chunks(pieces),
+            None => {
+                // One buffer per chunk, so none is copied again to be sent.
+                let mut data = Vec::with_capacity(len.div_ceil(CHUNK_BYTES));
+                let mut at = 0;
+                while at < len {
+                    let mut piece = vec![0u8; (len - at).min(CHUNK_BYTES)];
+                    opened
+                        .log
+                        .read_exact_at(&mut piece, offset + at as u64)
+                        .map_err(err)?;
+                    at += piece.len();
+                    data.push(Bytes::from(piece));
+                }
+                data
+            }
+        };
         let times = match &opened.times {
             Some(f) => logtimes::read_range_in(f, offset, offset + len as u64).map_err(err)?,
             None => Vec::new(),
@@ -745,7 +884,7 @@ mod tests {
         for (i, writes) in steps.iter().enumerate() {
             let mut step = spool.open_step(i as u32).await.unwrap();
             for w in writes {
-                step.write(w).await.unwrap();
+                step.write(Bytes::copy_from_slice(w)).await.unwrap();
             }
             drop(step);
         }
@@ -803,7 +942,7 @@ mod tests {
         let spool = AttemptSpool::create(root.path(), "a").await.unwrap();
         let handle = tokio::spawn(Shipper::new(coord.clone(), "a", 1, &spool).run());
         let mut step = spool.open_step(0).await.unwrap();
-        step.write(b"first").await.unwrap();
+        step.write(Bytes::from_static(b"first")).await.unwrap();
         let start = std::time::Instant::now();
         while coord.log(0).0 != b"first" {
             assert!(
@@ -831,7 +970,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let spool = AttemptSpool::create(root.path(), "a").await.unwrap();
         let mut step = spool.open_step(0).await.unwrap();
-        step.write(b"x").await.unwrap();
+        step.write(Bytes::from_static(b"x")).await.unwrap();
         let err = Shipper::new(Refusing, "a", 1, &spool)
             .run()
             .await
@@ -849,10 +988,10 @@ mod tests {
             .with_max_log_bytes(10);
         let handle = tokio::spawn(Shipper::new(coord.clone(), "cap", 1, &spool).run());
         let mut step = spool.open_step(0).await.unwrap();
-        step.write(b"12345\n").await.unwrap();
+        step.write(Bytes::from_static(b"12345\n")).await.unwrap();
         assert!(!spool.subscribe().borrow().steps[&0].truncated);
-        step.write(b"abcdefgh").await.unwrap();
-        step.write(b"dropped\n").await.unwrap();
+        step.write(Bytes::from_static(b"abcdefgh")).await.unwrap();
+        step.write(Bytes::from_static(b"dropped\n")).await.unwrap();
         assert!(spool.subscribe().borrow().steps[&0].truncated);
         drop(step);
         spool.close();
@@ -876,7 +1015,7 @@ mod tests {
         let spool = AttemptSpool::create(root.path(), "span").await.unwrap();
         let mut step = spool.open_step(0).await.unwrap();
         let data = pattern(3 * CHUNK_BYTES + 5, 7);
-        step.write(&data).await.unwrap();
+        step.write(Bytes::copy_from_slice(&data)).await.unwrap();
         drop(step);
         // More records at chosen offsets, after the one the write made at offset 0.
         let extra = [
@@ -898,10 +1037,18 @@ mod tests {
         }
         let shipper = Shipper::new(MemoryCoordinator::default(), "span", 1, &spool);
         let mut files = HashMap::new();
+        // Once from the tail, which holds the write, and once from the file, after the tail let go.
+        let from_tail = shipper
+            .read_span(&mut files, 0, 5, data.len() - 5, true, false)
+            .await
+            .unwrap();
+        lock(&spool.tail).forget(0, u64::MAX);
+        assert!(lock(&spool.tail).get(0, 5, 1).is_none());
         let chunks = shipper
             .read_span(&mut files, 0, 5, data.len() - 5, true, false)
             .await
             .unwrap();
+        assert_eq!(from_tail, chunks);
         assert_eq!(chunks.len(), 3);
         let mut next = 5u64;
         let mut times = Vec::new();
@@ -921,6 +1068,100 @@ mod tests {
         assert_eq!(next, data.len() as u64);
         // The record at 0 is before the span; every other one is shipped once.
         assert_eq!(times, extra.to_vec());
+    }
+
+    /// The tail hands out slices of what was written while it holds all of a range, forgets
+    /// acknowledged bytes and the oldest past its size, and starts over when a step is reopened.
+    #[test]
+    fn the_tail_holds_the_latest_bytes_and_hands_out_slices() {
+        let mut tail = SpoolTail::default();
+        let a = Bytes::from(pattern(100, 1));
+        let b = Bytes::from(pattern(50, 2));
+        tail.push(0, 0, a.clone());
+        tail.push(0, 100, b.clone());
+        tail.push(1, 0, Bytes::from_static(b"next step"));
+        let got = tail.get(0, 90, 20).unwrap();
+        assert_eq!(got.concat(), [&a[90..], &b[..10]].concat());
+        // A slice of the written buffer, not a copy.
+        assert_eq!(got[0].as_ptr(), a[90..].as_ptr());
+        assert_eq!(
+            tail.get(0, 0, 150).unwrap().concat(),
+            [&a[..], &b[..]].concat()
+        );
+        assert!(tail.get(0, 140, 11).is_none(), "past what step 0 has");
+        assert_eq!(tail.get(1, 5, 4).unwrap().concat(), b"step");
+        tail.forget(0, 120);
+        assert!(
+            tail.get(0, 99, 1).is_none(),
+            "the first piece was acknowledged"
+        );
+        assert!(
+            tail.get(0, 100, 50).is_some(),
+            "the second was not, all of it"
+        );
+        tail.forget(0, u64::MAX);
+        assert!(tail.get(0, 100, 1).is_none());
+        assert!(tail.get(1, 0, 9).is_some(), "other steps are kept");
+        // A step reopened at an earlier offset: what was held is dropped, the new bytes are held.
+        tail.push(1, 3, Bytes::from_static(b"again"));
+        assert!(tail.get(1, 0, 1).is_none());
+        assert_eq!(tail.get(1, 3, 5).unwrap().concat(), b"again");
+        // Bounded: pieces past TAIL_BYTES push the oldest out.
+        let piece = Bytes::from(vec![7u8; 1 << 20]);
+        for i in 0..6u64 {
+            tail.push(2, i << 20, piece.clone());
+        }
+        assert!(tail.held <= TAIL_BYTES);
+        assert!(tail.get(2, 0, 1).is_none());
+        assert!(tail.get(2, 2 << 20, 4 << 20).is_some());
+    }
+
+    #[test]
+    fn pieces_become_chunks_of_at_most_chunk_bytes_without_copying_large_ones() {
+        let big = Bytes::from(pattern(2 * CHUNK_BYTES + 10, 3));
+        let chunks = into_chunks(vec![big.clone()]);
+        assert_eq!(
+            chunks.iter().map(Bytes::len).collect::<Vec<_>>(),
+            [CHUNK_BYTES, CHUNK_BYTES, 10]
+        );
+        assert_eq!(chunks[1].as_ptr(), big[CHUNK_BYTES..].as_ptr());
+        // Small pieces are joined up to a chunk; the joins keep the bytes in order.
+        let small: Vec<Bytes> = (0..100u8)
+            .map(|i| Bytes::from(pattern(CHUNK_BYTES / 40, i)))
+            .collect();
+        let chunks = into_chunks(small.clone());
+        assert!(chunks.iter().all(|c| c.len() <= CHUNK_BYTES));
+        assert_eq!(chunks.len(), 3);
+        assert_eq!(chunks.concat(), small.concat());
+        assert!(into_chunks(Vec::new()).is_empty());
+    }
+
+    /// A shipper that starts late finds the first bytes gone from the tail and reads them from the
+    /// spool file; the log arrives whole either way.
+    #[tokio::test]
+    async fn bytes_the_tail_let_go_are_read_from_the_spool() {
+        let coord = MemoryCoordinator::default();
+        let root = tempfile::tempdir().unwrap();
+        let spool = AttemptSpool::create(root.path(), "late").await.unwrap();
+        let mut step = spool.open_step(0).await.unwrap();
+        let writes: Vec<Vec<u8>> = (0..100).map(|i| pattern(64 * 1024 + i, i as u8)).collect();
+        for w in &writes {
+            step.write(Bytes::copy_from_slice(w)).await.unwrap();
+        }
+        assert!(
+            lock(&spool.tail).get(0, 0, 1).is_none(),
+            "the start is only on disk"
+        );
+        drop(step);
+        spool.close();
+        Shipper::new(coord.clone(), "late", 1, &spool)
+            .run()
+            .await
+            .unwrap();
+        let (log, complete) = coord.log(0);
+        assert!(complete);
+        assert_eq!(log, writes.concat());
+        assert_eq!(lock(&spool.tail).held, 0, "acknowledged bytes are let go");
     }
 
     #[test]

@@ -117,7 +117,7 @@ impl<S: OutputSink> MaskingSink<S> {
     /// Writes what was held back.
     pub async fn finish(&mut self) -> io::Result<()> {
         let rest = self.masker.finish();
-        self.inner.write(&rest).await
+        self.inner.write(rest.into()).await
     }
 }
 
@@ -130,16 +130,16 @@ impl<S: OutputSink> OutputSink for MaskingSink<S> {
         self.inner.container_started(container_id).await
     }
 
-    async fn write(&mut self, data: &[u8]) -> io::Result<()> {
+    async fn write(&mut self, data: bytes::Bytes) -> io::Result<()> {
         if self.masker.is_empty() {
             // Nothing to hide: pass the bytes on without a copy.
             return self.inner.write(data).await;
         }
-        let out = self.masker.push(data);
+        let out = self.masker.push(&data);
         if out.is_empty() {
             return Ok(());
         }
-        self.inner.write(&out).await
+        self.inner.write(out.into()).await
     }
 }
 

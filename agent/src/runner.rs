@@ -212,7 +212,7 @@ impl OutputSink for StepSink {
         }
     }
 
-    async fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+    async fn write(&mut self, data: bytes::Bytes) -> std::io::Result<()> {
         self.spool.write(data).await
     }
 }
@@ -447,7 +447,7 @@ impl<E: Executor> Attempt<'_, E> {
             self.masker(),
         );
         let preamble = std::mem::take(&mut self.cache_run().preamble);
-        sink.write(preamble.as_bytes()).await.map_err(|e| {
+        sink.write(preamble.into()).await.map_err(|e| {
             Outcome::failed(FailureClass::Infra, format!("writing the log spool: {e}"))
         })?;
         // Child of the attempt's span (current here); its context is handed to the step's processes.
@@ -615,7 +615,7 @@ impl<E: Executor> Attempt<'_, E> {
             }
             Err(i) => return Err(self.interrupted(i)),
         };
-        if let Err(e) = log.write(lines.as_bytes()).await {
+        if let Err(e) = log.write(lines.into()).await {
             tracing::warn!(attempt = %self.a.attempt_id, error = %e, "logging the cache save");
         }
         if let Err(e) = log.finish().await {
@@ -667,7 +667,7 @@ impl<E: Executor> Attempt<'_, E> {
             "\n[drover] agent restarted: output the step wrote after byte {} while no agent was attached may be missing\n",
             step_spool.len()
         );
-        step_spool.write(marker.as_bytes()).await.map_err(|e| {
+        step_spool.write(marker.into()).await.map_err(|e| {
             Outcome::failed(FailureClass::Infra, format!("writing the log spool: {e}"))
         })?;
         let step_deadline = (step.timeout_secs > 0)

@@ -307,6 +307,11 @@ pub(crate) struct Agent {
 }
 
 impl Agent {
+    /// The agent's process id (none once it was reaped).
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
     /// `kill -9`: its containers keep running until [`Agent`] is dropped.
     pub(crate) async fn kill(&mut self) {
         self.proc.kill().await;

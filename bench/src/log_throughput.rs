@@ -14,6 +14,7 @@ use futures::StreamExt;
 
 use crate::cluster::{remove_labelled, Control, Coordinator};
 use crate::container_step::IMAGE;
+use crate::fleet::{clock_ticks_per_second, cpu_ticks};
 use crate::jobs;
 use crate::report::{Figure, Line};
 use crate::Opts;
@@ -48,19 +49,30 @@ pub(crate) async fn run(opts: &Opts) -> Result<Vec<Line>> {
         .context("negotiating the Docker API version")?;
     let coord = Coordinator::start(&[]).await?;
     // No log cap: the whole output is the point.
-    let _agent = coord
+    let agent = coord
         .spawn_agent_with("logs", "os=linux", 1, &["--max-log-bytes", "0"])
         .await?;
+    let pids = (
+        agent.pid().context("the agent process is gone")?,
+        coord.pid()?,
+    );
+    let clk_tck = clock_ticks_per_second().await;
+    let mut cpu = Vec::new();
     let mut client = coord.control().await?;
     let mut floor = Vec::new();
     let mut drover = Vec::new();
     // Alternate the two sides so a burst of load from elsewhere on the machine hits both alike.
     for i in 0..repeats {
         let f = attach_floor(&docker, bytes).await.context("floor")?;
+        let ticks0 = (cpu_ticks(pids.0)?, cpu_ticks(pids.1)?);
         let d = through_drover(&coord, &mut client, bytes)
             .await
             .with_context(|| format!("drover run {}", i + 1))?;
+        let ticks1 = (cpu_ticks(pids.0)?, cpu_ticks(pids.1)?);
         let mib = bytes as f64 / (1 << 20) as f64;
+        // CPU per MiB shipped, in ms: what the agent and the coordinator take from the build host.
+        let per_mib = |t0: u64, t1: u64| 1e3 * t1.saturating_sub(t0) as f64 / clk_tck / mib;
+        cpu.push((per_mib(ticks0.0, ticks1.0), per_mib(ticks0.1, ticks1.1)));
         eprintln!(
             "log_throughput: repetition {}: floor {:.0} MiB/s ({f:?}), drover {:.0} MiB/s ({d:?})",
             i + 1,
@@ -71,6 +83,14 @@ pub(crate) async fn run(opts: &Opts) -> Result<Vec<Line>> {
         drover.push(mib / d.as_secs_f64());
     }
     remove_labelled(&format!("{LABEL}=1"));
+    let agent_cpu: Vec<f64> = cpu.iter().map(|c| c.0).collect();
+    let coord_cpu: Vec<f64> = cpu.iter().map(|c| c.1).collect();
+    let (a, alo, ahi) = jobs::spread(&agent_cpu);
+    let (c, clo, chi) = jobs::spread(&coord_cpu);
+    eprintln!(
+        "log_throughput: CPU per MiB, submit -> log complete: agent {a:.2} ms (range {alo:.2}-{ahi:.2}), \
+         coordinator {c:.2} ms (range {clo:.2}-{chi:.2})"
+    );
     let (d, dlo, dhi) = jobs::spread(&drover);
     let (f, flo, fhi) = jobs::spread(&floor);
     eprintln!(

@@ -303,7 +303,7 @@ impl Session {
                 epoch,
                 step_index,
                 offset: 0,
-                data: Vec::new(),
+                data: Default::default(),
                 eof: true,
                 ..Default::default()
             })

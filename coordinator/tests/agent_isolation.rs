@@ -63,7 +63,7 @@ async fn an_agent_cannot_touch_another_agents_attempt_and_secrets_go_only_to_the
         epoch: ja.epoch,
         step_index: 0,
         offset: 0,
-        data: b"forged\n".to_vec(),
+        data: b"forged\n".to_vec().into(),
         eof: true,
         ..Default::default()
     };
@@ -259,7 +259,7 @@ async fn hostile_agent_messages_get_clear_errors_and_do_not_disturb_other_jobs()
     let huge = pb::LogChunk {
         attempt_id: e.attempt_id.clone(),
         epoch: e.epoch,
-        data: vec![b'x'; drover_proto::MAX_MESSAGE_BYTES + 1],
+        data: vec![b'x'; drover_proto::MAX_MESSAGE_BYTES + 1].into(),
         ..Default::default()
     }
     .encode_to_vec();
@@ -278,7 +278,7 @@ async fn hostile_agent_messages_get_clear_errors_and_do_not_disturb_other_jobs()
         epoch: e.epoch,
         step_index: step,
         offset,
-        data: b"x".to_vec(),
+        data: b"x".to_vec().into(),
         ..Default::default()
     };
     for (what, c) in [

@@ -181,7 +181,7 @@ impl FakeAgent {
             epoch: a.epoch,
             step_index: step,
             offset: offset as u64,
-            data: data[offset..end].to_vec(),
+            data: data[offset..end].to_vec().into(),
             eof,
             ..Default::default()
         };
@@ -640,7 +640,7 @@ async fn lease_expiry_requeues_to_another_agent_and_fences_the_old_one() {
         epoch: 1,
         step_index: 0,
         offset: 0,
-        data: b"x".to_vec(),
+        data: b"x".to_vec().into(),
         eof: false,
         ..Default::default()
     };

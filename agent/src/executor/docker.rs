@@ -296,20 +296,11 @@ impl DockerExecutor {
             Ok::<(), ExecError>(())
         };
         let writer = async {
-            while let Some(first) = to_write.recv().await {
-                // Whatever piled up while the last write was on its way goes in one write.
-                let mut data = first;
-                let mut joined: Option<Vec<u8>> = None;
-                while joined.as_ref().map_or(data.len(), Vec::len) < WRITE_BYTES {
-                    let Ok(more) = to_write.try_recv() else { break };
-                    joined
-                        .get_or_insert_with(|| data.to_vec())
-                        .extend_from_slice(&more);
-                }
-                if let Some(joined) = joined {
-                    data = bytes::Bytes::from(joined);
-                }
-                sink.write(&data)
+            // Each batch is written as it was gathered (up to GATHER_BYTES), not joined with those
+            // that piled up meanwhile: the spool hands the very buffer on to the log shipper, and
+            // a copy per byte costs more than a write call per batch.
+            while let Some(data) = to_write.recv().await {
+                sink.write(data)
                     .await
                     .map_err(|e| ExecError::io("writing step output to the spool", e))?;
             }
@@ -755,9 +746,6 @@ const ARCHIVE_BUFFER: usize = 1 << 20;
 
 /// Batches of step output read ahead of the spool writes (at most [`GATHER_BYTES`] each).
 const WRITE_AHEAD: usize = 32;
-
-/// Most step output written to the spool at once.
-const WRITE_BYTES: usize = 1 << 20;
 
 /// Most step output gathered from frames already delivered before it goes to the spool writer
 /// (the engine delivers a fast writer's output in frames of a few KiB).

@@ -179,13 +179,14 @@ pub trait OutputSink: Send {
         async {}
     }
 
-    /// Appends bytes; returns once they are readable by the log shipper.
-    fn write(&mut self, data: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
+    /// Appends bytes; returns once they are readable by the log shipper. The buffer is taken
+    /// whole, so the spool can hand it on to the shipper without a copy.
+    fn write(&mut self, data: bytes::Bytes) -> impl Future<Output = io::Result<()>> + Send;
 }
 
 impl OutputSink for Vec<u8> {
-    async fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        self.extend_from_slice(data);
+    async fn write(&mut self, data: bytes::Bytes) -> io::Result<()> {
+        self.extend_from_slice(&data);
         Ok(())
     }
 }

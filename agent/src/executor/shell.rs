@@ -271,7 +271,9 @@ impl ShellExecutor {
         tokio::pin!(kill_after);
         let mut timed_out = false;
         let mut stopped = false;
-        let mut buf = vec![0u8; READ_BYTES];
+        // Read into a shared buffer and hand each read on whole (`split().freeze()`), so the spool
+        // and the log shipper take it without a copy.
+        let mut buf = bytes::BytesMut::with_capacity(READ_BYTES);
         let mut status = None;
         let mut eof = false;
         let copied = loop {
@@ -279,10 +281,14 @@ impl ShellExecutor {
                 break Ok(());
             }
             tokio::select! {
-                n = output.read(&mut buf), if !eof => match n {
+                n = output.read_buf(&mut buf), if !eof => match n {
                     Ok(0) => eof = true,
-                    Ok(n) => {
-                        if let Err(e) = sink.write(&buf[..n]).await {
+                    Ok(_) => {
+                        let data = buf.split().freeze();
+                        if buf.capacity() < READ_BYTES / 4 {
+                            buf.reserve(READ_BYTES);
+                        }
+                        if let Err(e) = sink.write(data).await {
                             break Err(ExecError::io("writing step output to the spool", e));
                         }
                     }

@@ -608,7 +608,7 @@ struct ChunkRun {
     /// The first chunk, its data moved to `pieces`; its `eof` and `times` are the run's.
     head: pb::LogChunk,
     /// The data of every chunk of the run, in order.
-    pieces: Vec<Vec<u8>>,
+    pieces: Vec<bytes::Bytes>,
     /// Bytes in `pieces`.
     len: u64,
 }
@@ -666,7 +666,7 @@ async fn append_pieces(
     engine: &Engine,
     agent_id: &str,
     c: &pb::LogChunk,
-    pieces: Vec<Vec<u8>>,
+    pieces: Vec<bytes::Bytes>,
 ) -> Result<(), CoordError> {
     let steps = engine.check_attempt(agent_id, &c.attempt_id, c.epoch)?;
     if c.step_index >= steps {
@@ -751,7 +751,7 @@ mod tests {
             epoch: 1,
             step_index: step,
             offset,
-            data: data.to_vec(),
+            data: bytes::Bytes::copy_from_slice(data),
             eof,
             times: vec![pb::LineTime {
                 offset,
@@ -773,7 +773,10 @@ mod tests {
         let got: Vec<(String, u32, u64, Vec<u8>, bool, usize)> = merged
             .into_iter()
             .map(|r| {
-                assert_eq!(r.len, r.pieces.iter().map(Vec::len).sum::<usize>() as u64);
+                assert_eq!(
+                    r.len,
+                    r.pieces.iter().map(bytes::Bytes::len).sum::<usize>() as u64
+                );
                 (
                     r.head.attempt_id,
                     r.head.step_index,

@@ -274,7 +274,7 @@ impl LogEntry {
     }
 
     /// Writes `pieces` one after the other at the end of the log, in one trip to a blocking thread.
-    async fn write_at(&self, io: &mut LogIo, pieces: Vec<Vec<u8>>) -> Result<(), LogError> {
+    async fn write_at(&self, io: &mut LogIo, pieces: Vec<bytes::Bytes>) -> Result<(), LogError> {
         let file = self.file(io).await?;
         let at = io.len;
         let path = self.paths.log.clone();
@@ -303,7 +303,7 @@ impl LogEntry {
     pub(super) async fn append(
         &self,
         offset: u64,
-        mut pieces: Vec<Vec<u8>>,
+        mut pieces: Vec<bytes::Bytes>,
         eof: bool,
     ) -> Result<LogStatus, LogError> {
         let mut io = self.io.lock().await;
@@ -346,7 +346,7 @@ impl LogEntry {
                     skip -= p.len();
                     return false;
                 }
-                p.drain(..skip);
+                *p = p.slice(skip..);
                 skip = 0;
                 true
             });
@@ -434,7 +434,8 @@ impl LogEntry {
             self.publish(&io);
             return Ok(false);
         }
-        self.write_at(&mut io, vec![marker.to_vec()]).await?;
+        self.write_at(&mut io, vec![bytes::Bytes::copy_from_slice(marker)])
+            .await?;
         io.complete = true;
         self.publish(&io);
         Ok(true)

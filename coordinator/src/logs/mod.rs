@@ -257,8 +257,14 @@ impl LogStore {
         data: &[u8],
         eof: bool,
     ) -> Result<LogStatus, LogError> {
-        self.append_pieces(attempt, step, offset, vec![data.to_vec()], eof)
-            .await
+        self.append_pieces(
+            attempt,
+            step,
+            offset,
+            vec![bytes::Bytes::copy_from_slice(data)],
+            eof,
+        )
+        .await
     }
 
     /// [`LogStore::append`] of the bytes of `pieces`, one after the other, taken without a copy.
@@ -267,7 +273,7 @@ impl LogStore {
         attempt: &str,
         step: u32,
         offset: u64,
-        pieces: Vec<Vec<u8>>,
+        pieces: Vec<bytes::Bytes>,
         eof: bool,
     ) -> Result<LogStatus, LogError> {
         let handle = self.handle(attempt, step)?;

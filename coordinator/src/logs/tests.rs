@@ -674,11 +674,11 @@ async fn many_concurrent_completions_are_all_durable() {
 async fn pieces_are_appended_in_order_and_resends_skip_what_is_stored() {
     let (_dir, store) = store();
     let data: Vec<u8> = (0..1000u32).map(|i| (i * 13 % 251) as u8).collect();
-    let pieces = |from: usize, cuts: &[usize]| -> Vec<Vec<u8>> {
+    let pieces = |from: usize, cuts: &[usize]| -> Vec<bytes::Bytes> {
         let mut out = Vec::new();
         let mut at = from;
         for &cut in cuts {
-            out.push(data[at..cut].to_vec());
+            out.push(bytes::Bytes::copy_from_slice(&data[at..cut]));
             at = cut;
         }
         out

@@ -206,7 +206,7 @@ impl FakeAgent {
             epoch: a.epoch,
             step_index: step,
             offset,
-            data: data.to_vec(),
+            data: data.to_vec().into(),
             eof,
             ..Default::default()
         };
