@@ -1,5 +1,7 @@
 //! `dispatch`: job enqueued -> assignment received by an idle simulated agent, sequential jobs, beside a
-//! raw tonic echo round trip.
+//! raw tonic echo round trip. Measured two ways: from just before SubmitRun (so including the client's
+//! unary call), and for a job the coordinator queues itself when the job it needs succeeds (from the
+//! agent sending that result, so including the result's trip in).
 
 use std::time::{Duration, Instant};
 
@@ -15,6 +17,10 @@ use crate::Opts;
 
 /// A one-job, one-step pipeline; simulated agents never run its command.
 pub(crate) const NOOP_PIPELINE: &str = "jobs:\n  noop:\n    steps:\n      - image: drover-busybox:latest\n        commands: [\"true\"]\n";
+
+/// Two one-step jobs, the second needing the first: the coordinator queues the second itself when the
+/// first's result arrives, with no SubmitRun on the way.
+const CHAINED_PIPELINE: &str = "jobs:\n  first:\n    steps:\n      - image: drover-busybox:latest\n        commands: [\"true\"]\n  second:\n    needs: [first]\n    steps:\n      - image: drover-busybox:latest\n        commands: [\"true\"]\n";
 
 /// Jobs run before measuring (SQLite page cache, connection warm-up).
 const WARMUP: usize = 50;
@@ -37,14 +43,8 @@ pub(crate) struct Sequential {
     pub(crate) settle: Samples,
 }
 
-/// Starts a coordinator and one simulated agent, then runs `n` jobs one after the other: each is submitted
+/// Attaches a new simulated agent to `coord`, then runs `n` jobs one after the other: each is submitted
 /// only after the previous run was seen succeeded, so the agent is idle at every submit.
-pub(crate) async fn sequential_jobs(n: usize) -> Result<Sequential> {
-    let coord = Coordinator::start(&[]).await?;
-    sequential_jobs_on(&coord, n).await
-}
-
-/// [`sequential_jobs`] on a running coordinator (a new simulated agent attaches to it).
 pub(crate) async fn sequential_jobs_on(coord: &Coordinator, n: usize) -> Result<Sequential> {
     let token = coord.token(1).await?;
     let (tx, assignments) = mpsc::channel(4);
@@ -192,11 +192,75 @@ pub(crate) async fn read_to_end(
     .context("WatchRun stream failed after the run finished")
 }
 
-/// The benchmark: echo floor first, then the sequential jobs.
+/// Runs `n` two-job runs ([`CHAINED_PIPELINE`]) one after the other on one idle simulated agent and
+/// returns, for each, the first job's JobResult sent -> the second job's assignment at the agent: the
+/// dispatch of a job queued inside the coordinator (when the job it needs succeeds). Both instants are
+/// taken in this process, so no clocks are compared. The span holds one agent -> coordinator message
+/// and one coordinator -> agent message on the open Attach stream, like one echo round trip, plus the
+/// coordinator's work: fence and apply the result, settle the run, queue the next job, place it, push.
+async fn downstream_jobs(coord: &Coordinator, n: usize) -> Result<Samples> {
+    let token = coord.token(1).await?;
+    let (tx, mut assignments) = mpsc::channel(4);
+    let (results_tx, mut results) = mpsc::channel(4);
+    let _agent = SimAgent::start(
+        &coord.url,
+        &token,
+        "sim-chain",
+        SimReport {
+            assignments: Some(tx),
+            results: Some(results_tx),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let mut client = coord.control().await?;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..WARMUP + n {
+        let run_id = client
+            .submit_run(SubmitRunRequest {
+                pipeline: CHAINED_PIPELINE.to_string(),
+                context_digest: String::new(),
+                name: "bench-chain".to_string(),
+            })
+            .await
+            .context("SubmitRun")?
+            .into_inner()
+            .run_id;
+        next_event(&mut assignments, &run_id, "first assignment").await?;
+        let first_done = next_event(&mut results, &run_id, "first result").await?;
+        let second = next_event(&mut assignments, &run_id, "second assignment").await?;
+        next_event(&mut results, &run_id, "second result").await?;
+        let (state, _) =
+            tokio::time::timeout(JOB_TIMEOUT, watch_until_finished(&mut client, &run_id))
+                .await
+                .map_err(|_| anyhow!("run {run_id} not finished within {JOB_TIMEOUT:?}"))??;
+        if state != RunState::Succeeded {
+            bail!("run {run_id} ended {state:?}, expected Succeeded");
+        }
+        if i >= WARMUP {
+            out.push(second.saturating_duration_since(first_done));
+        }
+    }
+    Ok(Samples::new(out))
+}
+
+/// The next instant the simulated agent reports on `rx`.
+async fn next_event(rx: &mut mpsc::Receiver<Instant>, run_id: &str, what: &str) -> Result<Instant> {
+    tokio::time::timeout(JOB_TIMEOUT, rx.recv())
+        .await
+        .map_err(|_| anyhow!("run {run_id}: no {what} within {JOB_TIMEOUT:?}"))?
+        .ok_or_else(|| anyhow!("the simulated agent's session ended"))
+}
+
+/// The benchmark: echo floor first, then the sequential jobs, then the chained ones.
 pub(crate) async fn run(opts: &Opts) -> Result<Vec<Line>> {
     let n = if opts.quick { 1_000 } else { 10_000 };
     let echo = echo::round_trips(n).await.context("echo floor")?;
-    let seq = sequential_jobs(n).await?;
+    let coord = Coordinator::start(&[]).await?;
+    let seq = sequential_jobs_on(&coord, n).await?;
+    let downstream = downstream_jobs(&coord, n)
+        .await
+        .with_context(|| format!("chained runs; coordinator said:\n{}", coord.tail()))?;
     eprintln!(
         "dispatch: {} jobs, echo {} round trips; with the simulated agent, submit -> succeeded seen \
          p50 {:?} (assignment -> result sent {:?}, result sent -> WatchRun succeeded {:?})",
@@ -214,6 +278,16 @@ pub(crate) async fn run(opts: &Opts) -> Result<Vec<Line>> {
         ),
         Line::new(
             Figure::us("dispatch.p99", seq.dispatch.p99()),
+            Figure::us("echo.p99", echo.p99()),
+            "<= 500 us",
+        ),
+        Line::new(
+            Figure::us("dispatch.downstream.p50", downstream.p50()),
+            Figure::us("echo.p50", echo.p50()),
+            "<= 2.0x",
+        ),
+        Line::new(
+            Figure::us("dispatch.downstream.p99", downstream.p99()),
             Figure::us("echo.p99", echo.p99()),
             "<= 500 us",
         ),

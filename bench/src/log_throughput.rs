@@ -23,7 +23,7 @@ use crate::Opts;
 const LABEL: &str = "drover.bench.logs";
 
 /// Repetitions of each side; the median is printed, the spread goes to stderr.
-const REPEATS: usize = 3;
+const REPEATS: usize = 5;
 
 /// The step's command: text lines (82 bytes each), exactly `bytes` of them. One MiB of lines is made
 /// first and then written again and again with `cat`, so the writer is not the limit (busybox `yes`
