@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
-use drover_proto::v1::{LogAck, LogChunk};
+use drover_proto::v1::{LineTime, LogAck, LogChunk};
 use drover_proto::CHUNK_BYTES;
 use tokio::sync::{mpsc, watch};
 use tonic::{Code, Status};
@@ -239,14 +239,15 @@ impl StepSpool {
         if data.is_empty() {
             return Ok(());
         }
-        if let Some(t) = self.clock.observe(self.len, &data, logtimes::now_ms()) {
-            (&*self.times).write_all(&logtimes::encode(&t))?;
+        let time = self.clock.observe(self.len, &data, logtimes::now_ms());
+        if let Some(t) = &time {
+            (&*self.times).write_all(&logtimes::encode(t))?;
         }
         (&*self.file).write_all(&data)?;
         let offset = self.len;
         self.len += data.len() as u64;
         self.ends_line = data.last() == Some(&b'\n');
-        lock(&self.tail).push(self.index, offset, data);
+        lock(&self.tail).push(self.index, offset, data, time);
         Ok(())
     }
 }
@@ -283,70 +284,95 @@ impl OutputSink for StepSpool {
 /// Most bytes an attempt's [`SpoolTail`] holds.
 const TAIL_BYTES: usize = 4 << 20;
 
-/// The latest bytes written to an attempt's spools (at most [`TAIL_BYTES`]), kept in memory so the
-/// shipper sends the very buffers the spool writer wrote instead of reading them back from the page
-/// cache (a copy, and a zeroed buffer to copy into, per byte of a fast log). The spool file stays the
-/// source of truth: bytes the tail no longer holds (a shipper that fell behind, a resend after a
-/// reconnect, an agent restart) are read from it.
+/// The latest bytes written to an attempt's spools (at most [`TAIL_BYTES`]) and their line times,
+/// kept in memory so the shipper sends the very buffers the spool writer wrote instead of reading
+/// them back from the page cache (a copy, and a zeroed buffer to copy into, per byte of a fast log,
+/// plus a binary search of the times sidecar per span). The spool files stay the source of truth:
+/// bytes the tail no longer holds (a shipper that fell behind, a resend after a reconnect, an agent
+/// restart) are read from them.
 #[derive(Debug, Default)]
 struct SpoolTail {
-    /// `(step, offset, bytes)` in the order written, so ascending by `(step, offset)`.
-    pieces: VecDeque<(u32, u64, Bytes)>,
+    /// In the order written, so ascending by `(step, offset)`.
+    pieces: VecDeque<Held>,
     /// Bytes in `pieces`.
     held: usize,
 }
 
+/// One write to a step's spool.
+#[derive(Debug)]
+struct Held {
+    step: u32,
+    offset: u64,
+    data: Bytes,
+    /// The line time the write recorded in the sidecar, if any (at most one per write).
+    time: Option<LineTime>,
+}
+
+impl Held {
+    fn end(&self) -> u64 {
+        self.offset + self.data.len() as u64
+    }
+}
+
 impl SpoolTail {
-    /// Keeps the bytes written at `offset` of `step`, forgetting the oldest past [`TAIL_BYTES`].
-    fn push(&mut self, step: u32, offset: u64, data: Bytes) {
+    /// Keeps the bytes written at `offset` of `step` (and the line time recorded with them),
+    /// forgetting the oldest past [`TAIL_BYTES`].
+    fn push(&mut self, step: u32, offset: u64, data: Bytes, time: Option<LineTime>) {
         if self
             .pieces
             .back()
-            .is_some_and(|(s, o, d)| (*s, o + d.len() as u64) > (step, offset))
+            .is_some_and(|h| (h.step, h.end()) > (step, offset))
         {
             // Not after the last piece (a step's spool reopened): start over, the file has it all.
             self.pieces.clear();
             self.held = 0;
         }
         self.held += data.len();
-        self.pieces.push_back((step, offset, data));
+        self.pieces.push_back(Held {
+            step,
+            offset,
+            data,
+            time,
+        });
         while self.held > TAIL_BYTES {
-            let Some((_, _, d)) = self.pieces.pop_front() else {
+            let Some(h) = self.pieces.pop_front() else {
                 break;
             };
-            self.held -= d.len();
+            self.held -= h.data.len();
         }
     }
 
     /// Forgets the bytes of `step` before `offset` (acknowledged: never sent again).
     fn forget(&mut self, step: u32, offset: u64) {
-        while let Some((s, o, d)) = self.pieces.front() {
-            if *s > step || (*s == step && o + d.len() as u64 > offset) {
+        while let Some(h) = self.pieces.front() {
+            if h.step > step || (h.step == step && h.end() > offset) {
                 break;
             }
-            self.held -= d.len();
+            self.held -= h.data.len();
             self.pieces.pop_front();
         }
     }
 
-    /// The bytes `[offset, offset + len)` of `step`, as slices of the pieces that hold them; `None`
-    /// unless all of them are held.
-    fn get(&self, step: u32, offset: u64, len: usize) -> Option<Vec<Bytes>> {
+    /// The bytes `[offset, offset + len)` of `step`, as slices of the pieces that hold them, and the
+    /// line times recorded for them; `None` unless all of the bytes are held.
+    fn get(&self, step: u32, offset: u64, len: usize) -> Option<(Vec<Bytes>, Vec<LineTime>)> {
         let end = offset + len as u64;
         let first = self
             .pieces
-            .partition_point(|(s, o, d)| (*s, o + d.len() as u64) <= (step, offset));
+            .partition_point(|h| (h.step, h.end()) <= (step, offset));
         let mut out = Vec::new();
+        let mut times = Vec::new();
         let mut at = offset;
-        for (s, o, d) in self.pieces.range(first..) {
-            if at == end || *s != step || *o > at {
+        for h in self.pieces.range(first..) {
+            if at == end || h.step != step || h.offset > at {
                 break;
             }
-            let to = (end - o).min(d.len() as u64) as usize;
-            out.push(d.slice((at - o) as usize..to));
-            at = o + to as u64;
+            let to = (end - h.offset).min(h.data.len() as u64) as usize;
+            out.push(h.data.slice((at - h.offset) as usize..to));
+            times.extend(h.time.filter(|t| t.offset >= offset && t.offset < end));
+            at = h.offset + to as u64;
         }
-        (at == end).then_some(out)
+        (at == end).then_some((out, times))
     }
 }
 
@@ -718,10 +744,43 @@ impl<T: LogTransport> Shipper<T> {
                 eof,
             )]));
         }
+        let held = lock(&self.tail).get(step, offset, len);
+        let (data, times) = match held {
+            Some((pieces, times)) => (into_chunks(pieces), times),
+            None => self.read_spool(files, step, offset, len)?,
+        };
+        let mut out = VecDeque::with_capacity(data.len());
+        let mut times = times.into_iter().peekable();
+        let mut at = 0usize;
+        for piece in data {
+            let start = offset + at as u64;
+            let end = start + piece.len() as u64;
+            let mut mine = Vec::new();
+            while let Some(t) = times.next_if(|t| t.offset < end) {
+                mine.push(t);
+            }
+            at += piece.len();
+            out.push_back(chunk(start, piece, mine, eof && at == len));
+        }
+        Ok(out)
+    }
+}
+
+impl<T> Shipper<T> {
+    /// The bytes `[offset, offset + len)` of a step's spool file, one buffer per chunk (so none is
+    /// copied again to be sent), and the line times its sidecar records for them: for bytes the
+    /// tail no longer holds. The files stay open for the next span.
+    ///
+    /// Read on this task, not on a blocking thread: the files were just written and are in the
+    /// page cache, so the read costs less than the thread switches (see `StepSpool::append`).
+    fn read_spool(
+        &self,
+        files: &mut HashMap<u32, Arc<SpoolFiles>>,
+        step: u32,
+        offset: u64,
+        len: usize,
+    ) -> Result<(Vec<Bytes>, Vec<LineTime>), ShipError> {
         let err = |source| ShipError::Spool { step, source };
-        // Read on this task, not on a blocking thread: the sidecar (and the spool, when the tail
-        // no longer holds the bytes) was just written and is in the page cache, so the read costs
-        // less than the thread switches (see `StepSpool::append`).
         let opened = match files.get(&step) {
             Some(f) => f.clone(),
             None => {
@@ -738,43 +797,22 @@ impl<T: LogTransport> Shipper<T> {
                 opened
             }
         };
-        let held = lock(&self.tail).get(step, offset, len);
-        let data = match held {
-            Some(pieces) => into_chunks(pieces),
-            None => {
-                // One buffer per chunk, so none is copied again to be sent.
-                let mut data = Vec::with_capacity(len.div_ceil(CHUNK_BYTES));
-                let mut at = 0;
-                while at < len {
-                    let mut piece = vec![0u8; (len - at).min(CHUNK_BYTES)];
-                    opened
-                        .log
-                        .read_exact_at(&mut piece, offset + at as u64)
-                        .map_err(err)?;
-                    at += piece.len();
-                    data.push(Bytes::from(piece));
-                }
-                data
-            }
-        };
+        let mut data = Vec::with_capacity(len.div_ceil(CHUNK_BYTES));
+        let mut at = 0;
+        while at < len {
+            let mut piece = vec![0u8; (len - at).min(CHUNK_BYTES)];
+            opened
+                .log
+                .read_exact_at(&mut piece, offset + at as u64)
+                .map_err(err)?;
+            at += piece.len();
+            data.push(Bytes::from(piece));
+        }
         let times = match &opened.times {
             Some(f) => logtimes::read_range_in(f, offset, offset + len as u64).map_err(err)?,
             None => Vec::new(),
         };
-        let mut out = VecDeque::with_capacity(data.len());
-        let mut times = times.into_iter().peekable();
-        let mut at = 0usize;
-        for piece in data {
-            let start = offset + at as u64;
-            let end = start + piece.len() as u64;
-            let mut mine = Vec::new();
-            while let Some(t) = times.next_if(|t| t.offset < end) {
-                mine.push(t);
-            }
-            at += piece.len();
-            out.push_back(chunk(start, piece, mine, eof && at == len));
-        }
-        Ok(out)
+        Ok((data, times))
     }
 }
 
@@ -1048,7 +1086,18 @@ mod tests {
             .read_span(&mut files, 0, 5, data.len() - 5, true, false)
             .await
             .unwrap();
-        assert_eq!(from_tail, chunks);
+        // The same bytes either way; the extra records went to the sidecar only, so only the file
+        // path (checked below) ships them.
+        let strip = |cs: &VecDeque<LogChunk>| {
+            cs.iter()
+                .map(|c| (c.offset, c.data.clone(), c.eof))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(strip(&from_tail), strip(&chunks));
+        assert!(
+            from_tail.iter().all(|c| c.times.is_empty()),
+            "the write's own record is at 0, before the span"
+        );
         assert_eq!(chunks.len(), 3);
         let mut next = 5u64;
         let mut times = Vec::new();
@@ -1077,19 +1126,34 @@ mod tests {
         let mut tail = SpoolTail::default();
         let a = Bytes::from(pattern(100, 1));
         let b = Bytes::from(pattern(50, 2));
-        tail.push(0, 0, a.clone());
-        tail.push(0, 100, b.clone());
-        tail.push(1, 0, Bytes::from_static(b"next step"));
-        let got = tail.get(0, 90, 20).unwrap();
+        let at = |offset| {
+            Some(LineTime {
+                offset,
+                unix_ms: offset as i64,
+            })
+        };
+        tail.push(0, 0, a.clone(), at(0));
+        tail.push(0, 100, b.clone(), at(120));
+        tail.push(1, 0, Bytes::from_static(b"next step"), None);
+        let (got, times) = tail.get(0, 90, 20).unwrap();
+        assert!(
+            times.is_empty(),
+            "line times at 0 and 120 are outside [90, 110)"
+        );
+        assert_eq!(
+            tail.get(0, 0, 121).unwrap().1,
+            vec![at(0).unwrap(), at(120).unwrap()]
+        );
+        assert_eq!(tail.get(0, 110, 40).unwrap().1, vec![at(120).unwrap()]);
         assert_eq!(got.concat(), [&a[90..], &b[..10]].concat());
         // A slice of the written buffer, not a copy.
         assert_eq!(got[0].as_ptr(), a[90..].as_ptr());
         assert_eq!(
-            tail.get(0, 0, 150).unwrap().concat(),
+            tail.get(0, 0, 150).unwrap().0.concat(),
             [&a[..], &b[..]].concat()
         );
         assert!(tail.get(0, 140, 11).is_none(), "past what step 0 has");
-        assert_eq!(tail.get(1, 5, 4).unwrap().concat(), b"step");
+        assert_eq!(tail.get(1, 5, 4).unwrap().0.concat(), b"step");
         tail.forget(0, 120);
         assert!(
             tail.get(0, 99, 1).is_none(),
@@ -1103,13 +1167,13 @@ mod tests {
         assert!(tail.get(0, 100, 1).is_none());
         assert!(tail.get(1, 0, 9).is_some(), "other steps are kept");
         // A step reopened at an earlier offset: what was held is dropped, the new bytes are held.
-        tail.push(1, 3, Bytes::from_static(b"again"));
+        tail.push(1, 3, Bytes::from_static(b"again"), None);
         assert!(tail.get(1, 0, 1).is_none());
-        assert_eq!(tail.get(1, 3, 5).unwrap().concat(), b"again");
+        assert_eq!(tail.get(1, 3, 5).unwrap().0.concat(), b"again");
         // Bounded: pieces past TAIL_BYTES push the oldest out.
         let piece = Bytes::from(vec![7u8; 1 << 20]);
         for i in 0..6u64 {
-            tail.push(2, i << 20, piece.clone());
+            tail.push(2, i << 20, piece.clone(), None);
         }
         assert!(tail.held <= TAIL_BYTES);
         assert!(tail.get(2, 0, 1).is_none());
