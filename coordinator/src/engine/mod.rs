@@ -33,7 +33,7 @@ pub mod why;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -51,6 +51,7 @@ use crate::config::Config;
 use crate::error::{CoordError, CoordResult};
 use crate::http::metrics::Metrics;
 use crate::logs::LogStore;
+use crate::recent::Recent;
 use crate::scheduler::{self, AgentSlots};
 pub use crate::store::commit::Commit;
 use crate::store::{EnrollRefusal, Store, Write};
@@ -119,15 +120,23 @@ struct Inner {
     parsed: crate::pipeline::ParseMemo,
 }
 
+/// [`State::finished`]: the runs that finished last, the oldest forgotten first.
+#[derive(Debug)]
+struct Finished(Recent<String, RunRec>);
+
+impl Default for Finished {
+    fn default() -> Self {
+        Finished(Recent::new(RECENTLY_FINISHED))
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     /// Runs not finished yet (finished ones are read from the store).
     runs: HashMap<String, RunRec>,
     /// The last [`RECENTLY_FINISHED`] runs that finished. A finished run never changes again, so once its
     /// batch is durable this copy is the file's.
-    finished: HashMap<String, RunRec>,
-    /// The ids of `finished`, oldest first (the next to forget).
-    finished_order: VecDeque<String>,
+    finished: Finished,
     /// Every queued job of `runs`, oldest first: (run seq, job index) -> run id. The scheduler reads this
     /// rather than scanning every run.
     queued: BTreeMap<(i64, u32), String>,
@@ -651,13 +660,7 @@ impl Engine {
             } else {
                 st.run_traces.remove(&id);
                 st.runs.remove(&id);
-                if st.finished_order.len() >= RECENTLY_FINISHED {
-                    if let Some(old) = st.finished_order.pop_front() {
-                        st.finished.remove(&old);
-                    }
-                }
-                st.finished_order.push_back(id.clone());
-                st.finished.insert(id, r);
+                st.finished.0.insert(id, r);
             }
         }
         for (id, a) in tx.attempts {
@@ -1547,7 +1550,7 @@ impl Engine {
         // is durable (and read the file only after that).
         let (mem, seq) = {
             let st = self.lock();
-            let mem = st.runs.get(run_id).or_else(|| st.finished.get(run_id));
+            let mem = st.runs.get(run_id).or_else(|| st.finished.0.get(run_id));
             (mem.cloned(), self.inner.store.enqueued())
         };
         self.inner.store.wait_durable(seq).await?;
