@@ -47,23 +47,7 @@ pub(crate) struct Sequential {
 /// only after the previous run was seen succeeded, so the agent is idle at every submit.
 pub(crate) async fn sequential_jobs_on(coord: &Coordinator, n: usize) -> Result<Sequential> {
     let token = coord.token(1).await?;
-    let (tx, assignments) = mpsc::channel(4);
-    let (results_tx, results) = mpsc::channel(4);
-    let mut events = AgentEvents {
-        assignments,
-        results,
-    };
-    let mut agent = SimAgent::start(
-        &coord.url,
-        &token,
-        "sim-0",
-        SimReport {
-            assignments: Some(tx),
-            results: Some(results_tx),
-            ..Default::default()
-        },
-    )
-    .await?;
+    let (mut agent, mut events) = reporting_agent(coord, &token, "sim-0").await?;
     let mut client = coord.control().await?;
     let mut submit = Vec::with_capacity(n);
     let mut dispatch = Vec::with_capacity(n);
@@ -95,6 +79,34 @@ pub(crate) async fn sequential_jobs_on(coord: &Coordinator, n: usize) -> Result<
         agent: Samples::new(agent_share),
         settle: Samples::new(settle),
     })
+}
+
+/// A simulated agent attached to `coord` that reports each assignment's arrival and each result sent.
+async fn reporting_agent(
+    coord: &Coordinator,
+    token: &str,
+    name: &str,
+) -> Result<(SimAgent, AgentEvents)> {
+    let (tx, assignments) = mpsc::channel(4);
+    let (results_tx, results) = mpsc::channel(4);
+    let agent = SimAgent::start(
+        &coord.url,
+        token,
+        name,
+        SimReport {
+            assignments: Some(tx),
+            results: Some(results_tx),
+            ..Default::default()
+        },
+    )
+    .await?;
+    Ok((
+        agent,
+        AgentEvents {
+            assignments,
+            results,
+        },
+    ))
 }
 
 /// What the simulated agent reports, in order, for each job.
@@ -200,19 +212,11 @@ pub(crate) async fn read_to_end(
 /// coordinator's work: fence and apply the result, settle the run, queue the next job, place it, push.
 async fn downstream_jobs(coord: &Coordinator, n: usize) -> Result<Samples> {
     let token = coord.token(1).await?;
-    let (tx, mut assignments) = mpsc::channel(4);
-    let (results_tx, mut results) = mpsc::channel(4);
-    let _agent = SimAgent::start(
-        &coord.url,
-        &token,
-        "sim-chain",
-        SimReport {
-            assignments: Some(tx),
-            results: Some(results_tx),
-            ..Default::default()
-        },
-    )
-    .await?;
+    let (_agent, events) = reporting_agent(coord, &token, "sim-chain").await?;
+    let AgentEvents {
+        mut assignments,
+        mut results,
+    } = events;
     let mut client = coord.control().await?;
     let mut out = Vec::with_capacity(n);
     for i in 0..WARMUP + n {
