@@ -29,8 +29,9 @@ use super::{
 };
 
 /// How many more times a SIGKILLed container's state is inspected for the engine's OOM flag.
-const OOM_FLAG_RECHECKS: u32 = 5;
-/// Pause between those inspections (the whole wait is at most a quarter second).
+const OOM_FLAG_RECHECKS: u32 = 40;
+/// Pause between those inspections (the whole wait is at most two seconds, paid only by a step that
+/// died of a SIGKILL the agent did not send).
 const OOM_FLAG_RECHECK_PAUSE: Duration = Duration::from_millis(50);
 /// After a re-attached container exited, how long its last output may take to arrive before the
 /// attach stream is abandoned (the engine may not end it).
@@ -171,7 +172,9 @@ impl DockerExecutor {
         )))
     }
 
-    async fn exit_state(&self, id: &str) -> Result<(i64, bool), ExecError> {
+    /// The exit code of a container that stopped and whether the engine says it was OOM-killed. With
+    /// `ask_about_oom` false (the agent itself stopped or killed it) a SIGKILL is not asked about again.
+    async fn exit_state(&self, id: &str, ask_about_oom: bool) -> Result<(i64, bool), ExecError> {
         let options = WaitContainerOptionsBuilder::default()
             .condition("not-running")
             .build();
@@ -193,8 +196,9 @@ impl DockerExecutor {
         // The engine learns of an OOM kill from a separate event that can land after the exit it
         // caused, so a SIGKILL without the flag is asked about again for a moment before it counts
         // as a plain exit code 137 (seen on Docker 20.10: the first inspect says not OOM-killed,
-        // one a few ms later says it was).
-        let mut recheck = OOM_FLAG_RECHECKS;
+        // one a few ms later says it was; with the machine loaded by a parallel test suite, a quarter
+        // second was not always enough).
+        let mut recheck = if ask_about_oom { OOM_FLAG_RECHECKS } else { 0 };
         loop {
             let inspect = self
                 .docker
@@ -350,7 +354,7 @@ impl DockerExecutor {
         if let Some(handle) = control {
             let _ = handle.await;
         }
-        let (code, oom_killed) = self.exit_state(id).await?;
+        let (code, oom_killed) = self.exit_state(id, !timed_out && !stopped).await?;
         Ok(if timed_out {
             StepEnd::TimedOut { code }
         } else if stopped {
@@ -632,7 +636,7 @@ impl Executor for DockerExecutor {
             // forever. So attach only to a running one, and stop reading a little after it exits
             // (it may exit between the check and the attach).
             if !self.is_running(id).await? {
-                let (code, oom_killed) = self.exit_state(id).await?;
+                let (code, oom_killed) = self.exit_state(id, true).await?;
                 return Ok(StepEnd::Exited { code, oom_killed });
             }
             let options = AttachContainerOptionsBuilder::default()
@@ -655,12 +659,12 @@ impl Executor for DockerExecutor {
                 }
                 // It ended before we could attach: only its exit state is left.
                 None => {
-                    let (code, oom_killed) = self.exit_state(id).await?;
+                    let (code, oom_killed) = self.exit_state(id, true).await?;
                     Ok(StepEnd::Exited { code, oom_killed })
                 }
                 Some(Err(e)) if !self.is_running(id).await? => {
                     tracing::debug!(container = %id, error = %e, "step ended before re-attach");
-                    let (code, oom_killed) = self.exit_state(id).await?;
+                    let (code, oom_killed) = self.exit_state(id, true).await?;
                     Ok(StepEnd::Exited { code, oom_killed })
                 }
                 Some(Err(e)) => Err(ExecError::Docker(format!(
