@@ -137,7 +137,7 @@ pub fn metrics() -> &'static AgentMetrics {
 
 /// Binding the metrics listener failed.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen for metrics on {addr}: {source}")]
+#[error("cannot listen for metrics on {addr}")]
 pub struct ListenError {
     /// The address asked for.
     pub addr: SocketAddr,

@@ -72,7 +72,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
     let server = Server::bind(config)
         .await
-        .context("drover-coordinator failed to start")?;
+        .context("failed to start")?;
     if let Some(p) = server.admin_token_created() {
         eprintln!(
             "drover-coordinator created an admin API token in {} (mode 0600): export DROVER_TOKEN=$(cat {})",

@@ -25,7 +25,7 @@ pub enum ServerError {
     #[error("cannot open the coordinator state: {0}")]
     Engine(CoordError),
     /// The listen address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -33,16 +33,16 @@ pub enum ServerError {
         source: std::io::Error,
     },
     /// The transport failed.
-    #[error("gRPC server: {0}")]
+    #[error("gRPC server")]
     Transport(#[from] tonic::transport::Error),
     /// The reflection service could not be built from the descriptor sets.
-    #[error("gRPC reflection: {0}")]
+    #[error("gRPC reflection")]
     Reflection(#[from] tonic_reflection::server::Error),
     /// TLS could not be set up, or plaintext was refused beyond loopback.
-    #[error("{0}")]
+    #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     /// The HTTP server failed.
-    #[error("HTTP server on {addr}: {source}")]
+    #[error("HTTP server on {addr}")]
     Http {
         /// The address.
         addr: SocketAddr,

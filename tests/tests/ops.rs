@@ -576,3 +576,28 @@ async fn coordinator_image_serves_a_host_agent() {
     s.read_to_string(&mut reply).await.unwrap();
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
 }
+
+/// A coordinator whose address is taken says which address and why, once: the chain of causes is
+/// printed by `main`, so no error repeats its cause in its own message.
+#[test]
+fn a_taken_listen_address_is_named_with_its_cause_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin("drover-coordinator"))
+        .args(["--listen", &addr, "--http-listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("d"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("drover-coordinator: failed to start: cannot listen on ")
+            && last.contains(&addr),
+        "{err}"
+    );
+    assert_eq!(last.matches("in use").count(), 1, "{last}");
+}
