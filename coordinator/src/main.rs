@@ -70,9 +70,7 @@ async fn run() -> anyhow::Result<()> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
-    let server = Server::bind(config)
-        .await
-        .context("failed to start")?;
+    let server = Server::bind(config).await.context("failed to start")?;
     if let Some(p) = server.admin_token_created() {
         eprintln!(
             "drover-coordinator created an admin API token in {} (mode 0600): export DROVER_TOKEN=$(cat {})",
