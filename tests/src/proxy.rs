@@ -240,11 +240,15 @@ async fn serve(client: TcpStream, shared: Arc<Shared>, cuts_at_accept: u64) {
         )
     };
     let mut cut_rx = shared.state.subscribe();
-    tokio::select! {
-        _ = forward => {}
-        _ = cut_rx.wait_for(|s| s.cuts != cuts_at_accept) => {
-            c.cut_connections.fetch_add(1, Ordering::Relaxed);
-        }
+    // The pumps end on a cut too, so both branches can be ready at once: whichever `select!` takes,
+    // the connection counts as cut if a cut came while it was open (counting only in the cut branch
+    // lost one now and then, and a test asserting two cut connections failed with two cuts made).
+    let cut = tokio::select! {
+        _ = forward => shared.state.borrow().cuts != cuts_at_accept,
+        _ = cut_rx.wait_for(|s| s.cuts != cuts_at_accept) => true,
+    };
+    if cut {
+        c.cut_connections.fetch_add(1, Ordering::Relaxed);
     }
     c.active.fetch_sub(1, Ordering::Relaxed);
     // Both sockets are dropped here: the peers see the connection closed.
