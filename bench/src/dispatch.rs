@@ -6,11 +6,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use drover_proto::v1::{GetRunRequest, RunState, SubmitRunRequest};
+use drover_proto::v1::{GetRunRequest, RunState};
 use tokio::sync::mpsc;
 
 use crate::cluster::Coordinator;
 use crate::echo;
+use crate::jobs;
 use crate::report::{Figure, Line, Samples};
 use crate::sim_agent::{SimAgent, SimReport};
 use crate::Opts;
@@ -129,16 +130,7 @@ async fn one_job(
     events: &mut AgentEvents,
 ) -> Result<Timeline> {
     let t0 = Instant::now();
-    let run_id = client
-        .submit_run(SubmitRunRequest {
-            pipeline: NOOP_PIPELINE.to_string(),
-            context_digest: String::new(),
-            name: "bench".to_string(),
-        })
-        .await
-        .context("SubmitRun")?
-        .into_inner()
-        .run_id;
+    let run_id = jobs::submit(client, NOOP_PIPELINE).await?;
     let submitted = Instant::now();
     let assigned = tokio::time::timeout(JOB_TIMEOUT, events.assignments.recv())
         .await
@@ -220,16 +212,7 @@ async fn downstream_jobs(coord: &Coordinator, n: usize) -> Result<Samples> {
     let mut client = coord.control().await?;
     let mut out = Vec::with_capacity(n);
     for i in 0..WARMUP + n {
-        let run_id = client
-            .submit_run(SubmitRunRequest {
-                pipeline: CHAINED_PIPELINE.to_string(),
-                context_digest: String::new(),
-                name: "bench-chain".to_string(),
-            })
-            .await
-            .context("SubmitRun")?
-            .into_inner()
-            .run_id;
+        let run_id = jobs::submit(&mut client, CHAINED_PIPELINE).await?;
         next_event(&mut assignments, &run_id, "first assignment").await?;
         let first_done = next_event(&mut results, &run_id, "first result").await?;
         let second = next_event(&mut assignments, &run_id, "second assignment").await?;

@@ -95,6 +95,24 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// Runs `drover-coordinator` with `args`, an HTTP side on a free loopback port and the data directory
+/// `d` inside a new temporary directory, and asserts that it refuses to start. Returns its stderr and the
+/// temporary directory (to check what the refusal left behind).
+pub fn coordinator_refused(args: &[&str]) -> (String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin("drover-coordinator"))
+        .args(args)
+        .args(["--http-listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("d"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "the coordinator started: {err}");
+    (err, dir)
+}
+
 /// Spawns `cmd`, forwards its stderr to ours (prefixed) and returns a channel of its stderr lines.
 fn spawn_logged(mut cmd: Command, tag: String) -> Result<(Child, mpsc::Receiver<String>)> {
     cmd.stdin(Stdio::null())

@@ -583,16 +583,7 @@ async fn coordinator_image_serves_a_host_agent() {
 fn a_taken_listen_address_is_named_with_its_cause_once() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(bin("drover-coordinator"))
-        .args(["--listen", &addr, "--http-listen", "127.0.0.1:0"])
-        .arg("--data-dir")
-        .arg(dir.path().join("d"))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (err, _dir) = drover_tests::coordinator_refused(&["--listen", &addr]);
     let last = err.lines().last().unwrap_or_default();
     assert!(
         last.starts_with("drover-coordinator: failed to start: cannot listen on ")

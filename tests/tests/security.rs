@@ -201,17 +201,7 @@ async fn agent_and_cli_run_a_job_over_tls_13() {
 /// Beyond loopback the coordinator never serves plaintext unless told `--insecure`.
 #[test]
 fn plaintext_beyond_loopback_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(bin("drover-coordinator"))
-        .args(["--listen", "0.0.0.0:0", "--http-listen", "127.0.0.1:0"])
-        .args(["--tls", "off"])
-        .arg("--data-dir")
-        .arg(dir.path().join("d"))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (err, dir) = drover_tests::coordinator_refused(&["--listen", "0.0.0.0:0", "--tls", "off"]);
     assert!(
         err.contains("refusing to serve plaintext gRPC on 0.0.0.0:0") && err.contains("--insecure"),
         "{err}"
