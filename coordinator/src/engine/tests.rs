@@ -281,3 +281,13 @@ async fn the_told_interval_grows_with_the_fleet_and_the_lease_follows_it() {
     ));
     drop(d);
 }
+
+/// Run and attempt ids sort by creation, also within one millisecond: the store's B-trees keyed by them
+/// take inserts at their right edge (random ids made every group commit write pages all over the file).
+#[test]
+fn record_ids_sort_in_creation_order() {
+    let ids: Vec<String> = (0..10_000).map(|_| super::new_record_id()).collect();
+    for pair in ids.windows(2) {
+        assert!(pair[0] < pair[1], "{} then {}", pair[0], pair[1]);
+    }
+}
