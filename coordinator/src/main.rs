@@ -8,6 +8,12 @@ use clap::Parser;
 use drover_coordinator::config::{Cli, Config, LogFormat};
 use drover_coordinator::Server;
 
+/// mimalloc instead of the C library's malloc: under load the coordinator allocates and frees small
+/// objects on every message (protobuf, HTTP/2 frames, state copies), and glibc's malloc (with its
+/// consolidation of freed chunks) took about a seventh of its CPU time.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // One TLS crypto provider for the whole process, chosen here rather than by feature unification.
     let _ = rustls::crypto::ring::default_provider().install_default();
