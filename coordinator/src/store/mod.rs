@@ -28,6 +28,14 @@ use crate::engine::model::{
 const SCHEMA: &str = include_str!("schema.sql");
 const SCHEMA_VERSION: i64 = 1;
 
+/// The runs a start loads (served by the partial index `runs_running`).
+const RUNNING_RUNS: &str = "SELECT id FROM runs WHERE state = 'running' ORDER BY seq";
+
+/// The attempts a start loads (served by the partial index `attempts_running`).
+const RUNNING_ATTEMPTS: &str =
+    "SELECT id, run_id, job, agent_id, epoch, state, created_ms, finished_ms
+     FROM attempts WHERE state = 'running'";
+
 /// Failures of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -350,7 +358,7 @@ impl Store {
         self.call(|c| {
             let max_seq: i64 = c.query_row("SELECT COALESCE(MAX(seq), 0) FROM runs", [], |r| r.get(0))?;
             let ids: Vec<String> = {
-                let mut st = c.prepare("SELECT id FROM runs WHERE state = 'running' ORDER BY seq")?;
+                let mut st = c.prepare(RUNNING_RUNS)?;
                 let rows = st.query_map([], |r| r.get(0))?;
                 rows.collect::<Result<_, _>>()?
             };
@@ -361,10 +369,7 @@ impl Store {
                 }
             }
             let attempts = {
-                let mut st = c.prepare(
-                    "SELECT id, run_id, job, agent_id, epoch, state, created_ms, finished_ms
-                     FROM attempts WHERE state = 'running'",
-                )?;
+                let mut st = c.prepare(RUNNING_ATTEMPTS)?;
                 let rows = st.query_map([], |r| Ok(attempt_row(r)))?;
                 let mut out = Vec::new();
                 for row in rows {
@@ -975,6 +980,65 @@ mod tests {
         assert_eq!(loaded.runs, vec![r]);
         assert_eq!(loaded.max_seq, 1);
         assert!(store.get_run("nope").await.unwrap().is_none());
+    }
+
+    /// A start finds the running runs and attempts through the partial indexes (which hold nothing
+    /// else), and a store made with the earlier indexes of every state loses them on open.
+    #[tokio::test]
+    async fn running_rows_are_indexed_alone_and_the_old_state_indexes_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        drop(Store::open(&path).unwrap());
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(
+            "CREATE INDEX runs_state ON runs(state); CREATE INDEX attempts_state ON attempts(state);",
+        )
+        .unwrap();
+        drop(c);
+        let store = Store::open(&path).unwrap();
+        let mut r = run();
+        store.commit(vec![Write::Run(r.clone())]).await.unwrap();
+        let mut done = r.clone();
+        (done.id, done.seq, done.state) = ("r2".into(), 2, RunStatus::Succeeded);
+        store.commit(vec![Write::Run(done)]).await.unwrap();
+        {
+            let c = lock(&store.conn);
+            let plan = |sql: &str| -> String {
+                let mut st = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+                let rows = st.query_map([], |r| r.get::<_, String>(3)).unwrap();
+                rows.map(Result::unwrap).collect::<Vec<_>>().join("; ")
+            };
+            assert!(
+                plan(RUNNING_RUNS).contains("runs_running"),
+                "{}",
+                plan(RUNNING_RUNS)
+            );
+            assert!(
+                plan(RUNNING_ATTEMPTS).contains("attempts_running"),
+                "{}",
+                plan(RUNNING_ATTEMPTS)
+            );
+            let indexes: Vec<String> = c
+                .prepare(
+                    "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE '%_state'",
+                )
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            assert!(indexes.is_empty(), "{indexes:?}");
+            let entries: i64 = c
+                .query_row(
+                    "SELECT COUNT(*) FROM runs INDEXED BY runs_running WHERE state = 'running'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(entries, 1);
+        }
+        r.state = RunStatus::Running;
+        assert_eq!(store.load().await.unwrap().runs, vec![r]);
     }
 
     #[tokio::test]
