@@ -26,6 +26,7 @@ pub mod machine;
 pub mod model;
 pub mod pacing;
 pub mod revoke;
+mod running;
 pub mod secrets;
 pub mod traces;
 pub mod why;
@@ -149,7 +150,7 @@ struct State {
     /// rather than scanning every run.
     queued: BTreeMap<(i64, u32), String>,
     /// Attempts running now.
-    attempts: HashMap<String, AttemptRec>,
+    attempts: running::Running,
     /// Every enrolled agent.
     agents: HashMap<String, AgentLive>,
     next_seq: i64,
@@ -422,7 +423,7 @@ impl Engine {
             .run_traces(state.runs.keys().cloned().collect())
             .await?;
         for a in loaded.attempts {
-            state.attempts.insert(a.id.clone(), a);
+            state.attempts.insert(a);
         }
         let (changes, _) = broadcast::channel(1024);
         let (closing, _) = watch::channel(false);
@@ -674,7 +675,7 @@ impl Engine {
         for (id, a) in tx.attempts {
             fx.writes.push(Write::Attempt(a.clone()));
             if a.state == Status::Running {
-                st.attempts.insert(id, a);
+                st.attempts.insert(a);
             } else {
                 // Ends the attempt's span (it is exported when the last handle drops).
                 if let Some(span) = st.attempt_spans.remove(&id) {
@@ -720,10 +721,6 @@ impl Engine {
         if st.queued.is_empty() {
             return Ok(());
         }
-        let mut running: HashMap<&str, u32> = HashMap::new();
-        for a in st.attempts.values() {
-            *running.entry(a.agent_id.as_str()).or_default() += 1;
-        }
         // Only agents that can take a job now: with none, there is nothing to do (and no queue to scan).
         // Under load that is one agent or none of the whole fleet, so only those are copied.
         let mut agents: Vec<AgentSlots> = st
@@ -731,7 +728,7 @@ impl Engine {
             .values()
             .filter(|a| a.session.is_some() && !a.rec.revoked)
             .filter_map(|a| {
-                let busy = running.get(a.rec.id.as_str()).copied().unwrap_or(0);
+                let busy = st.attempts.on_agent(&a.rec.id);
                 let free = a.rec.capacity.saturating_sub(busy);
                 (free > 0 && st.accepts_work(&a.rec.id)).then(|| AgentSlots {
                     id: a.rec.id.clone(),
@@ -742,7 +739,6 @@ impl Engine {
                 })
             })
             .collect();
-        drop(running);
         if agents.is_empty() {
             return Ok(());
         }
@@ -1120,8 +1116,7 @@ impl Engine {
                 attached += usize::from(a.session.is_some());
                 let held = a.seen.ttl_held(ttl);
                 if a.seen.silent_at(now) > held
-                    && (a.session.is_some()
-                        || st.attempts.values().any(|at| at.agent_id == a.rec.id))
+                    && (a.session.is_some() || st.attempts.on_agent(&a.rec.id) > 0)
                 {
                     out.push((a.rec.id.clone(), held));
                 }
