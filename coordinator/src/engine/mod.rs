@@ -34,6 +34,7 @@ pub mod why;
 #[cfg(test)]
 mod tests;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -731,11 +732,11 @@ impl Engine {
                 let busy = st.attempts.on_agent(&a.rec.id);
                 let free = a.rec.capacity.saturating_sub(busy);
                 (free > 0 && st.accepts_work(&a.rec.id)).then(|| AgentSlots {
-                    id: a.rec.id.clone(),
-                    labels: a.rec.labels.clone(),
+                    id: Cow::Borrowed(&a.rec.id),
+                    labels: Cow::Borrowed(&a.rec.labels),
                     free,
                     accepting: true,
-                    policy: a.host_policy.clone(),
+                    policy: Cow::Borrowed(&a.host_policy),
                 })
             })
             .collect();

@@ -3,6 +3,7 @@
 //! No I/O and no clock: the engine hands it a snapshot and applies what it returns, so every decision is a
 //! function of its input and is tested without sockets.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use drover_proto::policy::{refusals, HostNeeds};
@@ -19,19 +20,21 @@ pub struct QueuedJob<K> {
     pub needs: HostNeeds,
 }
 
-/// An agent as the scheduler sees it.
+/// An agent as the scheduler sees it. The engine lends its own records (a scheduling pass runs on every
+/// submit and result, over every agent with a free slot: copying their labels and policies each time was
+/// most of the pass).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AgentSlots {
+pub struct AgentSlots<'a> {
     /// Agent id.
-    pub id: String,
+    pub id: Cow<'a, str>,
     /// The agent's labels.
-    pub labels: BTreeMap<String, String>,
+    pub labels: Cow<'a, BTreeMap<String, String>>,
     /// How many more jobs it can take now.
     pub free: u32,
     /// False when the agent is draining, paused or not attached.
     pub accepting: bool,
     /// Privileged mode and host mounts it allows.
-    pub policy: HostPolicy,
+    pub policy: Cow<'a, HostPolicy>,
 }
 
 /// One decision: run `job` on `agent`.
@@ -91,7 +94,7 @@ pub fn schedule_by<'s, K>(
             left -= 1;
             out.push(Placement {
                 job: key,
-                agent: a.id.clone(),
+                agent: a.id.to_string(),
             });
         }
     }
@@ -117,13 +120,13 @@ mod tests {
         }
     }
 
-    fn agent(id: &str, l: &[(&str, &str)], free: u32) -> AgentSlots {
+    fn agent(id: &str, l: &[(&str, &str)], free: u32) -> AgentSlots<'static> {
         AgentSlots {
-            id: id.into(),
-            labels: labels(l),
+            id: Cow::Owned(id.into()),
+            labels: Cow::Owned(labels(l)),
             free,
             accepting: true,
-            policy: HostPolicy::default(),
+            policy: Cow::Owned(HostPolicy::default()),
         }
     }
 
@@ -208,10 +211,10 @@ mod tests {
         )
         .is_empty());
         let mut root = agent("b-root", &[], 1);
-        root.policy.allow_privileged = true;
+        root.policy.to_mut().allow_privileged = true;
         let mut disks = agent("c-disks", &[], 1);
-        disks.policy.allow_host_mounts = true;
-        disks.policy.host_mount_prefixes = vec!["/srv".into()];
+        disks.policy.to_mut().allow_host_mounts = true;
+        disks.policy.to_mut().host_mount_prefixes = vec!["/srv".into()];
         let jobs = [privileged, mounts, job(3, &[])];
         assert_eq!(
             placed(&schedule(&jobs, &[plain, root, disks])),
