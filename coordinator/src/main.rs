@@ -10,7 +10,8 @@ use drover_coordinator::Server;
 
 /// mimalloc instead of the C library's malloc: under load the coordinator allocates and frees small
 /// objects on every message (protobuf, HTTP/2 frames, state copies), and glibc's malloc (with its
-/// consolidation of freed chunks) took about a seventh of its CPU time.
+/// consolidation of freed chunks) took about a seventh of its CPU time. Built without transparent huge
+/// pages (`no_thp`): with them, 10,000 attached agents cost 721 MiB of RSS instead of 437 MiB.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
