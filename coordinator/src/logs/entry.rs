@@ -8,7 +8,10 @@ use std::sync::Arc;
 
 use tokio::sync::{watch, Mutex};
 
+use drover_proto::v1::LineTime;
+
 use super::journal::Journal;
+use super::times::TimesFile;
 use super::{LogError, LogKey, LogStatus};
 
 /// Attach the operation and the path to an I/O error, so the message says which file failed.
@@ -77,6 +80,8 @@ struct LogIo {
     dirs_synced: bool,
     /// Completed in memory only: a step that never started, ended by `abandon` so its followers stop.
     ended_absent: bool,
+    /// The line-time file, once a batch brought times.
+    times: Option<TimesFile>,
 }
 
 impl LogIo {
@@ -273,23 +278,34 @@ impl LogEntry {
         Ok(file)
     }
 
-    /// Writes `pieces` one after the other at the end of the log, in one trip to a blocking thread.
+    /// Writes `pieces` one after the other at the end of the log, on the calling task: a batch is
+    /// at most a few MiB into the page cache, while a trip to a blocking thread per batch (two thread
+    /// switches, each a wake-up across the machine's cores) cost more than the copy on a fast log.
+    /// The `fdatasync` that makes the bytes durable is the slow part, and stays off the workers.
     async fn write_at(&self, io: &mut LogIo, pieces: Vec<bytes::Bytes>) -> Result<(), LogError> {
         let file = self.file(io).await?;
-        let at = io.len;
-        let path = self.paths.log.clone();
-        let written: u64 = pieces.iter().map(|p| p.len() as u64).sum();
-        blocking(move || {
-            let mut to = at;
-            for piece in &pieces {
-                file.write_all_at(piece, to)
-                    .map_err(|e| io_context(e, "write log", &path))?;
-                to += piece.len() as u64;
-            }
-            Ok(())
-        })
-        .await?;
-        io.len = at + written;
+        let mut to = io.len;
+        for piece in &pieces {
+            file.write_all_at(piece, to)
+                .map_err(|e| io_context(e, "write log", &self.paths.log))?;
+            to += piece.len() as u64;
+            // Visible to readers piece by piece: a failed write leaves `len` at the bytes written.
+            io.len = to;
+        }
+        Ok(())
+    }
+
+    /// Stores line times sent with a chunk (past the last stored one, so a resend adds nothing),
+    /// before the chunk's bytes: a follower never reads bytes whose times are missing.
+    pub(super) async fn record_times(&self, times: &[LineTime]) -> Result<(), LogError> {
+        let mut io = self.io.lock().await;
+        if io.times.is_none() {
+            let (root, attempt, step) = (self.paths.root.clone(), self.key.0.clone(), self.key.1);
+            io.times = Some(blocking(move || TimesFile::open(&root, &attempt, step)).await?);
+        }
+        if let Some(file) = io.times.as_mut() {
+            file.append(times)?;
+        }
         Ok(())
     }
 

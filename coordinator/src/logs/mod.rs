@@ -87,8 +87,6 @@ struct Inner {
     /// Logs that someone is using right now, or that hold appended bytes not yet synced.
     /// A std Mutex: every section is a map lookup or insert/remove and never crosses an `.await`.
     live: Mutex<HashMap<LogKey, Arc<LogEntry>>>,
-    /// Serialises appends to `.times` sidecars (held on blocking threads only, never across an await).
-    times_lock: Arc<Mutex<()>>,
     /// Logs being compressed now, so a repeated sync does not start a second compression.
     compressing: Mutex<std::collections::HashSet<LogKey>>,
     /// Steps of attempts started by this process whose logs were never opened: nothing of them can be
@@ -155,7 +153,6 @@ impl LogStore {
                 journal: Arc::new(journal),
                 dir,
                 live: Mutex::new(HashMap::new()),
-                times_lock: Arc::new(Mutex::new(())),
                 compressing: Mutex::new(std::collections::HashSet::new()),
                 fresh: Mutex::new(HashMap::new()),
             }),
@@ -165,10 +162,6 @@ impl LogStore {
     /// The directory the store lives in.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
-    }
-
-    fn times_lock(&self) -> Arc<Mutex<()>> {
-        self.inner.times_lock.clone()
     }
 
     fn handle(&self, attempt: &str, step: u32) -> Result<EntryHandle, LogError> {

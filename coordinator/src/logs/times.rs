@@ -47,46 +47,77 @@ fn truncated_path(dir: &Path, attempt: &str, step: u32) -> PathBuf {
     dir.join(attempt).join(format!("{step}.truncated"))
 }
 
-/// Appends the records of `times` past the last stored one (records must increase in offset).
-fn append_records(path: &Path, times: &[LineTime]) -> io::Result<()> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| io_context(e, "create log directory", parent))?;
-    }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|e| io_context(e, "open log times", path))?;
-    // A torn record (crash mid-write) is overwritten by the next one.
-    let count = file
-        .metadata()
-        .map_err(|e| io_context(e, "stat log times", path))?
-        .len()
-        / RECORD;
-    let mut last = if count == 0 {
-        None
-    } else {
-        Some(
-            record_at(&file, count - 1)
-                .map_err(|e| io_context(e, "read log times", path))?
-                .offset,
-        )
-    };
-    let mut buf = Vec::with_capacity(times.len() * RECORD as usize);
-    for t in times {
-        if last.is_none_or(|l| t.offset > l) {
-            buf.extend_from_slice(&encode(t));
-            last = Some(t.offset);
+/// A step's `.times` file held open for appending: its record count and last offset are read once,
+/// so each batch of a streaming log costs one write, not an open, a stat, a read and a close.
+#[derive(Debug)]
+pub(super) struct TimesFile {
+    file: File,
+    path: PathBuf,
+    /// Whole records in the file (a torn record at the end, from a crash mid-write, is overwritten).
+    count: u64,
+    /// The offset of the last stored record.
+    last: Option<u64>,
+}
+
+impl TimesFile {
+    /// Opens (creating it and its directory if missing) the times file of `step` of `attempt`.
+    pub(super) fn open(dir: &Path, attempt: &str, step: u32) -> io::Result<Self> {
+        let path = times_path(dir, attempt, step);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| io_context(e, "create log directory", parent))?;
         }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| io_context(e, "open log times", &path))?;
+        let count = file
+            .metadata()
+            .map_err(|e| io_context(e, "stat log times", &path))?
+            .len()
+            / RECORD;
+        let last = if count == 0 {
+            None
+        } else {
+            Some(
+                record_at(&file, count - 1)
+                    .map_err(|e| io_context(e, "read log times", &path))?
+                    .offset,
+            )
+        };
+        Ok(Self {
+            file,
+            path,
+            count,
+            last,
+        })
     }
-    if !buf.is_empty() {
-        file.write_all_at(&buf, count * RECORD)
-            .map_err(|e| io_context(e, "write log times", path))?;
+
+    /// Appends the records of `times` past the last stored one (records must increase in offset),
+    /// so a resent chunk's records are not stored twice. A write of a few records into the page
+    /// cache: done on the caller's thread.
+    pub(super) fn append(&mut self, times: &[LineTime]) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(times.len() * RECORD as usize);
+        let mut last = self.last;
+        for t in times {
+            if last.is_none_or(|l| t.offset > l) {
+                buf.extend_from_slice(&encode(t));
+                last = Some(t.offset);
+            }
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.file
+            .write_all_at(&buf, self.count * RECORD)
+            .map_err(|e| io_context(e, "write log times", &self.path))?;
+        self.count += buf.len() as u64 / RECORD;
+        self.last = last;
+        Ok(())
     }
-    Ok(())
 }
 
 /// The records that time the bytes `[from, to)`: the one covering `from` (the latest at or before
@@ -153,19 +184,9 @@ impl LogStore {
                 "line times must be in strictly increasing offset order".into(),
             ));
         }
-        let path = times_path(self.dir(), attempt, step);
-        let times = times.to_vec();
-        // One writer at a time per store: two PushLogs streams of one attempt (a reconnect racing
-        // the old stream) must not interleave their appends. A std Mutex held only on the blocking
-        // thread, never across an await.
-        let lock = self.times_lock();
-        blocking(move || {
-            let _guard = lock
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            append_records(&path, &times)
-        })
-        .await
+        // The log's entry keeps the file open and serialises its writers: two PushLogs streams of
+        // one attempt (a reconnect racing the old stream) never interleave their appends.
+        self.handle(attempt, step)?.entry.record_times(times).await
     }
 
     /// The line times covering bytes `[from, from + len)` of a step's log: the record of the line
