@@ -521,9 +521,9 @@ async fn ship_logs(
 ) {
     let mut closing = engine.closing();
     // One round waiting at most: the rest gathers in `pending` meanwhile.
-    let (sync_tx, sync_rx) = mpsc::channel::<Vec<(String, u32)>>(1);
+    let (sync_tx, sync_rx) = mpsc::channel::<Vec<Touched>>(1);
     let syncer = tokio::spawn(sync_and_ack(engine.clone(), sync_rx, tx.clone()));
-    let mut pending: Vec<(String, u32)> = Vec::new();
+    let mut pending: Vec<Touched> = Vec::new();
     loop {
         let first = tokio::select! {
             m = inbound.next() => m,
@@ -578,12 +578,7 @@ async fn ship_logs(
                     return;
                 }
             };
-            if !pending
-                .iter()
-                .any(|(a, s)| *a == c.attempt_id && *s == c.step_index)
-            {
-                pending.push((c.attempt_id, c.step_index));
-            }
+            touch(&mut pending, (c.attempt_id, c.step_index, c.eof));
         }
         if ended {
             finish_syncs(sync_tx, syncer, pending).await;
@@ -694,9 +689,9 @@ async fn append_pieces(
 
 /// Hands the last logs to the syncer, then waits until it has acknowledged everything.
 async fn finish_syncs(
-    sync_tx: mpsc::Sender<Vec<(String, u32)>>,
+    sync_tx: mpsc::Sender<Vec<Touched>>,
     syncer: tokio::task::JoinHandle<()>,
-    pending: Vec<(String, u32)>,
+    pending: Vec<Touched>,
 ) {
     if !pending.is_empty() {
         let _ = sync_tx.send(pending).await;
@@ -705,15 +700,54 @@ async fn finish_syncs(
     let _ = syncer.await;
 }
 
+/// A log a batch wrote to: (attempt, step, the batch ended it).
+type Touched = (String, u32, bool);
+
+/// Adds a log to a round of logs to sync (once; ended if any batch ended it).
+fn touch(round: &mut Vec<Touched>, (attempt, step, ended): Touched) {
+    match round
+        .iter_mut()
+        .find(|(a, s, _)| *a == attempt && *s == step)
+    {
+        Some(t) => t.2 |= ended,
+        None => round.push((attempt, step, ended)),
+    }
+}
+
+/// Least time between the starts of two syncs of a PushLogs stream while its logs stream on. Back
+/// to back, the syncs of a fast log covered about 100 KiB each (`perf stat`: 10.6 `fdatasync`s per
+/// MiB), each a data write, an inode write and a cache flush on the disk, an ack to encode, and a
+/// wake-up of the agent to read it. Paced, one covers what arrived in the interval. A round that
+/// ends a log is synced at once: a job's result waits for its logs to be complete, and no
+/// acknowledgement is held back longer than this.
+const SYNC_PACE: Duration = Duration::from_millis(5);
+
 /// The syncer of one PushLogs stream: for each round of touched logs, sync each and acknowledge its
-/// durable offset. A failed sync ends the stream with the error.
+/// durable offset. A failed sync ends the stream with the error. Rounds that arrive while it waits
+/// out [`SYNC_PACE`] join the round it holds.
 async fn sync_and_ack(
     engine: Engine,
-    mut rounds: mpsc::Receiver<Vec<(String, u32)>>,
+    mut rounds: mpsc::Receiver<Vec<Touched>>,
     tx: mpsc::Sender<Result<pb::LogAck, Status>>,
 ) {
-    while let Some(touched) = rounds.recv().await {
-        for (attempt_id, step_index) in touched {
+    let mut last_start: Option<tokio::time::Instant> = None;
+    while let Some(mut round) = rounds.recv().await {
+        if let Some(due) = last_start.map(|at| at + SYNC_PACE) {
+            let pause = tokio::time::sleep_until(due);
+            tokio::pin!(pause);
+            while !round.iter().any(|t| t.2) {
+                tokio::select! {
+                    () = &mut pause => break,
+                    more = rounds.recv() => match more {
+                        Some(more) => more.into_iter().for_each(|t| touch(&mut round, t)),
+                        // The stream is ending: sync what is held now.
+                        None => break,
+                    },
+                }
+            }
+        }
+        last_start = Some(tokio::time::Instant::now());
+        for (attempt_id, step_index, _) in round {
             let ack = match engine.logs().sync(&attempt_id, step_index).await {
                 Ok(s) => pb::LogAck {
                     attempt_id,
