@@ -58,12 +58,16 @@ pub(crate) async fn run(opts: &Opts) -> Result<Vec<Line>> {
     );
     let clk_tck = clock_ticks_per_second().await;
     let mut cpu = Vec::new();
+    // The floor's reader (this process) per MiB: what reading the attach stream alone costs.
+    let mut floor_cpu = Vec::new();
     let mut client = coord.control().await?;
     let mut floor = Vec::new();
     let mut drover = Vec::new();
     // Alternate the two sides so a burst of load from elsewhere on the machine hits both alike.
     for i in 0..repeats {
+        let reader0 = cpu_ticks(std::process::id())?;
         let f = attach_floor(&docker, bytes).await.context("floor")?;
+        let reader1 = cpu_ticks(std::process::id())?;
         let ticks0 = (cpu_ticks(pids.0)?, cpu_ticks(pids.1)?);
         let d = through_drover(&coord, &mut client, bytes)
             .await
@@ -73,6 +77,7 @@ pub(crate) async fn run(opts: &Opts) -> Result<Vec<Line>> {
         // CPU per MiB shipped, in ms: what the agent and the coordinator take from the build host.
         let per_mib = |t0: u64, t1: u64| 1e3 * t1.saturating_sub(t0) as f64 / clk_tck / mib;
         cpu.push((per_mib(ticks0.0, ticks1.0), per_mib(ticks0.1, ticks1.1)));
+        floor_cpu.push(per_mib(reader0, reader1));
         eprintln!(
             "log_throughput: repetition {}: floor {:.0} MiB/s ({f:?}), drover {:.0} MiB/s ({d:?})",
             i + 1,
@@ -87,9 +92,10 @@ pub(crate) async fn run(opts: &Opts) -> Result<Vec<Line>> {
     let coord_cpu: Vec<f64> = cpu.iter().map(|c| c.1).collect();
     let (a, alo, ahi) = jobs::spread(&agent_cpu);
     let (c, clo, chi) = jobs::spread(&coord_cpu);
+    let (r, rlo, rhi) = jobs::spread(&floor_cpu);
     eprintln!(
         "log_throughput: CPU per MiB, submit -> log complete: agent {a:.2} ms (range {alo:.2}-{ahi:.2}), \
-         coordinator {c:.2} ms (range {clo:.2}-{chi:.2})"
+         coordinator {c:.2} ms (range {clo:.2}-{chi:.2}); the floor's attach reader {r:.2} ms (range {rlo:.2}-{rhi:.2})"
     );
     let (d, dlo, dhi) = jobs::spread(&drover);
     let (f, flo, fhi) = jobs::spread(&floor);
