@@ -998,6 +998,33 @@ mod tests {
         assert!(coord.log(0).1);
     }
 
+    /// A container writing fast (32 KiB every ~100 us, as the engine delivers a busy log) is sent in
+    /// full chunks, not one chunk per write: each chunk is a message, a wake-up of every task on
+    /// the way and a write at the coordinator.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fast_log_goes_out_in_full_chunks() {
+        let coord = MemoryCoordinator::default();
+        let root = tempfile::tempdir().unwrap();
+        let spool = AttemptSpool::create(root.path(), "a").await.unwrap();
+        let handle = tokio::spawn(Shipper::new(coord.clone(), "a", 1, &spool).run());
+        let mut step = spool.open_step(0).await.unwrap();
+        let writes: Vec<Vec<u8>> = (0..64).map(|i| pattern(32 * 1024, i as u8)).collect();
+        for w in &writes {
+            step.write(Bytes::copy_from_slice(w)).await.unwrap();
+            // Blocks this worker, as a reader busy with the next frame would; the shipper runs on
+            // the other one.
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        drop(step);
+        spool.close();
+        handle.await.unwrap().unwrap();
+        assert_eq!(coord.log(0).0, writes.concat());
+        // One chunk per write would be 64 (and the eof); 2 MiB in full chunks is 16, plus a short
+        // chunk where a 2 ms window ends.
+        let chunks = *coord.chunks_seen.lock().unwrap();
+        assert!(chunks <= 40, "{chunks} chunks for 64 writes of 32 KiB");
+    }
+
     #[tokio::test]
     async fn a_fatal_status_stops_shipping() {
         #[derive(Clone)]

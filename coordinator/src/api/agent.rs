@@ -776,7 +776,25 @@ fn bad_log_stream(agent_id: &str, e: Status) -> Status {
 
 #[cfg(test)]
 mod tests {
-    use super::{check_artifact_path, merge_contiguous, pb};
+    use super::{check_artifact_path, merge_contiguous, pb, touch};
+
+    #[test]
+    fn a_round_names_each_log_once_and_remembers_that_a_batch_ended_it() {
+        let mut round = Vec::new();
+        touch(&mut round, ("a".into(), 0, false));
+        touch(&mut round, ("a".into(), 1, false));
+        touch(&mut round, ("a".into(), 0, true));
+        touch(&mut round, ("a".into(), 0, false));
+        touch(&mut round, ("b".into(), 0, false));
+        assert_eq!(
+            round,
+            vec![
+                ("a".to_string(), 0, true),
+                ("a".to_string(), 1, false),
+                ("b".to_string(), 0, false),
+            ]
+        );
+    }
 
     #[test]
     fn contiguous_chunks_of_one_log_are_merged_and_others_kept_apart() {
