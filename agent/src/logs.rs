@@ -601,6 +601,7 @@ impl<T: LogTransport> Shipper<T> {
     pub async fn run(mut self) -> Result<(), ShipError> {
         let mut backoff = Backoff::default();
         let mut acked: BTreeMap<u32, Acked> = BTreeMap::new();
+        let mut released: HashMap<u32, Released> = HashMap::new();
         // False once the spool is gone: it will not change any more.
         let mut spool_alive = true;
         loop {
@@ -677,6 +678,9 @@ impl<T: LogTransport> Shipper<T> {
                             let s = sent.entry(ack.step_index).or_default();
                             s.next = s.next.max(a.durable);
                             s.eof |= a.complete;
+                            if !a.complete {
+                                self.release(&mut released, ack.step_index, a.durable);
+                            }
                         }
                         Some(Err(status)) if is_fatal(&status) => {
                             return Err(ShipError::Rejected(status));
@@ -768,7 +772,54 @@ impl<T: LogTransport> Shipper<T> {
     }
 }
 
+/// A step spool's acknowledged start, released from the disk and the page cache.
+#[derive(Debug)]
+struct Released {
+    /// The spool opened for writing (a hole can only be punched through a writable descriptor);
+    /// `None` when that failed or the file system cannot punch holes: nothing more is tried.
+    file: Option<std::fs::File>,
+    /// Bytes before this offset are released.
+    upto: u64,
+}
+
+/// Acknowledged bytes are released from a step's spool once this many have gathered.
+const RELEASE_BYTES: u64 = 1 << 20;
+
 impl<T> Shipper<T> {
+    /// Punches a hole over the acknowledged start of a step's spool (whole 4 KiB blocks, the file's
+    /// length kept): those bytes are durable at the coordinator and never sent again (a resend
+    /// starts at the acknowledged offset; a restarted agent that resends from 0 sends zeros the
+    /// coordinator skips, as it skips every byte below what it holds). A fast log then occupies a
+    /// few MiB of the build host's page cache instead of its whole length, its dirty pages are
+    /// dropped instead of written back to the disk, and the same memory serves its next writes.
+    fn release(&self, released: &mut HashMap<u32, Released>, step: u32, acked: u64) {
+        let r = released.entry(step).or_insert_with(|| Released {
+            file: std::fs::OpenOptions::new()
+                .write(true)
+                .open(step_path(&self.dir, step))
+                .map_err(|e| {
+                    tracing::debug!(attempt = %self.attempt_id, step, error = %e,
+                        "opening the spool to release acknowledged bytes");
+                })
+                .ok(),
+            upto: 0,
+        });
+        let upto = acked & !4095;
+        let Some(file) = &r.file else { return };
+        if upto < r.upto + RELEASE_BYTES {
+            return;
+        }
+        let flags = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+        match rustix::fs::fallocate(file, flags, r.upto, upto - r.upto) {
+            Ok(()) => r.upto = upto,
+            Err(e) => {
+                tracing::debug!(attempt = %self.attempt_id, step, error = %e,
+                    "releasing acknowledged spool bytes; keeping them");
+                r.file = None;
+            }
+        }
+    }
+
     /// The bytes `[offset, offset + len)` of a step's spool file, one buffer per chunk (so none is
     /// copied again to be sent), and the line times its sidecar records for them: for bytes the
     /// tail no longer holds. The files stay open for the next span.
@@ -1023,6 +1074,46 @@ mod tests {
         // chunk where a 2 ms window ends.
         let chunks = *coord.chunks_seen.lock().unwrap();
         assert!(chunks <= 40, "{chunks} chunks for 64 writes of 32 KiB");
+    }
+
+    /// Acknowledged bytes leave the spool (a hole, the length kept) while the step still runs; the
+    /// coordinator still gets every byte.
+    #[tokio::test]
+    async fn acknowledged_spool_bytes_are_released_while_the_step_runs() {
+        use std::os::unix::fs::MetadataExt;
+        let coord = MemoryCoordinator::default();
+        let root = tempfile::tempdir().unwrap();
+        let spool = AttemptSpool::create(root.path(), "a").await.unwrap();
+        let handle = tokio::spawn(Shipper::new(coord.clone(), "a", 1, &spool).run());
+        let mut step = spool.open_step(0).await.unwrap();
+        let data = pattern(4 << 20, 7);
+        for piece in data.chunks(256 * 1024) {
+            step.write(Bytes::copy_from_slice(piece)).await.unwrap();
+        }
+        let path = spool.step_path(0);
+        let start = std::time::Instant::now();
+        loop {
+            let meta = std::fs::metadata(&path).unwrap();
+            assert_eq!(meta.len(), data.len() as u64, "the length is kept");
+            if meta.blocks() * 512 <= 2 << 20 {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "acknowledged bytes still take {} bytes of disk",
+                meta.blocks() * 512
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let head = std::fs::read(&path).unwrap();
+        assert!(
+            head[..1 << 20].iter().all(|&b| b == 0),
+            "released bytes read as zeros"
+        );
+        drop(step);
+        spool.close();
+        handle.await.unwrap().unwrap();
+        assert_eq!(coord.log(0), (data, true));
     }
 
     #[tokio::test]
