@@ -1026,13 +1026,26 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn first_bytes_arrive_without_waiting_for_more() {
+    /// A shipper to a [`MemoryCoordinator`] for attempt "a", and its first step open for writing
+    /// (keep the temporary directory alive as long as the spool).
+    async fn shipping_one_step() -> (
+        MemoryCoordinator,
+        tempfile::TempDir,
+        AttemptSpool,
+        tokio::task::JoinHandle<Result<(), ShipError>>,
+        StepSpool,
+    ) {
         let coord = MemoryCoordinator::default();
         let root = tempfile::tempdir().unwrap();
         let spool = AttemptSpool::create(root.path(), "a").await.unwrap();
         let handle = tokio::spawn(Shipper::new(coord.clone(), "a", 1, &spool).run());
-        let mut step = spool.open_step(0).await.unwrap();
+        let step = spool.open_step(0).await.unwrap();
+        (coord, root, spool, handle, step)
+    }
+
+    #[tokio::test]
+    async fn first_bytes_arrive_without_waiting_for_more() {
+        let (coord, _root, spool, handle, mut step) = shipping_one_step().await;
         step.write(Bytes::from_static(b"first")).await.unwrap();
         let start = std::time::Instant::now();
         while coord.log(0).0 != b"first" {
@@ -1054,11 +1067,7 @@ mod tests {
     /// the way and a write at the coordinator.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_fast_log_goes_out_in_full_chunks() {
-        let coord = MemoryCoordinator::default();
-        let root = tempfile::tempdir().unwrap();
-        let spool = AttemptSpool::create(root.path(), "a").await.unwrap();
-        let handle = tokio::spawn(Shipper::new(coord.clone(), "a", 1, &spool).run());
-        let mut step = spool.open_step(0).await.unwrap();
+        let (coord, _root, spool, handle, mut step) = shipping_one_step().await;
         let writes: Vec<Vec<u8>> = (0..64).map(|i| pattern(32 * 1024, i as u8)).collect();
         for w in &writes {
             step.write(Bytes::copy_from_slice(w)).await.unwrap();
@@ -1081,11 +1090,7 @@ mod tests {
     #[tokio::test]
     async fn acknowledged_spool_bytes_are_released_while_the_step_runs() {
         use std::os::unix::fs::MetadataExt;
-        let coord = MemoryCoordinator::default();
-        let root = tempfile::tempdir().unwrap();
-        let spool = AttemptSpool::create(root.path(), "a").await.unwrap();
-        let handle = tokio::spawn(Shipper::new(coord.clone(), "a", 1, &spool).run());
-        let mut step = spool.open_step(0).await.unwrap();
+        let (coord, _root, spool, handle, mut step) = shipping_one_step().await;
         let data = pattern(4 << 20, 7);
         for piece in data.chunks(256 * 1024) {
             step.write(Bytes::copy_from_slice(piece)).await.unwrap();
