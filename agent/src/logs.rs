@@ -773,12 +773,13 @@ impl<T: LogTransport> Shipper<T> {
 }
 
 /// A step spool's acknowledged start, released from the disk and the page cache.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Released {
-    /// The spool opened for writing (a hole can only be punched through a writable descriptor);
-    /// `None` when that failed or the file system cannot punch holes: nothing more is tried.
+    /// The spool opened for writing (a hole can only be punched through a writable descriptor),
+    /// once there was something to release.
     file: Option<std::fs::File>,
-    /// Bytes before this offset are released.
+    /// Bytes before this offset are released; `u64::MAX` once opening or punching failed (a file
+    /// system that cannot punch holes): nothing more is tried.
     upto: u64,
 }
 
@@ -792,30 +793,36 @@ impl<T> Shipper<T> {
     /// coordinator skips, as it skips every byte below what it holds). A fast log then occupies a
     /// few MiB of the build host's page cache instead of its whole length, its dirty pages are
     /// dropped instead of written back to the disk, and the same memory serves its next writes.
+    /// A log shorter than [`RELEASE_BYTES`] costs nothing (its spool is not even opened).
     fn release(&self, released: &mut HashMap<u32, Released>, step: u32, acked: u64) {
-        let r = released.entry(step).or_insert_with(|| Released {
-            file: std::fs::OpenOptions::new()
-                .write(true)
-                .open(step_path(&self.dir, step))
-                .map_err(|e| {
-                    tracing::debug!(attempt = %self.attempt_id, step, error = %e,
-                        "opening the spool to release acknowledged bytes");
-                })
-                .ok(),
-            upto: 0,
-        });
         let upto = acked & !4095;
-        let Some(file) = &r.file else { return };
-        if upto < r.upto + RELEASE_BYTES {
+        let r = released.entry(step).or_default();
+        if upto < r.upto.saturating_add(RELEASE_BYTES) {
             return;
         }
+        let file = match &mut r.file {
+            Some(file) => file,
+            None => match std::fs::OpenOptions::new()
+                .write(true)
+                .open(step_path(&self.dir, step))
+            {
+                Ok(file) => r.file.insert(file),
+                Err(e) => {
+                    tracing::debug!(attempt = %self.attempt_id, step, error = %e,
+                        "opening the spool to release acknowledged bytes; keeping them");
+                    r.upto = u64::MAX;
+                    return;
+                }
+            },
+        };
         let flags = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
-        match rustix::fs::fallocate(file, flags, r.upto, upto - r.upto) {
+        match rustix::fs::fallocate(&*file, flags, r.upto, upto - r.upto) {
             Ok(()) => r.upto = upto,
             Err(e) => {
                 tracing::debug!(attempt = %self.attempt_id, step, error = %e,
                     "releasing acknowledged spool bytes; keeping them");
                 r.file = None;
+                r.upto = u64::MAX;
             }
         }
     }
