@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use opentelemetry::propagation::TextMapPropagator as _;
+use opentelemetry::trace::TraceContextExt as _;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -133,6 +134,11 @@ pub fn init(cfg: TelemetryConfig) -> Result<Telemetry, TelemetryError> {
 /// traced (no exporter, or the span is disabled).
 pub fn traceparent(span: &tracing::Span) -> Option<String> {
     let cx = span.context();
+    // Without an exporter every span's context is invalid: say so before building a propagator and a
+    // map for nothing (this runs on every submitted run).
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
     let mut carrier: HashMap<String, String> = HashMap::new();
     TraceContextPropagator::new().inject_context(&cx, &mut carrier);
     carrier.remove(TRACEPARENT).filter(|v| !v.is_empty())

@@ -181,18 +181,18 @@ impl Metrics {
                 .and_then(|r| r.jobs.get(j.idx as usize))
                 .filter(|p| p.name == j.name);
             let before = p.map(|p| p.state);
-            if j.state == Status::Queued {
-                if before != Some(Status::Queued) {
-                    t.queued_since
-                        .insert((next.id.clone(), j.name.clone()), now_ms);
-                }
+            // Only a job that just became queued is new to these maps (a run changes many times while
+            // its jobs wait, and each change of the run passes here).
+            if j.state == Status::Queued && before != Some(Status::Queued) {
+                t.queued_since
+                    .insert((next.id.clone(), j.name.clone()), now_ms);
                 if t.selectors.len() < MAX_REMEMBERED_SELECTORS {
                     let sel = selector_string(&j.spec.agents);
                     if !t.selectors.contains(&sel) {
                         t.selectors.insert(sel);
                     }
                 }
-            } else if before == Some(Status::Queued) {
+            } else if j.state != Status::Queued && before == Some(Status::Queued) {
                 let since = t.queued_since.remove(&(next.id.clone(), j.name.clone()));
                 if let (Status::Running, Some(since)) = (j.state, since) {
                     let ms = now_ms.saturating_sub(since).max(0);
@@ -214,11 +214,11 @@ impl Metrics {
                 let same_attempt = p.filter(|p| p.attempt_id == j.attempt_id);
                 for (i, s) in j.steps.iter().enumerate() {
                     let was = same_attempt.and_then(|p| p.steps.get(i)).map(|s| s.state);
-                    let key = (att.clone(), i as u32);
                     if s.state == Status::Running && was != Some(Status::Running) {
-                        t.step_started.insert(key, Instant::now());
+                        t.step_started
+                            .insert((att.clone(), i as u32), Instant::now());
                     } else if s.state.is_terminal() && !was.is_some_and(|w| w.is_terminal()) {
-                        if let Some(start) = t.step_started.remove(&key) {
+                        if let Some(start) = t.step_started.remove(&(att.clone(), i as u32)) {
                             self.step_duration.observe(start.elapsed().as_secs_f64());
                         }
                     }
@@ -443,6 +443,9 @@ mod tests {
         );
         assert!(text.contains("drover_jobs{state=\"queued\"} 1"), "{text}");
 
+        // The run changes while its job stays queued (another job of it moves, say): the job's wait
+        // goes on from its first queueing.
+        m.run_changed(Some(&queued), &queued, 10_100);
         let mut started = queued.clone();
         started.jobs[0].state = Status::Running;
         started.jobs[0].attempt_id = Some("att".into());

@@ -326,6 +326,21 @@ impl LogStore {
     /// The current status of a log (what readers can read now, durable or not); `{0, false}` if it does not
     /// exist.
     pub async fn status(&self, attempt: &str, step: u32) -> Result<LogStatus, LogError> {
+        validate_attempt(attempt)?;
+        // A complete log never changes again, so when memory knows its final length the answer needs
+        // neither its entry nor the disk. GetRun and WatchRun ask this for every step of a run they
+        // show, and a finished run's logs have usually left memory: each was a trip to a blocking
+        // thread and two failed lookups (an empty log has no file) on the way to showing `succeeded`.
+        if let Some(len) = self
+            .inner
+            .journal
+            .completed_len_in_memory(&(attempt.to_owned(), step))
+        {
+            return Ok(LogStatus {
+                len,
+                complete: true,
+            });
+        }
         let handle = self.handle(attempt, step)?;
         handle.entry.status().await
     }

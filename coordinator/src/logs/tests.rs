@@ -769,3 +769,19 @@ async fn a_completion_just_made_durable_is_known_without_the_disk() {
     assert!(!store.known_complete(A, 0));
     assert!(store.status(A, 0).await.unwrap().complete);
 }
+
+#[tokio::test]
+async fn the_status_of_a_recently_completed_log_comes_from_memory() {
+    let (dir, store) = store();
+    store.append(A, 0, 0, b"", true).await.unwrap();
+    assert!(store.sync(A, 0).await.unwrap().complete);
+    assert_eq!(live_entries(&store), 0);
+    // Where the attempt's directory would be, a plain file: any look at the disk for this log now
+    // fails ("not a directory"), so only memory can answer.
+    std::fs::write(dir.path().join("logs").join(A), b"in the way").unwrap();
+    let s = store.status(A, 0).await.unwrap();
+    assert_eq!((s.len, s.complete), (0, true));
+    // A log memory knows nothing about is still looked up on the disk, and says what failed.
+    let err = store.status(A, 1).await.unwrap_err();
+    assert!(err.to_string().contains(A), "{err}");
+}
