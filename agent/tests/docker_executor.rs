@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use drover_agent::artifacts::{self, ArtifactError};
+use drover_agent::executor::kmsg::oom_kill_logged;
 use drover_agent::executor::{
     DockerExecutor, ExecError, Executor, Pull, StepEnd, StepRun, Workspace,
 };
@@ -373,4 +374,69 @@ async fn reaper_removes_every_leftover_of_the_agent() {
     assert_eq!(left[0].attempt(), "kept-attempt");
     f.exec.remove_workspace(&other).await.unwrap();
     assert!(f.exec.leftovers(&f.agent_id).await.unwrap().is_empty());
+}
+
+/// Runs `docker` with `args` and returns its trimmed standard output.
+fn docker_cli(args: &[&str]) -> String {
+    let out = std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .expect("running docker");
+    assert!(out.status.success(), "docker {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[tokio::test]
+async fn a_memory_limit_kill_is_oom_and_a_plain_137_exit_is_not() {
+    let f = fixture().await;
+    let mut step = f.step(0, "echo start; dd if=/dev/zero of=/dev/null bs=64M count=1");
+    step.memory_bytes = 16 << 20;
+    let mut out = Vec::new();
+    let end = f
+        .exec
+        .run_step(&f.ws, &step, &mut out, None, pending())
+        .await
+        .expect("step ran");
+    assert_eq!(
+        end,
+        StepEnd::Exited {
+            code: 137,
+            oom_killed: true
+        }
+    );
+    let (end, _) = f.run("exit 137").await;
+    assert_eq!(end, exited(137));
+    f.finish().await;
+}
+
+/// The kernel's log is what settles a SIGKILL the engine did not flag as an OOM kill (the engine can
+/// lose the event under load). Reading it needs root, as the agent on a build host and CI run.
+#[test]
+fn the_kernel_log_tells_an_oom_kill_from_a_plain_sigkill() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: reading /dev/kmsg needs root");
+        return;
+    }
+    ensure_test_image();
+    let oom = docker_cli(&[
+        "run",
+        "-d",
+        "-m",
+        "16m",
+        "--memory-swap",
+        "16m",
+        IMAGE,
+        "sh",
+        "-ec",
+        "dd if=/dev/zero of=/dev/null bs=64M count=1",
+    ]);
+    let plain = docker_cli(&["run", "-d", IMAGE, "sleep", "100"]);
+    docker_cli(&["kill", &plain]);
+    assert_eq!(docker_cli(&["wait", &oom]), "137");
+    assert_eq!(docker_cli(&["wait", &plain]), "137");
+    let oom_logged = oom_kill_logged(&oom);
+    let plain_logged = oom_kill_logged(&plain);
+    docker_cli(&["rm", "-f", &oom, &plain]);
+    assert_eq!(oom_logged, Some(true));
+    assert_eq!(plain_logged, Some(false));
 }

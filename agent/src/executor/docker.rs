@@ -24,14 +24,14 @@ use tokio::time::Instant;
 use tokio_util::io::ReaderStream;
 
 use super::{
-    ArchiveHelper, ExecError, Executor, Leftover, OutputSink, PathInfo, Pull, StepEnd, StepRun,
-    Workspace, LABEL_AGENT, LABEL_ATTEMPT, LABEL_STEP, WORKSPACE_DIR,
+    kmsg, ArchiveHelper, ExecError, Executor, Leftover, OutputSink, PathInfo, Pull, StepEnd,
+    StepRun, Workspace, LABEL_AGENT, LABEL_ATTEMPT, LABEL_STEP, WORKSPACE_DIR,
 };
 
 /// How many more times a SIGKILLed container's state is inspected for the engine's OOM flag.
 const OOM_FLAG_RECHECKS: u32 = 40;
 /// Pause between those inspections (the whole wait is at most two seconds, paid only by a step that
-/// died of a SIGKILL the agent did not send).
+/// died of a SIGKILL the agent did not send, and only where the kernel's log cannot be read).
 const OOM_FLAG_RECHECK_PAUSE: Duration = Duration::from_millis(50);
 /// After a re-attached container exited, how long its last output may take to arrive before the
 /// attach stream is abandoned (the engine may not end it).
@@ -194,11 +194,14 @@ impl DockerExecutor {
             return Ok((code, false));
         }
         // The engine learns of an OOM kill from a separate event that can land after the exit it
-        // caused, so a SIGKILL without the flag is asked about again for a moment before it counts
-        // as a plain exit code 137 (seen on Docker 20.10: the first inspect says not OOM-killed,
-        // one a few ms later says it was; with the machine loaded by a parallel test suite, a quarter
-        // second was not always enough).
+        // caused, or never (see `kmsg`), so a SIGKILL without the flag is settled by the kernel's
+        // log, which records the kill before the signal is sent. Only where that log cannot be read
+        // is the engine asked again for a moment before the exit counts as a plain exit code 137
+        // (seen on Docker 20.10: the first inspect says not OOM-killed, one a few ms later says it
+        // was; with the machine loaded by a parallel test suite, a quarter second was not always
+        // enough).
         let mut recheck = if ask_about_oom { OOM_FLAG_RECHECKS } else { 0 };
+        let mut kernel_asked = false;
         loop {
             let inspect = self
                 .docker
@@ -210,6 +213,20 @@ impl DockerExecutor {
             let code = code.or(state.exit_code).unwrap_or(-1);
             if oom_killed || code != 137 || recheck == 0 {
                 return Ok((code, oom_killed));
+            }
+            if !kernel_asked {
+                kernel_asked = true;
+                let owned = id.to_string();
+                let logged = tokio::task::spawn_blocking(move || kmsg::oom_kill_logged(&owned))
+                    .await
+                    .ok()
+                    .flatten();
+                if let Some(oom_killed) = logged {
+                    if oom_killed {
+                        tracing::info!(container = %id, "the kernel logged an OOM kill the engine did not flag");
+                    }
+                    return Ok((code, oom_killed));
+                }
             }
             recheck -= 1;
             tokio::time::sleep(OOM_FLAG_RECHECK_PAUSE).await;

@@ -2,6 +2,7 @@
 //! bollard, [`shell`] with host processes for hosts without Docker (unisolated, opt-in).
 
 pub mod docker;
+pub mod kmsg;
 pub mod shell;
 
 use std::collections::HashMap;
