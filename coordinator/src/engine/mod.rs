@@ -1297,9 +1297,6 @@ impl Engine {
         if state == JobState::Succeeded {
             for i in 0..steps {
                 // Usually just made durable: answered from memory, without reopening the log.
-                if self.inner.logs.known_complete(&r.attempt_id, i) {
-                    continue;
-                }
                 let s = self.inner.logs.status(&r.attempt_id, i).await?;
                 if !s.complete {
                     return Err(CoordError::FailedPrecondition(format!(

@@ -191,16 +191,6 @@ impl LogStore {
         })
     }
 
-    /// True when the log is known to be complete without a look at the disk (its completion is
-    /// queued, being made durable, or among the recent durable ones). False means unknown: ask
-    /// [`LogStore::status`].
-    pub fn known_complete(&self, attempt: &str, step: u32) -> bool {
-        self.inner
-            .journal
-            .completed_len_in_memory(&(attempt.to_owned(), step))
-            .is_some()
-    }
-
     /// A new attempt with `steps` steps was started by this process: its logs are empty until written,
     /// so opening each the first time needs no look at the disk (about a third of the work of storing
     /// an empty step log). Its attempt id must be new (never used for a log before).

@@ -749,25 +749,22 @@ fn every_step_of_a_fresh_attempt_is_fresh_once() {
 }
 
 #[tokio::test]
-async fn a_completion_just_made_durable_is_known_without_the_disk() {
+async fn a_completed_log_reads_complete_from_the_disk_after_a_restart() {
     let (dir, store) = store();
     store.append(A, 0, 0, b"out\n", true).await.unwrap();
-    // Complete in memory, not recorded yet: unknown, so a result would look at the log itself.
-    assert!(!store.known_complete(A, 0));
     assert!(store.sync(A, 0).await.unwrap().complete);
-    assert!(store.known_complete(A, 0));
     store
         .append(A, 1, 0, b"still running", false)
         .await
         .unwrap();
     store.sync(A, 1).await.unwrap();
-    assert!(!store.known_complete(A, 1));
-    assert!(!store.known_complete("other", 0));
+    assert!(!store.status(A, 1).await.unwrap().complete);
     // A new process knows nothing from memory; the disk still says complete.
     drop(store);
     let store = LogStore::open(dir.path().join("logs")).expect("reopen");
-    assert!(!store.known_complete(A, 0));
-    assert!(store.status(A, 0).await.unwrap().complete);
+    let s = store.status(A, 0).await.unwrap();
+    assert_eq!((s.len, s.complete), (4, true));
+    assert!(!store.status(A, 1).await.unwrap().complete);
 }
 
 #[tokio::test]
