@@ -355,3 +355,18 @@ async fn an_upload_synced_while_it_streams_stores_its_content() {
     assert_eq!(get(&store, &digest).await.unwrap().concat(), data);
     assert_eq!(tmp_files(&store), 0);
 }
+
+#[tokio::test]
+async fn whole_batches_and_a_short_last_one_store_every_byte() {
+    // Batches of a MiB go to the file directly (where the file system allows), the short last one
+    // through the page cache: the stored blob must not tell the two apart.
+    let (_dir, store) = store();
+    for len in [(3 << 20) + 123, 1 << 20, 4095, 1] {
+        let data: Vec<u8> = sample(len).iter().map(|b| b ^ (len % 251) as u8).collect();
+        let expected = sha(&data);
+        let (digest, size) = put(&store, &data, Some(&expected)).await.unwrap();
+        assert_eq!((digest.as_str(), size), (expected.as_str(), len as u64));
+        assert_eq!(get(&store, &digest).await.unwrap().concat(), data, "{len}");
+    }
+    assert_eq!(tmp_files(&store), 0);
+}
