@@ -370,3 +370,30 @@ async fn whole_batches_and_a_short_last_one_store_every_byte() {
     }
     assert_eq!(tmp_files(&store), 0);
 }
+
+#[tokio::test]
+async fn a_write_dropped_midway_keeps_exactly_what_the_upload_says_it_holds() {
+    // An upload's connection can end while a write waits for the batch before it: the call is then
+    // dropped, and a resume sends from `size()` on. Nothing may be lost or counted twice.
+    let (_dir, store) = store();
+    let data = sample(5 << 20);
+    let expected = sha(&data);
+    let mut writer = store.writer().await.unwrap();
+    let piece = 700_001;
+    let mut at = 0;
+    while at < data.len() {
+        let end = (at + piece).min(data.len());
+        // Polled once and dropped: it may finish, stop before the batch it filled is handed on, or
+        // never start.
+        let _ = futures::FutureExt::now_or_never(writer.write(&data[at..end]));
+        at = usize::try_from(writer.size()).unwrap();
+        writer.write(&data[at..end.max(at)]).await.unwrap();
+        at = usize::try_from(writer.size()).unwrap();
+    }
+    let (digest, size) = writer.finish(Some(&expected)).await.unwrap();
+    assert_eq!(
+        (digest.as_str(), size),
+        (expected.as_str(), data.len() as u64)
+    );
+    assert_eq!(get(&store, &digest).await.unwrap().concat(), data);
+}

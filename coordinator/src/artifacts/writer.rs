@@ -165,22 +165,25 @@ impl Disk {
         }
     }
 
-    /// Hashes and writes `batch` in the background, after the batch before it. Returns the bytes
-    /// written before `batch` and an empty buffer for the next batch.
-    async fn submit(&mut self, batch: Batch) -> io::Result<(u64, Batch)> {
+    /// Hashes and writes `batch` in the background, after the batch before it, leaving an empty
+    /// buffer in its place. Returns the bytes written before it. Cancellation-safe (an upload's
+    /// connection can end at any await): `batch` is taken only after the one await, so a cancelled
+    /// call leaves it as it was.
+    async fn submit(&mut self, batch: &mut Batch) -> io::Result<u64> {
         let sink = self.settle().await?;
         let written = sink.written;
         let mut next = sink.spare.take().unwrap_or_else(Batch::new);
         next.clear();
+        let full = std::mem::replace(batch, next);
         let Disk::Idle(mut sink) = std::mem::replace(self, Disk::Gone) else {
             return Err(io::Error::other("the upload's file is gone"));
         };
         *self = Disk::Busy(tokio::task::spawn_blocking(move || {
-            let outcome = sink.write(&batch);
-            sink.spare = Some(batch);
+            let outcome = sink.write(&full);
+            sink.spare = Some(full);
             (sink, outcome)
         }));
-        Ok((written, next))
+        Ok(written)
     }
 }
 
@@ -198,21 +201,18 @@ struct EarlySync {
 }
 
 impl EarlySync {
-    /// The result of the sync in flight, waiting for it if `wait` (else only if it is done).
+    /// The result of the sync in flight, waiting for it if `wait` (else only if it is done). A
+    /// cancelled wait leaves the sync in place, so its result is still seen.
     async fn reap(&mut self, wait: bool) -> io::Result<()> {
-        let done = self
-            .running
-            .as_ref()
-            .is_some_and(|h| wait || h.is_finished());
-        match self.running.take() {
-            Some(handle) if done => handle
-                .await
-                .map_err(|e| io::Error::other(format!("blob sync task failed: {e}")))?,
-            other => {
-                self.running = other;
-                Ok(())
-            }
+        let Some(handle) = self.running.as_mut() else {
+            return Ok(());
+        };
+        if !wait && !handle.is_finished() {
+            return Ok(());
         }
+        let joined = handle.await;
+        self.running = None;
+        joined.map_err(|e| io::Error::other(format!("blob sync task failed: {e}")))?
     }
 
     /// Start a sync of what was written so far if `written` passed the next mark and none is
@@ -277,9 +277,8 @@ impl BlobWriter {
     /// Append `data` to the upload. [`BlobError::TooLarge`] if it would pass the store's size limit (the
     /// upload is then unusable: drop it). A failure to write an earlier batch may be reported here.
     pub async fn write(&mut self, data: &[u8]) -> Result<(), BlobError> {
-        let new_size = self.size + data.len() as u64;
         if let Some(limit) = self.store.max_size {
-            if new_size > limit {
+            if self.size + data.len() as u64 > limit {
                 return Err(BlobError::TooLarge { limit });
             }
         }
@@ -289,33 +288,29 @@ impl BlobWriter {
             ));
         }
         let path = self.tmp_path().to_owned();
+        // `size` counts each byte as it enters the batch, so an upload whose connection ends
+        // between two awaits here (the call is dropped) holds exactly what `size` says.
         let mut rest = data;
-        while !rest.is_empty() {
+        loop {
+            let before = rest.len();
             rest = self.batch.fill(rest);
-            if self.batch.len() < WRITE_BUFFER {
-                break;
+            self.size += (before - rest.len()) as u64;
+            if self.batch.len() == WRITE_BUFFER {
+                let written = self
+                    .disk
+                    .submit(&mut self.batch)
+                    .await
+                    .map_err(|e| io_context(e, "write blob upload", &path))?;
+                self.early
+                    .reap(false)
+                    .await
+                    .map_err(|e| io_context(e, "sync blob upload", &path))?;
+                self.early.maybe_start(written);
             }
-            let full = std::mem::replace(
-                &mut self.batch,
-                Batch {
-                    buf: Vec::new(),
-                    start: 0,
-                },
-            );
-            let (written, next) = self
-                .disk
-                .submit(full)
-                .await
-                .map_err(|e| io_context(e, "write blob upload", &path))?;
-            self.batch = next;
-            self.early
-                .reap(false)
-                .await
-                .map_err(|e| io_context(e, "sync blob upload", &path))?;
-            self.early.maybe_start(written);
+            if rest.is_empty() {
+                return Ok(());
+            }
         }
-        self.size = new_size;
-        Ok(())
     }
 
     /// Sync the upload, verify it against `expected` (if given, 64 lowercase hex), and store it as
@@ -328,15 +323,8 @@ impl BlobWriter {
         }
         let tmp_path = self.tmp_path().to_owned();
         if self.batch.len() > 0 {
-            let batch = std::mem::replace(
-                &mut self.batch,
-                Batch {
-                    buf: Vec::new(),
-                    start: 0,
-                },
-            );
             self.disk
-                .submit(batch)
+                .submit(&mut self.batch)
                 .await
                 .map_err(|e| io_context(e, "write blob upload", &tmp_path))?;
         }
@@ -346,7 +334,13 @@ impl BlobWriter {
             .await
             .map_err(|e| io_context(e, "write blob upload", &tmp_path))?
             .written;
-        debug_assert_eq!(written, self.size);
+        if written != self.size {
+            return Err(BlobError::Io(io::Error::other(format!(
+                "blob upload {}: {written} bytes written of {} received",
+                tmp_path.display(),
+                self.size
+            ))));
+        }
         let Disk::Idle(sink) = std::mem::replace(&mut self.disk, Disk::Gone) else {
             return Err(BlobError::Invalid(
                 "blob upload is already finished".to_owned(),
