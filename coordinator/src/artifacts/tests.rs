@@ -397,3 +397,48 @@ async fn a_write_dropped_midway_keeps_exactly_what_the_upload_says_it_holds() {
     );
     assert_eq!(get(&store, &digest).await.unwrap().concat(), data);
 }
+
+/// A tmpfs of `bytes` mounted over `dir` for the guard's life (needs root: `None` without it).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, bytes: u64) -> Option<Self> {
+        if !rustix::process::geteuid().is_root() {
+            return None;
+        }
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "drover-test"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Self(dir.to_owned()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_the_upload_clearly_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_disk) = SmallDisk::mount(dir.path(), 2 << 20) else {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    };
+    let store = BlobStore::open(dir.path().join("blobs")).expect("open store");
+    let data = sample(5 << 20);
+    let err = put(&store, &data, Some(&sha(&data))).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("write blob upload") && text.contains("No space left on device"),
+        "{text}"
+    );
+    assert_eq!(tmp_files(&store), 0);
+    // Room again: the next upload is stored whole.
+    let small = sample(100_000);
+    let (digest, _) = put(&store, &small, Some(&sha(&small))).await.unwrap();
+    assert_eq!(get(&store, &digest).await.unwrap().concat(), small);
+}
