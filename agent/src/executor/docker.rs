@@ -200,37 +200,44 @@ impl DockerExecutor {
         // (seen on Docker 20.10: the first inspect says not OOM-killed, one a few ms later says it
         // was; with the machine loaded by a parallel test suite, a quarter second was not always
         // enough).
-        let mut recheck = if ask_about_oom { OOM_FLAG_RECHECKS } else { 0 };
-        let mut kernel_asked = false;
-        loop {
-            let inspect = self
-                .docker
-                .inspect_container(id, None::<InspectContainerOptions>)
-                .await
-                .map_err(|e| ExecError::Docker(format!("inspecting container: {e}")))?;
-            let state = inspect.state.unwrap_or_default();
-            let oom_killed = state.oom_killed.unwrap_or(false);
-            let code = code.or(state.exit_code).unwrap_or(-1);
-            if oom_killed || code != 137 || recheck == 0 {
+        let (code, oom_killed) = self.engine_exit(id, code).await?;
+        if oom_killed || code != 137 || !ask_about_oom {
+            return Ok((code, oom_killed));
+        }
+        let owned = id.to_string();
+        let logged = tokio::task::spawn_blocking(move || kmsg::oom_kill_logged(&owned))
+            .await
+            .ok()
+            .flatten();
+        if let Some(oom_killed) = logged {
+            if oom_killed {
+                tracing::info!(container = %id, "the kernel logged an OOM kill the engine did not flag");
+            }
+            return Ok((code, oom_killed));
+        }
+        for _ in 0..OOM_FLAG_RECHECKS {
+            tokio::time::sleep(OOM_FLAG_RECHECK_PAUSE).await;
+            let (code, oom_killed) = self.engine_exit(id, Some(code)).await?;
+            if oom_killed || code != 137 {
                 return Ok((code, oom_killed));
             }
-            if !kernel_asked {
-                kernel_asked = true;
-                let owned = id.to_string();
-                let logged = tokio::task::spawn_blocking(move || kmsg::oom_kill_logged(&owned))
-                    .await
-                    .ok()
-                    .flatten();
-                if let Some(oom_killed) = logged {
-                    if oom_killed {
-                        tracing::info!(container = %id, "the kernel logged an OOM kill the engine did not flag");
-                    }
-                    return Ok((code, oom_killed));
-                }
-            }
-            recheck -= 1;
-            tokio::time::sleep(OOM_FLAG_RECHECK_PAUSE).await;
         }
+        Ok((code, false))
+    }
+
+    /// The exit code (`code` if known, else the engine's) and the engine's OOM flag of a stopped
+    /// container.
+    async fn engine_exit(&self, id: &str, code: Option<i64>) -> Result<(i64, bool), ExecError> {
+        let inspect = self
+            .docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .map_err(|e| ExecError::Docker(format!("inspecting container: {e}")))?;
+        let state = inspect.state.unwrap_or_default();
+        Ok((
+            code.or(state.exit_code).unwrap_or(-1),
+            state.oom_killed.unwrap_or(false),
+        ))
     }
 
     /// Resolves `linger` after the container stopped running (at once plus `linger` if it is not

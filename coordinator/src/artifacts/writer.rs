@@ -287,7 +287,6 @@ impl BlobWriter {
                 "write to a blob upload that is already finished".to_owned(),
             ));
         }
-        let path = self.tmp_path().to_owned();
         // `size` counts each byte as it enters the batch, so an upload whose connection ends
         // between two awaits here (the call is dropped) holds exactly what `size` says.
         let mut rest = data;
@@ -296,6 +295,7 @@ impl BlobWriter {
             rest = self.batch.fill(rest);
             self.size += (before - rest.len()) as u64;
             if self.batch.len() == WRITE_BUFFER {
+                let path = self.tmp_path().to_owned();
                 let written = self
                     .disk
                     .submit(&mut self.batch)
