@@ -23,6 +23,7 @@ pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 pub const CHUNK_BYTES: usize = 128 * 1024;
 
 pub mod cache_key;
+pub mod direct;
 pub mod duration;
 pub mod errors;
 pub mod policy;

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::io;
 use std::path::Path;
 use std::time::Duration;
 
@@ -18,8 +19,8 @@ use bollard::query_parameters::{
     StopContainerOptionsBuilder, UploadToContainerOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use bollard::{body_try_stream, Docker};
+use drover_proto::direct::{BatchPipe, DirectFile};
 use futures::{FutureExt, StreamExt};
-use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tokio_util::io::ReaderStream;
 
@@ -528,37 +529,46 @@ impl Executor for DockerExecutor {
         let mut stream = self
             .docker
             .download_from_container(&helper.container, Some(options));
-        let mut file = tokio::fs::File::create(dest)
-            .await
-            .map_err(|e| ExecError::io(format!("creating {}", dest.display()), e))?;
+        // Written past the page cache (see `drover_proto::direct`): copying the archive into fresh
+        // page-cache pages was most of the agent's CPU while it fetched a large artifact. The
+        // engine sends the archive in pieces of a few KiB; they are gathered into batches of a
+        // MiB, each written on a blocking thread while the next arrives and announced once written.
+        let file = {
+            let owned = dest.to_path_buf();
+            tokio::task::spawn_blocking(move || DirectFile::create(&owned, false))
+                .await
+                .map_err(|e| io::Error::other(format!("the open task failed: {e}")))
+                .and_then(|r| r)
+                .map_err(|e| ExecError::io(format!("creating {}", dest.display()), e))?
+        };
         let write_err = |e| ExecError::io(format!("writing {}", dest.display()), e);
-        // The engine sends the archive in pieces of a few KiB: a MiB per trip to the disk, each
-        // announced once written (`flush` waits for the write the file runs in the background).
-        let mut buf: Vec<u8> = Vec::with_capacity(ARCHIVE_BUFFER);
-        let mut len = 0u64;
+        let mut pipe = BatchPipe::new(file, ARCHIVE_BUFFER);
+        let mut batch = pipe.buffer();
         loop {
             let chunk = match stream.next().await {
-                Some(Ok(c)) => Some(c),
+                Some(Ok(c)) => c,
                 Some(Err(e)) if is_not_found(&e) => {
                     return Err(ExecError::NotFound(path.to_string()))
                 }
                 Some(Err(e)) => return Err(ExecError::Docker(format!("getting {path}: {e}"))),
-                None => None,
+                None => break,
             };
-            if let Some(c) = &chunk {
-                buf.extend_from_slice(c);
-            }
-            if buf.len() >= ARCHIVE_BUFFER || (chunk.is_none() && !buf.is_empty()) {
-                file.write_all(&buf).await.map_err(write_err)?;
-                file.flush().await.map_err(write_err)?;
-                len += buf.len() as u64;
-                buf.clear();
-                written.send_replace(len);
-            }
-            if chunk.is_none() {
-                return Ok(());
+            let mut rest = &chunk[..];
+            while !rest.is_empty() {
+                rest = batch.fill(rest);
+                if batch.is_full() {
+                    let before = pipe.submit(&mut batch).await.map_err(write_err)?;
+                    written.send_replace(before);
+                }
             }
         }
+        if !batch.is_empty() {
+            pipe.submit(&mut batch).await.map_err(write_err)?;
+        }
+        pipe.settle().await.map_err(write_err)?;
+        written.send_replace(pipe.written());
+        pipe.finish().await.map_err(write_err)?;
+        Ok(())
     }
 
     async fn remove_helper(&self, helper: ArchiveHelper) -> Result<(), ExecError> {
@@ -769,7 +779,8 @@ impl Executor for DockerExecutor {
     }
 }
 
-/// Buffer between archives fetched from the engine and the local disk.
+/// Bytes of an archive fetched from the engine gathered per write to the local disk (a multiple
+/// of [`drover_proto::direct::DIRECT_ALIGN`], so every batch but the last is written directly).
 const ARCHIVE_BUFFER: usize = 1 << 20;
 
 /// Batches of step output read ahead of the spool writes (at most [`GATHER_BYTES`] each).

@@ -5,20 +5,17 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-
+use drover_proto::direct::{AlignedBuf, BatchPipe, BatchSink, DirectFile};
 use sha2::{Digest, Sha256};
 
 use super::{io_context, validate_digest, BlobError, BlobStore};
 
 /// Bytes gathered into one batch: hashed and written to the temporary file by one blocking task.
-/// A multiple of [`DIRECT_ALIGN`], so every batch but an upload's last can be written with `O_DIRECT`.
+/// A multiple of [`drover_proto::direct::DIRECT_ALIGN`], so every batch but an upload's last can be written with `O_DIRECT`.
 const WRITE_BUFFER: usize = 1 << 20;
 
-/// Alignment of the memory, file offset and length of a direct write (the largest logical block
-/// size in use).
-const DIRECT_ALIGN: usize = 4096;
+/// A batch: [`WRITE_BUFFER`] bytes at most, aligned for a direct write.
+type Batch = AlignedBuf;
 
 /// Bytes written between two background syncs of the temporary file. Without them the kernel keeps
 /// a whole upload in the page cache (a GiB is far below its writeback threshold on a large host) and
@@ -42,9 +39,9 @@ pub struct BlobWriter {
     store: BlobStore,
     /// The batch being gathered.
     batch: Batch,
-    /// The temporary file and the running hash, or the batch in flight that holds them; `Gone` once
-    /// `finish` took them (or a batch's task was lost).
-    disk: Disk,
+    /// The temporary file and the running hash, behind the batch in flight; `None` once `finish`
+    /// took them.
+    disk: Option<BatchPipe<Sink>>,
     /// Path of the temporary file while it exists.
     tmp_path: Option<PathBuf>,
     /// Bytes accepted so far (gathered or handed to the disk).
@@ -53,137 +50,18 @@ pub struct BlobWriter {
     early: EarlySync,
 }
 
-/// A buffer of up to [`WRITE_BUFFER`] bytes whose data starts at a [`DIRECT_ALIGN`]ed address.
-#[derive(Debug)]
-struct Batch {
-    /// `start` bytes of padding, then the data; never grown past its capacity (it would move).
-    buf: Vec<u8>,
-    start: usize,
-}
-
-impl Batch {
-    fn new() -> Self {
-        let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BUFFER + DIRECT_ALIGN);
-        let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
-        buf.resize(start, 0);
-        Self { buf, start }
-    }
-
-    fn data(&self) -> &[u8] {
-        &self.buf[self.start..]
-    }
-
-    fn len(&self) -> usize {
-        self.buf.len() - self.start
-    }
-
-    /// Takes as much of `data` as fits; returns the rest.
-    fn fill<'a>(&mut self, data: &'a [u8]) -> &'a [u8] {
-        let take = data.len().min(WRITE_BUFFER - self.len());
-        self.buf.extend_from_slice(&data[..take]);
-        &data[take..]
-    }
-
-    fn clear(&mut self) {
-        self.buf.truncate(self.start);
-    }
-}
-
-/// The temporary file, the hash of what was written to it, and the spare batch buffer.
+/// The temporary file and the hash of what was written to it.
 #[derive(Debug)]
 struct Sink {
-    file: std::fs::File,
+    file: DirectFile,
     hasher: Sha256,
-    /// Bytes written to the file.
-    written: u64,
-    /// Whether the file is still open with `O_DIRECT`.
-    direct: bool,
-    /// The buffer of the batch written last, for the front to gather the next-but-one into.
-    spare: Option<Batch>,
 }
 
-impl Sink {
-    /// Hashes and writes `batch`, directly when it is whole (aligned), through the page cache when
-    /// it is an upload's short last batch or the file system refuses direct writes.
+impl BatchSink for Sink {
+    /// Hashes and writes `batch` (directly when it is whole, see [`DirectFile::write`]).
     fn write(&mut self, batch: &Batch) -> io::Result<()> {
-        let data = batch.data();
-        self.hasher.update(data);
-        if self.direct && !data.len().is_multiple_of(DIRECT_ALIGN) {
-            self.buffered()?;
-        }
-        match self.file.write_all(data) {
-            // Direct writes are refused by some file systems only at the first write.
-            Err(e)
-                if self.direct
-                    && e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) =>
-            {
-                self.buffered()?;
-                self.file.write_all(data)?;
-            }
-            other => other?,
-        }
-        self.written += data.len() as u64;
-        Ok(())
-    }
-
-    /// Clears `O_DIRECT`: later writes go through the page cache.
-    fn buffered(&mut self) -> io::Result<()> {
-        let flags = rustix::fs::fcntl_getfl(&self.file)?;
-        rustix::fs::fcntl_setfl(&self.file, flags - rustix::fs::OFlags::DIRECT)?;
-        self.direct = false;
-        Ok(())
-    }
-}
-
-/// Where an upload's [`Sink`] is.
-#[derive(Debug)]
-enum Disk {
-    Idle(Sink),
-    /// A batch is being hashed and written; the task gives the sink back with the write's outcome.
-    Busy(tokio::task::JoinHandle<(Sink, io::Result<()>)>),
-    Gone,
-}
-
-impl Disk {
-    /// The sink once no batch is in flight, or the error the last batch met.
-    async fn settle(&mut self) -> io::Result<&mut Sink> {
-        if let Disk::Busy(task) = self {
-            let joined = task.await;
-            let (sink, outcome) = match joined {
-                Ok(done) => done,
-                Err(e) => {
-                    *self = Disk::Gone;
-                    return Err(io::Error::other(format!("blob write task failed: {e}")));
-                }
-            };
-            *self = Disk::Idle(sink);
-            outcome?;
-        }
-        match self {
-            Disk::Idle(sink) => Ok(sink),
-            _ => Err(io::Error::other("the upload's file is gone")),
-        }
-    }
-
-    /// Hashes and writes `batch` in the background, after the batch before it, leaving an empty
-    /// buffer in its place. Returns the bytes written before it. Cancellation-safe (an upload's
-    /// connection can end at any await): `batch` is taken only after the one await, so a cancelled
-    /// call leaves it as it was.
-    async fn submit(&mut self, batch: &mut Batch) -> io::Result<u64> {
-        let sink = self.settle().await?;
-        let written = sink.written;
-        let mut next = sink.spare.take().unwrap_or_else(Batch::new);
-        next.clear();
-        let full = std::mem::replace(batch, next);
-        let Disk::Idle(mut sink) = std::mem::replace(self, Disk::Gone) else {
-            return Err(io::Error::other("the upload's file is gone"));
-        };
-        *self = Disk::Busy(tokio::task::spawn_blocking(move || {
-            let outcome = sink.write(&full);
-            sink.spare = Some(full);
-            (sink, outcome)
-        }));
-        Ok(written)
+        self.hasher.update(batch.data());
+        self.file.write(batch)
     }
 }
 
@@ -232,27 +110,28 @@ impl BlobWriter {
         let tmp_path = store
             .tmp_dir()
             .join(format!("{}.part", uuid::Uuid::new_v4().simple()));
-        let (file, direct) = {
+        let file = {
             let path = tmp_path.clone();
-            tokio::task::spawn_blocking(move || open_new(&path))
+            tokio::task::spawn_blocking(move || DirectFile::create(&path, true))
                 .await
                 .map_err(|e| io::Error::other(format!("blob open task failed: {e}")))
                 .and_then(|r| r)
                 .map_err(|e| io_context(e, "create blob upload", &tmp_path))?
         };
         let second = file
+            .file()
             .try_clone()
             .map_err(|e| io_context(e, "open blob upload", &tmp_path))?;
         Ok(Self {
             store,
-            batch: Batch::new(),
-            disk: Disk::Idle(Sink {
-                file,
-                hasher: Sha256::new(),
-                written: 0,
-                direct,
-                spare: None,
-            }),
+            batch: Batch::new(WRITE_BUFFER),
+            disk: Some(BatchPipe::new(
+                Sink {
+                    file,
+                    hasher: Sha256::new(),
+                },
+                WRITE_BUFFER,
+            )),
             tmp_path: Some(tmp_path),
             size: 0,
             early: EarlySync {
@@ -282,11 +161,11 @@ impl BlobWriter {
                 return Err(BlobError::TooLarge { limit });
             }
         }
-        if matches!(self.disk, Disk::Gone) {
+        let Some(disk) = self.disk.as_mut() else {
             return Err(BlobError::Invalid(
                 "write to a blob upload that is already finished".to_owned(),
             ));
-        }
+        };
         // `size` counts each byte as it enters the batch, so an upload whose connection ends
         // between two awaits here (the call is dropped) holds exactly what `size` says.
         let mut rest = data;
@@ -294,10 +173,12 @@ impl BlobWriter {
             let before = rest.len();
             rest = self.batch.fill(rest);
             self.size += (before - rest.len()) as u64;
-            if self.batch.len() == WRITE_BUFFER {
-                let path = self.tmp_path().to_owned();
-                let written = self
-                    .disk
+            if self.batch.is_full() {
+                let path = self
+                    .tmp_path
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("<finished upload>"));
+                let written = disk
                     .submit(&mut self.batch)
                     .await
                     .map_err(|e| io_context(e, "write blob upload", &path))?;
@@ -322,18 +203,20 @@ impl BlobWriter {
             validate_digest(expected)?;
         }
         let tmp_path = self.tmp_path().to_owned();
-        if self.batch.len() > 0 {
-            self.disk
-                .submit(&mut self.batch)
+        let Some(mut disk) = self.disk.take() else {
+            return Err(BlobError::Invalid(
+                "blob upload is already finished".to_owned(),
+            ));
+        };
+        if !self.batch.is_empty() {
+            disk.submit(&mut self.batch)
                 .await
                 .map_err(|e| io_context(e, "write blob upload", &tmp_path))?;
         }
-        let written = self
-            .disk
-            .settle()
+        disk.settle()
             .await
-            .map_err(|e| io_context(e, "write blob upload", &tmp_path))?
-            .written;
+            .map_err(|e| io_context(e, "write blob upload", &tmp_path))?;
+        let written = disk.written();
         if written != self.size {
             return Err(BlobError::Io(io::Error::other(format!(
                 "blob upload {}: {written} bytes written of {} received",
@@ -341,16 +224,14 @@ impl BlobWriter {
                 self.size
             ))));
         }
-        let Disk::Idle(sink) = std::mem::replace(&mut self.disk, Disk::Gone) else {
-            return Err(BlobError::Invalid(
-                "blob upload is already finished".to_owned(),
-            ));
-        };
-        let Sink { file, hasher, .. } = sink;
+        let Sink { file, hasher } = disk
+            .finish()
+            .await
+            .map_err(|e| io_context(e, "write blob upload", &tmp_path))?;
         let synced = self.early.reap(true).await;
         synced
             .and(
-                tokio::task::spawn_blocking(move || file.sync_all())
+                tokio::task::spawn_blocking(move || file.into_file().sync_all())
                     .await
                     .map_err(|e| io::Error::other(format!("blob sync task failed: {e}")))
                     .and_then(|r| r),
@@ -387,31 +268,12 @@ impl Drop for BlobWriter {
         if let Some(path) = self.tmp_path.take() {
             // Close our handle first. A batch still in flight finishes writing to the removed
             // file, which goes away with its last handle.
-            self.disk = Disk::Gone;
+            self.disk = None;
             if let Err(e) = std::fs::remove_file(&path) {
                 if e.kind() != io::ErrorKind::NotFound {
                     tracing::warn!(path = %path.display(), error = %e, "could not remove an unfinished blob upload");
                 }
             }
         }
-    }
-}
-
-/// Creates the temporary file, with `O_DIRECT` where the file system takes it. Returns the file and
-/// whether it is direct.
-fn open_new(path: &Path) -> io::Result<(std::fs::File, bool)> {
-    let open = |flags: rustix::fs::OFlags| {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(flags.bits() as i32)
-            .open(path)
-    };
-    match open(rustix::fs::OFlags::DIRECT) {
-        // Refused by the file system (tmpfs before Linux 6.6, some FUSE mounts): the page cache.
-        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
-            Ok((open(rustix::fs::OFlags::empty())?, false))
-        }
-        other => other.map(|f| (f, true)),
     }
 }
