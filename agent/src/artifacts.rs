@@ -34,6 +34,66 @@ pub struct CollectedFile {
     pub source: PathBuf,
     /// Where the content starts in `source`; it is `size` bytes long.
     pub offset: u64,
+    /// The id of the upload that streamed this file while it was scanned (see [`Live`]), if one
+    /// was started: the coordinator may hold all of it, part of it (a broken connection) or none.
+    pub streamed_as: Option<String>,
+}
+
+/// A matching file's content, sent while the fetched archive is scanned, so that a file's upload
+/// runs while the rest of the archive still arrives instead of after it. For each file: `Start`,
+/// its bytes in order as `Data`, then `End` with the digest of exactly those bytes. A file whose
+/// scan fails gets no `End`; the channel's end then says that no more will come.
+#[derive(Debug)]
+pub enum Live {
+    /// A file's upload begins.
+    Start {
+        /// Path relative to the workspace.
+        path: String,
+        /// Unix mode bits.
+        mode: u32,
+        /// Size in bytes.
+        size: u64,
+        /// The upload's id (for resuming it after a broken connection).
+        upload_id: String,
+    },
+    /// The next bytes of the file.
+    Data(Vec<u8>),
+    /// The file's last byte was sent; its sha256, hex.
+    End {
+        /// sha256 of the bytes sent, hex.
+        digest: String,
+    },
+}
+
+/// Where the scan sends [`Live`] files; shared by the scans of every pattern, so a file collected
+/// by two patterns is streamed once.
+#[derive(Debug, Clone)]
+pub struct LiveSender {
+    tx: tokio::sync::mpsc::Sender<Live>,
+    claimed: std::sync::Arc<std::sync::Mutex<BTreeSet<String>>>,
+}
+
+impl LiveSender {
+    /// A sender into `tx`.
+    pub fn new(tx: tokio::sync::mpsc::Sender<Live>) -> Self {
+        Self {
+            tx,
+            claimed: Default::default(),
+        }
+    }
+
+    /// True for the first claim of `path`.
+    fn claim(&self, path: &str) -> bool {
+        self.claimed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path.to_string())
+    }
+
+    /// Sends `item` from a blocking thread; false once nobody listens.
+    fn send(&self, item: Live) -> bool {
+        self.tx.blocking_send(item).is_ok()
+    }
 }
 
 /// Removes the local files holding `files`' content (after their upload, or when it failed).
@@ -226,8 +286,9 @@ pub async fn collect<E: Executor>(
     helper: &ArchiveHelper,
     patterns: &[String],
     scratch: &Path,
+    live: Option<LiveSender>,
 ) -> Result<Vec<CollectedFile>, ArtifactError> {
-    let collected = collect_archives(exec, helper, patterns, scratch).await;
+    let collected = collect_archives(exec, helper, patterns, scratch, live).await;
     if collected.is_err() {
         for n in 0..patterns.len() {
             let _ = tokio::fs::remove_file(archive_path(scratch, n)).await;
@@ -246,6 +307,7 @@ async fn collect_archives<E: Executor>(
     helper: &ArchiveHelper,
     patterns: &[String],
     scratch: &Path,
+    live: Option<LiveSender>,
 ) -> Result<Vec<CollectedFile>, ArtifactError> {
     let mut files: BTreeMap<String, CollectedFile> = BTreeMap::new();
     for (n, raw) in patterns.iter().enumerate() {
@@ -266,10 +328,11 @@ async fn collect_archives<E: Executor>(
             let pattern_raw = raw.clone();
             let prefix = pattern.prefix.clone();
             let glob = pattern.glob.clone();
+            let live = live.clone();
             tokio::task::spawn_blocking(move || {
                 let growing = GrowingFile::open(&tar_path, progress)
                     .map_err(|e| ("opening the fetched archive".to_string(), e))?;
-                scan_matching(growing, &tar_path, &prefix, glob.as_ref())
+                scan_matching(growing, &tar_path, &prefix, glob.as_ref(), live.as_ref())
             })
             .map(move |joined| match joined {
                 Ok(scanned) => scanned.map_err(|(context, source)| ArtifactError::Io {
@@ -395,12 +458,14 @@ const HASH_BUFFER: usize = 256 * 1024;
 
 /// Reads `tar`, the content of the file `tar_path` (whose entries start with the fetched path's
 /// base name), and describes its selected regular files: their content is hashed where it lies in the tar, and
-/// its offset there recorded, so they can be uploaded from the tar without a copy.
+/// its offset there recorded, so they can be uploaded from the tar without a copy. With `live`, each
+/// file no other scan claimed is also sent there as it is read.
 fn scan_matching(
     tar: impl Read,
     tar_path: &Path,
     prefix: &[String],
     glob: Option<&GlobMatcher>,
+    live: Option<&LiveSender>,
 ) -> Result<Vec<CollectedFile>, IoFail> {
     let ctx = |what: &str| {
         let what = what.to_string();
@@ -455,6 +520,7 @@ fn scan_matching(
             if let Some(&i) = target.as_ref().and_then(|t| by_archive_path.get(t)) {
                 let mut copy = out[i].clone();
                 copy.path = rel_path;
+                copy.streamed_as = None;
                 out.push(copy);
             }
             continue;
@@ -474,6 +540,20 @@ fn scan_matching(
         let expected = entry.size();
         let mut hasher = Sha256::new();
         let mut size = 0u64;
+        let mut streaming = live.filter(|l| l.claim(&rel_path));
+        let streamed_as = streaming.map(|l| {
+            let upload_id = uuid::Uuid::new_v4().simple().to_string();
+            let started = l.send(Live::Start {
+                path: rel_path.clone(),
+                mode,
+                size: expected,
+                upload_id: upload_id.clone(),
+            });
+            if !started {
+                streaming = None;
+            }
+            upload_id
+        });
         loop {
             let k = entry
                 .read(&mut buf)
@@ -483,6 +563,11 @@ fn scan_matching(
             }
             hasher.update(&buf[..k]);
             size += k as u64;
+            if let Some(l) = streaming {
+                if !l.send(Live::Data(buf[..k].to_vec())) {
+                    streaming = None;
+                }
+            }
         }
         if size != expected {
             return Err((
@@ -493,14 +578,21 @@ fn scan_matching(
                 ),
             ));
         }
+        let digest = hex::encode(hasher.finalize());
+        if let Some(l) = streaming {
+            l.send(Live::End {
+                digest: digest.clone(),
+            });
+        }
         by_archive_path.insert(archive_key, out.len());
         out.push(CollectedFile {
             path: rel_path,
             mode,
             size,
-            digest: hex::encode(hasher.finalize()),
+            digest,
             source: tar_path.to_owned(),
             offset,
+            streamed_as,
         });
     }
     Ok(out)
@@ -572,7 +664,7 @@ mod tests {
         glob: Option<&GlobMatcher>,
     ) -> Result<Vec<CollectedFile>, IoFail> {
         let file = std::fs::File::open(tar_path).unwrap();
-        scan_matching(file, tar_path, prefix, glob)
+        scan_matching(file, tar_path, prefix, glob, None)
     }
 
     /// The bytes `f` points at in its source.
@@ -665,7 +757,7 @@ mod tests {
                 let arriving = arriving.clone();
                 tokio::task::spawn_blocking(move || {
                     let growing = GrowingFile::open(&arriving, progress).unwrap();
-                    scan_matching(growing, &arriving, &[], None)
+                    scan_matching(growing, &arriving, &[], None, None)
                 })
             };
             {

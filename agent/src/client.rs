@@ -482,6 +482,112 @@ pub async fn upload_artifact(
     }
 }
 
+/// Uploads the files a scan streams (see [`crate::artifacts::Live`]) one after the other as they
+/// arrive, each with an empty digest: the coordinator stores what arrived under its digest and
+/// returns it. Returns, by upload id, the answers of the uploads that completed with the digest
+/// the scan computed; a file missing there (a broken connection, a scan that failed) is for the
+/// caller to resume or upload from the fetched archive.
+pub async fn stream_artifacts(
+    client: &AgentClient,
+    attempt_id: &str,
+    epoch: u64,
+    mut files: mpsc::Receiver<crate::artifacts::Live>,
+) -> HashMap<String, ArtifactUploaded> {
+    use crate::artifacts::Live;
+    struct Current {
+        upload_id: String,
+        path: String,
+        /// None once the call stopped taking data.
+        data: Option<mpsc::Sender<ArtifactChunk>>,
+        call: tokio::task::JoinHandle<Result<ArtifactUploaded, Status>>,
+    }
+    let mut done = HashMap::new();
+    let mut current: Option<Current> = None;
+    while let Some(item) = files.recv().await {
+        match item {
+            Live::Start {
+                path,
+                mode,
+                size,
+                upload_id,
+            } => {
+                // A file without its end (its scan failed) is abandoned.
+                if let Some(c) = current.take() {
+                    c.call.abort();
+                }
+                let (data, rx) = mpsc::channel::<ArtifactChunk>(4);
+                let header = ArtifactHeader {
+                    attempt_id: attempt_id.to_string(),
+                    epoch,
+                    path: path.clone(),
+                    mode,
+                    size,
+                    digest: String::new(),
+                    upload_id: upload_id.clone(),
+                    offset: 0,
+                };
+                // The channel is empty: the header always fits.
+                let _ = data.try_send(ArtifactChunk {
+                    part: Some(artifact_chunk::Part::Header(header)),
+                });
+                let mut c = client.clone();
+                let call = tokio::spawn(async move {
+                    c.upload_artifact(ReceiverStream::new(rx))
+                        .await
+                        .map(tonic::Response::into_inner)
+                });
+                current = Some(Current {
+                    upload_id,
+                    path,
+                    data: Some(data),
+                    call,
+                });
+            }
+            Live::Data(bytes) => {
+                let Some(c) = current.as_mut() else { continue };
+                let Some(data) = &c.data else { continue };
+                let n = bytes.len() as u64;
+                let chunk = ArtifactChunk {
+                    part: Some(artifact_chunk::Part::Data(bytes)),
+                };
+                if data.send(chunk).await.is_err() {
+                    c.data = None;
+                } else {
+                    crate::metrics::metrics().artifact_uploaded(n);
+                }
+            }
+            Live::End { digest } => {
+                let Some(c) = current.take() else { continue };
+                drop(c.data);
+                match c.call.await {
+                    Ok(Ok(uploaded)) if uploaded.digest == digest => {
+                        done.insert(c.upload_id, uploaded);
+                    }
+                    Ok(Ok(uploaded)) => tracing::warn!(
+                        artifact = %c.path,
+                        stored = %uploaded.digest,
+                        read = %digest,
+                        "a streamed artifact was stored with another digest than the agent read; uploading it again"
+                    ),
+                    Ok(Err(status)) => tracing::warn!(
+                        artifact = %c.path,
+                        upload = %c.upload_id,
+                        %status,
+                        "streaming an artifact failed; resuming it from the fetched archive"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(artifact = %c.path, error = %e, "the streamed upload's task failed")
+                    }
+                }
+            }
+        }
+    }
+    if let Some(c) = current {
+        c.call.abort();
+    }
+    done
+}
+
 /// How many bytes of the upload `upload_id` the coordinator holds: where a resumed upload starts.
 pub async fn query_upload(client: &AgentClient, upload_id: &str) -> Result<u64, ClientError> {
     let mut c = client.clone();

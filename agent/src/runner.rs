@@ -1,13 +1,14 @@
 //! One attempt from assignment to result: workspace, seeding, steps, artifacts, logs, cleanup.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use drover_proto::v1::{
-    agent_message, ArtifactHeader, Assignment, FailureClass, JobResult, JobState, PullPolicy,
-    StepSpec, StepUpdate,
+    agent_message, ArtifactHeader, ArtifactUploaded, Assignment, FailureClass, JobResult, JobState,
+    PullPolicy, StepSpec, StepUpdate,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -131,6 +132,10 @@ fn pull_policy(p: i32) -> Pull {
         _ => Pull::IfNotPresent,
     }
 }
+
+/// Pieces of artifact content (up to 256 KiB each) queued between the archive scan and the
+/// upload that streams them.
+const LIVE_QUEUE: usize = 8;
 
 fn exec_failure(e: ExecError) -> Outcome {
     match e {
@@ -725,7 +730,19 @@ impl<E: Executor> Attempt<'_, E> {
         }
         let exec = self.ctx.executor.as_ref();
         let helper = exec.archive_helper(ws, image).await.map_err(exec_failure)?;
-        let collected = artifacts::collect(exec, &helper, &a.artifacts, &self.scratch).await;
+        // Each file is uploaded while the scan reads it from the arriving archive, so the upload
+        // overlaps the fetch; whatever that leaves undone is uploaded from the archive after.
+        let (live, files) = mpsc::channel(LIVE_QUEUE);
+        let (collected, streamed) = tokio::join!(
+            artifacts::collect(
+                exec,
+                &helper,
+                &a.artifacts,
+                &self.scratch,
+                Some(artifacts::LiveSender::new(live)),
+            ),
+            client::stream_artifacts(&self.ctx.client, &a.attempt_id, a.epoch, files),
+        );
         if let Err(e) = exec.remove_helper(helper).await {
             tracing::warn!(attempt = %a.attempt_id, error = %e, "removing the archive helper");
         }
@@ -738,15 +755,26 @@ impl<E: Executor> Attempt<'_, E> {
             }
             other => Outcome::failed(FailureClass::Infra, other.to_string()),
         })?;
-        let uploaded = self.upload_artifacts(&files).await;
+        let uploaded = self.upload_artifacts(&files, &streamed).await;
         artifacts::remove_sources(&files).await;
         uploaded
     }
 
-    /// Uploads collected artifacts, one after the other.
-    async fn upload_artifacts(&self, files: &[artifacts::CollectedFile]) -> Result<(), Outcome> {
+    /// Uploads collected artifacts that were not `streamed` already, one after the other.
+    async fn upload_artifacts(
+        &self,
+        files: &[artifacts::CollectedFile],
+        streamed: &HashMap<String, ArtifactUploaded>,
+    ) -> Result<(), Outcome> {
         let a = self.a;
         for f in files {
+            if let Some(upload_id) = &f.streamed_as {
+                if streamed.contains_key(upload_id) {
+                    continue;
+                }
+                self.resume_streamed(f, upload_id).await?;
+                continue;
+            }
             let header = ArtifactHeader {
                 attempt_id: a.attempt_id.clone(),
                 epoch: a.epoch,
@@ -760,6 +788,44 @@ impl<E: Executor> Attempt<'_, E> {
             client::upload_artifact(&self.ctx.client, header, &f.source, f.offset)
                 .await
                 .map_err(|e| Outcome::failed(FailureClass::Infra, e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Finishes the upload `upload_id` that streamed `f` while it was scanned and did not complete:
+    /// from what the coordinator holds on, read from the fetched archive. Like the streamed try it
+    /// sends no digest; the one the coordinator stored must be the one the scan computed.
+    async fn resume_streamed(
+        &self,
+        f: &artifacts::CollectedFile,
+        upload_id: &str,
+    ) -> Result<(), Outcome> {
+        let a = self.a;
+        let infra = |e: client::ClientError| Outcome::failed(FailureClass::Infra, e.to_string());
+        let held = client::query_upload(&self.ctx.client, upload_id)
+            .await
+            .map_err(infra)?;
+        let header = ArtifactHeader {
+            attempt_id: a.attempt_id.clone(),
+            epoch: a.epoch,
+            path: f.path.clone(),
+            mode: f.mode,
+            size: f.size,
+            digest: String::new(),
+            upload_id: upload_id.to_string(),
+            offset: held,
+        };
+        let uploaded = client::upload_artifact(&self.ctx.client, header, &f.source, f.offset)
+            .await
+            .map_err(infra)?;
+        if uploaded.digest != f.digest {
+            return Err(Outcome::failed(
+                FailureClass::Infra,
+                format!(
+                    "artifact {:?}: the coordinator stored content with sha256 {}, the agent read {}",
+                    f.path, uploaded.digest, f.digest
+                ),
+            ));
         }
         Ok(())
     }

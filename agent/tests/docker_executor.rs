@@ -225,14 +225,46 @@ async fn collects_artifacts_from_dirs_and_globs_with_modes() {
     assert_eq!(end, exited(0), "{}", String::from_utf8_lossy(&out));
     let scratch = tempfile::tempdir().unwrap();
     let helper = f.exec.archive_helper(&f.ws, IMAGE).await.unwrap();
+    // Every file is also streamed while it is scanned: its bytes, then the digest of exactly those.
+    let (live, mut events) = tokio::sync::mpsc::channel(2);
+    let streamed = tokio::spawn(async move {
+        let mut got: Vec<(String, String, u64, Vec<u8>, String)> = Vec::new();
+        while let Some(e) = events.recv().await {
+            match e {
+                artifacts::Live::Start {
+                    path,
+                    upload_id,
+                    size,
+                    ..
+                } => got.push((path, upload_id, size, Vec::new(), String::new())),
+                artifacts::Live::Data(d) => got.last_mut().unwrap().3.extend_from_slice(&d),
+                artifacts::Live::End { digest } => got.last_mut().unwrap().4 = digest,
+            }
+        }
+        got
+    });
     let files = artifacts::collect(
         &f.exec,
         &helper,
-        &["out/".to_string(), "logs/*.log".to_string()],
+        // `out/a.bin` is collected by two patterns and streamed once.
+        &[
+            "out/".to_string(),
+            "logs/*.log".to_string(),
+            "out/a.bin".to_string(),
+        ],
         scratch.path(),
+        Some(artifacts::LiveSender::new(live)),
     )
     .await
     .unwrap();
+    let streamed = streamed.await.unwrap();
+    assert_eq!(streamed.len(), files.len(), "{streamed:?}");
+    for (path, upload_id, size, data, digest) in &streamed {
+        let file = files.iter().find(|c| &c.path == path).unwrap();
+        assert_eq!(file.streamed_as.as_deref(), Some(upload_id.as_str()));
+        assert_eq!((data.len() as u64, *size), (file.size, file.size));
+        assert_eq!((digest, &sha256(data)), (&file.digest, &file.digest));
+    }
     let summary: Vec<(String, u32, u64, String)> = files
         .iter()
         .map(|c| (c.path.clone(), c.mode, c.size, c.digest.clone()))
@@ -256,19 +288,31 @@ async fn collects_artifacts_from_dirs_and_globs_with_modes() {
         assert_eq!(sha256(&data), c.digest);
     }
     // A single file, by its exact path.
-    let one = artifacts::collect(&f.exec, &helper, &["out/sub/b.txt".into()], scratch.path())
-        .await
-        .unwrap();
+    let one = artifacts::collect(
+        &f.exec,
+        &helper,
+        &["out/sub/b.txt".into()],
+        scratch.path(),
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(one.len(), 1);
     assert_eq!(one[0].path, "out/sub/b.txt");
 
-    let err = artifacts::collect(&f.exec, &helper, &["missing/".into()], scratch.path())
+    let err = artifacts::collect(&f.exec, &helper, &["missing/".into()], scratch.path(), None)
         .await
         .unwrap_err();
     assert_eq!(err.to_string(), "artifact \"missing/\" matched no file");
-    let err = artifacts::collect(&f.exec, &helper, &["logs/*.zip".into()], scratch.path())
-        .await
-        .unwrap_err();
+    let err = artifacts::collect(
+        &f.exec,
+        &helper,
+        &["logs/*.zip".into()],
+        scratch.path(),
+        None,
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, ArtifactError::NoMatch(_)), "{err}");
     f.exec.remove_helper(helper).await.unwrap();
     f.finish().await;
@@ -284,7 +328,7 @@ async fn artifact_paths_escaping_the_workspace_are_rejected() {
     let scratch = tempfile::tempdir().unwrap();
     let helper = f.exec.archive_helper(&f.ws, IMAGE).await.unwrap();
     for bad in ["../etc/passwd", "/etc/passwd", "real/../../etc"] {
-        let err = artifacts::collect(&f.exec, &helper, &[bad.to_string()], scratch.path())
+        let err = artifacts::collect(&f.exec, &helper, &[bad.to_string()], scratch.path(), None)
             .await
             .unwrap_err();
         assert!(matches!(err, ArtifactError::Invalid { .. }), "{bad}: {err}");
@@ -294,15 +338,22 @@ async fn artifact_paths_escaping_the_workspace_are_rejected() {
         &helper,
         &["etc-link/passwd".into()],
         scratch.path(),
+        None,
     )
     .await
     .unwrap_err();
     assert!(matches!(err, ArtifactError::Escape { .. }), "{err}");
     assert!(err.to_string().contains("outside the workspace"), "{err}");
     // A symlink that stays inside the workspace is followed.
-    let ok = artifacts::collect(&f.exec, &helper, &["inside-link/f".into()], scratch.path())
-        .await
-        .unwrap();
+    let ok = artifacts::collect(
+        &f.exec,
+        &helper,
+        &["inside-link/f".into()],
+        scratch.path(),
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(ok.len(), 1);
     assert_eq!(ok[0].path, "inside-link/f");
     assert_eq!(ok[0].digest, sha256(b"ok"));

@@ -176,7 +176,10 @@ impl AgentService for FakeCoordinator {
             }
         }
         let digest = hex::encode(Sha256::digest(&data));
-        if digest != header.digest || data.len() as u64 != header.size {
+        // An empty digest: the agent streamed the file and checks the digest returned.
+        if (!header.digest.is_empty() && digest != header.digest)
+            || data.len() as u64 != header.size
+        {
             return Err(Status::invalid_argument("digest or size mismatch"));
         }
         self.state.lock().unwrap().artifacts.insert(

@@ -442,3 +442,28 @@ async fn a_full_disk_fails_the_upload_clearly_and_leaves_nothing() {
     let (digest, _) = put(&store, &small, Some(&sha(&small))).await.unwrap();
     assert_eq!(get(&store, &digest).await.unwrap().concat(), small);
 }
+
+/// An upload whose digest the agent learns only with its last byte (it streams the file as it
+/// reads it) has an empty digest: it parks and resumes like any other, and is stored under the
+/// digest of what arrived, which the agent then checks. Another digest for the same id is refused.
+#[tokio::test]
+async fn an_upload_without_a_digest_is_stored_under_the_digest_of_what_arrived() {
+    let (_dir, store) = store();
+    let data = sample(300_000);
+    let mut t = ticket("streamed-1", "agent-a", &data);
+    t.digest = String::new();
+    let mut first = store.claim_upload(t.clone(), WAIT).await.unwrap();
+    first.write(&data[..123_456]).await.unwrap();
+    drop(first);
+    let mut other = t.clone();
+    other.digest = sha(&data);
+    let err = store.claim_upload(other, WAIT).await.unwrap_err();
+    assert!(matches!(err, BlobError::Invalid(_)), "{err}");
+    let mut second = store.claim_upload(t, WAIT).await.unwrap();
+    assert_eq!(second.held(), 123_456);
+    second.write(&data[123_456..]).await.unwrap();
+    let (digest, size) = second.finish(None).await.unwrap();
+    assert_eq!((digest.as_str(), size), (sha(&data).as_str(), 300_000));
+    assert_eq!(get(&store, &digest).await.unwrap().concat(), data);
+    assert_eq!(tmp_files(&store), 0);
+}
