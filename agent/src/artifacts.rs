@@ -321,8 +321,8 @@ async fn collect_archives<E: Executor>(
             format!("{WORKSPACE_DIR}/{}", resolved.join("/"))
         };
         let tar_path = archive_path(scratch, n);
-        // The archive is scanned (and its files hashed) while it arrives, not after.
-        let (written, progress) = tokio::sync::watch::channel(0u64);
+        // The archive is scanned (its files hashed and streamed) from memory while it arrives.
+        let (pieces, arriving) = tokio::sync::mpsc::channel(ARCHIVE_QUEUE);
         let scan = {
             let tar_path = tar_path.clone();
             let pattern_raw = raw.clone();
@@ -330,9 +330,8 @@ async fn collect_archives<E: Executor>(
             let glob = pattern.glob.clone();
             let live = live.clone();
             tokio::task::spawn_blocking(move || {
-                let growing = GrowingFile::open(&tar_path, progress)
-                    .map_err(|e| ("opening the fetched archive".to_string(), e))?;
-                scan_matching(growing, &tar_path, &prefix, glob.as_ref(), live.as_ref())
+                let reader = PieceReader::new(arriving);
+                scan_matching(reader, &tar_path, &prefix, glob.as_ref(), live.as_ref())
             })
             .map(move |joined| match joined {
                 Ok(scanned) => scanned.map_err(|(context, source)| ArtifactError::Io {
@@ -347,11 +346,10 @@ async fn collect_archives<E: Executor>(
                 }),
             })
         };
+        // The fetch drops its sender when it ends: the scan then sees the archive's end.
         let fetched = exec
-            .get_archive_watched(helper, &fetch, &tar_path, &written)
+            .get_archive_streamed(helper, &fetch, &tar_path, pieces)
             .await;
-        // The scan reads to the last length announced, then sees the end.
-        drop(written);
         let found = scan.await;
         match fetched {
             Ok(()) => {}
@@ -395,59 +393,41 @@ fn glob_selects(glob: &GlobMatcher, path: &str) -> bool {
 
 type IoFail = (String, io::Error);
 
-/// A file read while another task writes it: `written` announces how many bytes are there, and
-/// its sender's end means no more will come. Reads wait (on a blocking thread) for bytes to arrive.
-struct GrowingFile {
-    file: std::fs::File,
-    pos: u64,
-    written: tokio::sync::watch::Receiver<u64>,
+/// Batches of an archive's pieces (about a MiB each) queued between its fetch and its scan.
+const ARCHIVE_QUEUE: usize = 4;
+
+/// An archive read as its pieces arrive (see [`Executor::get_archive_streamed`]): reads wait (on a
+/// blocking thread) for the next batch; the sender's end is the archive's end.
+struct PieceReader {
+    arriving: tokio::sync::mpsc::Receiver<Vec<bytes::Bytes>>,
+    queue: std::collections::VecDeque<bytes::Bytes>,
 }
 
-impl GrowingFile {
-    fn open(path: &Path, written: tokio::sync::watch::Receiver<u64>) -> io::Result<Self> {
-        // The writer creates the file; it may not have yet.
-        let file = loop {
-            match std::fs::File::open(path) {
-                Ok(file) => break file,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    let mut w = written.clone();
-                    if futures::executor::block_on(w.changed()).is_err() && *w.borrow() == 0 {
-                        // Ended without writing a byte (e.g. the path was not found).
-                        return Err(e);
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        Ok(Self {
-            file,
-            pos: 0,
-            written,
-        })
+impl PieceReader {
+    fn new(arriving: tokio::sync::mpsc::Receiver<Vec<bytes::Bytes>>) -> Self {
+        Self {
+            arriving,
+            queue: Default::default(),
+        }
     }
 }
 
-impl Read for GrowingFile {
+impl Read for PieceReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        use std::os::unix::fs::FileExt;
         loop {
-            let len = *self.written.borrow_and_update();
-            if self.pos < len {
-                let n = buf.len().min((len - self.pos) as usize);
-                let k = self.file.read_at(&mut buf[..n], self.pos)?;
-                if k == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the fetched archive is shorter than announced",
-                    ));
+            if let Some(front) = self.queue.front_mut() {
+                let n = buf.len().min(front.len());
+                buf[..n].copy_from_slice(&front.split_to(n));
+                if front.is_empty() {
+                    self.queue.pop_front();
                 }
-                self.pos += k as u64;
-                return Ok(k);
+                return Ok(n);
             }
-            if futures::executor::block_on(self.written.changed()).is_err()
-                && *self.written.borrow() <= self.pos
-            {
-                return Ok(0);
+            match self.arriving.blocking_recv() {
+                Some(batch) => self
+                    .queue
+                    .extend(batch.into_iter().filter(|p| !p.is_empty())),
+                None => return Ok(0),
             }
         }
     }
@@ -735,8 +715,9 @@ mod tests {
         assert_eq!(paths, BTreeSet::from(["dist/big.bin", "dist/again.bin"]));
     }
 
-    /// Scanned while it is written (in odd pieces, each announced after it is on disk), an archive
-    /// gives the same files as when scanned complete; a writer that stops early is the end.
+    /// Scanned from its pieces as they arrive (in odd sizes and batches), an archive gives the same
+    /// files as when scanned complete, and streams each of them with its bytes and digest; a fetch
+    /// that stops early is the end, and an error.
     #[tokio::test]
     async fn an_archive_scanned_while_it_arrives_gives_the_same_files() {
         let dir = tempfile::tempdir().unwrap();
@@ -748,32 +729,49 @@ mod tests {
             add_file(&mut b, "out/b", &content(9_999, 2), 0o755);
             b.finish().unwrap();
         }
-        let bytes = std::fs::read(&whole).unwrap();
+        let bytes = bytes::Bytes::from(std::fs::read(&whole).unwrap());
         let expected = scan_file(&whole, &[], None).unwrap();
         for stop_at in [bytes.len(), 5_000] {
-            let arriving = dir.path().join(format!("arriving-{stop_at}.tar"));
-            let (written, progress) = tokio::sync::watch::channel(0u64);
+            let (pieces, arriving) = tokio::sync::mpsc::channel(2);
+            let (live, mut events) = tokio::sync::mpsc::channel(4);
             let scan = {
-                let arriving = arriving.clone();
+                let live = LiveSender::new(live);
                 tokio::task::spawn_blocking(move || {
-                    let growing = GrowingFile::open(&arriving, progress).unwrap();
-                    scan_matching(growing, &arriving, &[], None, None)
+                    scan_matching(
+                        PieceReader::new(arriving),
+                        &whole_path(),
+                        &[],
+                        None,
+                        Some(&live),
+                    )
                 })
             };
-            {
-                use std::io::Write;
-                let mut file = std::fs::File::create(&arriving).unwrap();
-                let mut at = 0;
-                while at < stop_at {
-                    let n = 7_777.min(stop_at - at);
-                    file.write_all(&bytes[at..at + n]).unwrap();
-                    at += n;
-                    written.send_replace(at as u64);
-                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            let streamed = tokio::spawn(async move {
+                let mut got: Vec<(String, Vec<u8>, String)> = Vec::new();
+                while let Some(e) = events.recv().await {
+                    match e {
+                        Live::Start { path, .. } => got.push((path, Vec::new(), String::new())),
+                        Live::Data(d) => got.last_mut().unwrap().1.extend_from_slice(&d),
+                        Live::End { digest } => got.last_mut().unwrap().2 = digest,
+                    }
                 }
+                got
+            });
+            let mut at = 0;
+            while at < stop_at {
+                let batch: Vec<bytes::Bytes> = [7_777, 1, 30_000]
+                    .iter()
+                    .map(|n| {
+                        let piece = bytes.slice(at..(at + n).min(stop_at));
+                        at += piece.len();
+                        piece
+                    })
+                    .collect();
+                pieces.send(batch).await.unwrap();
             }
-            drop(written);
+            drop(pieces);
             let got = scan.await.unwrap();
+            let streamed = streamed.await.unwrap();
             if stop_at == bytes.len() {
                 let got = got.unwrap();
                 assert_eq!(got.len(), expected.len());
@@ -783,10 +781,24 @@ mod tests {
                         (&e.path, e.mode, e.size, &e.digest, e.offset)
                     );
                 }
+                assert_eq!(streamed.len(), expected.len());
+                for ((path, data, digest), e) in streamed.iter().zip(&expected) {
+                    assert_eq!((path, digest), (&e.path, &e.digest));
+                    assert_eq!(data.len() as u64, e.size);
+                    assert_eq!(hex::encode(Sha256::digest(data)), e.digest);
+                }
             } else {
                 assert!(got.is_err(), "a cut archive must not scan cleanly: {got:?}");
+                assert!(
+                    streamed.iter().all(|(_, _, digest)| digest.is_empty()),
+                    "a file cut short must not end: {streamed:?}"
+                );
             }
         }
+    }
+
+    fn whole_path() -> PathBuf {
+        PathBuf::from("whole.tar")
     }
 
     /// A tar cut short in a file's content is an error, not a shorter artifact.

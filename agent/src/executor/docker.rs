@@ -96,6 +96,73 @@ impl DockerExecutor {
         Ok(())
     }
 
+    /// Writes a tar archive of `path` in the helper to `dest`, sending its pieces to `pieces`
+    /// (see [`Executor::get_archive_streamed`]).
+    async fn fetch_archive(
+        &self,
+        helper: &ArchiveHelper,
+        path: &str,
+        dest: &Path,
+        pieces: Option<tokio::sync::mpsc::Sender<Vec<bytes::Bytes>>>,
+    ) -> Result<(), ExecError> {
+        let options = DownloadFromContainerOptionsBuilder::default()
+            .path(path)
+            .build();
+        let mut stream = self
+            .docker
+            .download_from_container(&helper.container, Some(options));
+        // Written past the page cache (see `drover_proto::direct`): copying the archive into fresh
+        // page-cache pages was most of the agent's CPU while it fetched a large artifact. The
+        // engine sends the archive in pieces of a few KiB; they are gathered into batches of a
+        // MiB, each written on a blocking thread while the next arrives. The pieces themselves
+        // (shared, not copied) go to `pieces` a MiB at a time.
+        let file = {
+            let owned = dest.to_path_buf();
+            tokio::task::spawn_blocking(move || DirectFile::create(&owned, false))
+                .await
+                .map_err(|e| io::Error::other(format!("the open task failed: {e}")))
+                .and_then(|r| r)
+                .map_err(|e| ExecError::io(format!("creating {}", dest.display()), e))?
+        };
+        let write_err = |e| ExecError::io(format!("writing {}", dest.display()), e);
+        let mut pipe = BatchPipe::new(file, ARCHIVE_BUFFER);
+        let mut batch = pipe.buffer();
+        let mut gathered: Vec<bytes::Bytes> = Vec::new();
+        let mut gathered_len = 0;
+        let mut pieces = pieces;
+        loop {
+            let chunk = match stream.next().await {
+                Some(Ok(c)) => c,
+                Some(Err(e)) if is_not_found(&e) => {
+                    return Err(ExecError::NotFound(path.to_string()))
+                }
+                Some(Err(e)) => return Err(ExecError::Docker(format!("getting {path}: {e}"))),
+                None => break,
+            };
+            let mut rest = &chunk[..];
+            while !rest.is_empty() {
+                rest = batch.fill(rest);
+                if batch.is_full() {
+                    pipe.submit(&mut batch).await.map_err(write_err)?;
+                }
+            }
+            if pieces.is_some() {
+                gathered_len += chunk.len();
+                gathered.push(chunk);
+                if gathered_len >= ARCHIVE_BUFFER {
+                    gathered_len = 0;
+                    send_pieces(&mut pieces, std::mem::take(&mut gathered)).await;
+                }
+            }
+        }
+        send_pieces(&mut pieces, gathered).await;
+        if !batch.is_empty() {
+            pipe.submit(&mut batch).await.map_err(write_err)?;
+        }
+        pipe.finish().await.map_err(write_err)?;
+        Ok(())
+    }
+
     fn container_body(
         ws: &Workspace,
         image: &str,
@@ -512,63 +579,17 @@ impl Executor for DockerExecutor {
         path: &str,
         dest: &Path,
     ) -> Result<(), ExecError> {
-        self.get_archive_watched(helper, path, dest, &tokio::sync::watch::Sender::new(0))
-            .await
+        self.fetch_archive(helper, path, dest, None).await
     }
 
-    async fn get_archive_watched(
+    async fn get_archive_streamed(
         &self,
         helper: &ArchiveHelper,
         path: &str,
         dest: &Path,
-        written: &tokio::sync::watch::Sender<u64>,
+        pieces: tokio::sync::mpsc::Sender<Vec<bytes::Bytes>>,
     ) -> Result<(), ExecError> {
-        let options = DownloadFromContainerOptionsBuilder::default()
-            .path(path)
-            .build();
-        let mut stream = self
-            .docker
-            .download_from_container(&helper.container, Some(options));
-        // Written past the page cache (see `drover_proto::direct`): copying the archive into fresh
-        // page-cache pages was most of the agent's CPU while it fetched a large artifact. The
-        // engine sends the archive in pieces of a few KiB; they are gathered into batches of a
-        // MiB, each written on a blocking thread while the next arrives and announced once written.
-        let file = {
-            let owned = dest.to_path_buf();
-            tokio::task::spawn_blocking(move || DirectFile::create(&owned, false))
-                .await
-                .map_err(|e| io::Error::other(format!("the open task failed: {e}")))
-                .and_then(|r| r)
-                .map_err(|e| ExecError::io(format!("creating {}", dest.display()), e))?
-        };
-        let write_err = |e| ExecError::io(format!("writing {}", dest.display()), e);
-        let mut pipe = BatchPipe::new(file, ARCHIVE_BUFFER);
-        let mut batch = pipe.buffer();
-        loop {
-            let chunk = match stream.next().await {
-                Some(Ok(c)) => c,
-                Some(Err(e)) if is_not_found(&e) => {
-                    return Err(ExecError::NotFound(path.to_string()))
-                }
-                Some(Err(e)) => return Err(ExecError::Docker(format!("getting {path}: {e}"))),
-                None => break,
-            };
-            let mut rest = &chunk[..];
-            while !rest.is_empty() {
-                rest = batch.fill(rest);
-                if batch.is_full() {
-                    let before = pipe.submit(&mut batch).await.map_err(write_err)?;
-                    written.send_replace(before);
-                }
-            }
-        }
-        if !batch.is_empty() {
-            pipe.submit(&mut batch).await.map_err(write_err)?;
-        }
-        pipe.settle().await.map_err(write_err)?;
-        written.send_replace(pipe.written());
-        pipe.finish().await.map_err(write_err)?;
-        Ok(())
+        self.fetch_archive(helper, path, dest, Some(pieces)).await
     }
 
     async fn remove_helper(&self, helper: ArchiveHelper) -> Result<(), ExecError> {
@@ -832,6 +853,22 @@ fn gather(
         }
     }
     (buf.map_or(first, bytes::Bytes::from), next)
+}
+
+/// Sends `gathered` to the archive's reader, if it still listens.
+async fn send_pieces(
+    pieces: &mut Option<tokio::sync::mpsc::Sender<Vec<bytes::Bytes>>>,
+    gathered: Vec<bytes::Bytes>,
+) {
+    if gathered.is_empty() {
+        return;
+    }
+    if let Some(tx) = pieces {
+        if tx.send(gathered).await.is_err() {
+            // The reader stopped (its scan is done or failed): the archive is still written whole.
+            *pieces = None;
+        }
+    }
 }
 
 fn is_not_found(e: &BollardError) -> bool {

@@ -266,14 +266,17 @@ pub trait Executor: Send + Sync + 'static {
         dest: &Path,
     ) -> impl Future<Output = Result<(), ExecError>> + Send;
 
-    /// [`Executor::get_archive`], announcing on `written` how many bytes of `dest` are written so
-    /// far (each value readable once sent), so the archive can be read while it arrives.
-    fn get_archive_watched(
+    /// [`Executor::get_archive`], also sending every byte of the archive, in order, to `pieces` as
+    /// it arrives, so it can be read from memory while the rest still comes (reading it back from
+    /// `dest` would cost a copy out of the page cache per byte). The archive is written to `dest`
+    /// in full even when the receiver stops listening; dropping `pieces` at the end says no more
+    /// will come.
+    fn get_archive_streamed(
         &self,
         helper: &ArchiveHelper,
         path: &str,
         dest: &Path,
-        written: &tokio::sync::watch::Sender<u64>,
+        pieces: tokio::sync::mpsc::Sender<Vec<bytes::Bytes>>,
     ) -> impl Future<Output = Result<(), ExecError>> + Send;
 
     /// Removes an archive helper.

@@ -453,21 +453,28 @@ impl Executor for ShellExecutor {
         .await
     }
 
-    async fn get_archive_watched(
+    async fn get_archive_streamed(
         &self,
         helper: &ArchiveHelper,
         path: &str,
         dest: &Path,
-        written: &tokio::sync::watch::Sender<u64>,
+        pieces: tokio::sync::mpsc::Sender<Vec<bytes::Bytes>>,
     ) -> Result<(), ExecError> {
-        // Written in one piece on a blocking thread: announced once complete.
+        // Written in one piece on a blocking thread, then handed on a MiB at a time.
         self.get_archive(helper, path, dest).await?;
-        let len = tokio::fs::metadata(dest)
-            .await
-            .map_err(|e| ExecError::io(format!("stat {}", dest.display()), e))?
-            .len();
-        written.send_replace(len);
-        Ok(())
+        let read_err = |e| ExecError::io(format!("reading {}", dest.display()), e);
+        let mut file = tokio::fs::File::open(dest).await.map_err(read_err)?;
+        loop {
+            let mut buf = bytes::BytesMut::with_capacity(1 << 20);
+            while buf.len() < buf.capacity() {
+                if file.read_buf(&mut buf).await.map_err(read_err)? == 0 {
+                    break;
+                }
+            }
+            if buf.is_empty() || pieces.send(vec![buf.freeze()]).await.is_err() {
+                return Ok(());
+            }
+        }
     }
 
     async fn remove_helper(&self, _helper: ArchiveHelper) -> Result<(), ExecError> {
