@@ -767,15 +767,9 @@ impl<E: Executor> Attempt<'_, E> {
         streamed: &HashMap<String, ArtifactUploaded>,
     ) -> Result<(), Outcome> {
         let a = self.a;
+        let infra = |e: client::ClientError| Outcome::failed(FailureClass::Infra, e.to_string());
         for f in files {
-            if let Some(upload_id) = &f.streamed_as {
-                if streamed.contains_key(upload_id) {
-                    continue;
-                }
-                self.resume_streamed(f, upload_id).await?;
-                continue;
-            }
-            let header = ArtifactHeader {
+            let mut header = ArtifactHeader {
                 attempt_id: a.attempt_id.clone(),
                 epoch: a.epoch,
                 path: f.path.clone(),
@@ -785,47 +779,31 @@ impl<E: Executor> Attempt<'_, E> {
                 // upload_artifact names the upload itself and resumes it after a broken connection.
                 ..ArtifactHeader::default()
             };
-            client::upload_artifact(&self.ctx.client, header, &f.source, f.offset)
+            if let Some(upload_id) = &f.streamed_as {
+                if streamed.contains_key(upload_id) {
+                    continue;
+                }
+                // The upload that streamed the file while it was scanned did not complete: it goes
+                // on from what the coordinator holds, read from the fetched archive, and like its
+                // first try sends no digest (the check below is then the only one).
+                header.digest = String::new();
+                header.offset = client::query_upload(&self.ctx.client, upload_id)
+                    .await
+                    .map_err(infra)?;
+                header.upload_id = upload_id.clone();
+            }
+            let uploaded = client::upload_artifact(&self.ctx.client, header, &f.source, f.offset)
                 .await
-                .map_err(|e| Outcome::failed(FailureClass::Infra, e.to_string()))?;
-        }
-        Ok(())
-    }
-
-    /// Finishes the upload `upload_id` that streamed `f` while it was scanned and did not complete:
-    /// from what the coordinator holds on, read from the fetched archive. Like the streamed try it
-    /// sends no digest; the one the coordinator stored must be the one the scan computed.
-    async fn resume_streamed(
-        &self,
-        f: &artifacts::CollectedFile,
-        upload_id: &str,
-    ) -> Result<(), Outcome> {
-        let a = self.a;
-        let infra = |e: client::ClientError| Outcome::failed(FailureClass::Infra, e.to_string());
-        let held = client::query_upload(&self.ctx.client, upload_id)
-            .await
-            .map_err(infra)?;
-        let header = ArtifactHeader {
-            attempt_id: a.attempt_id.clone(),
-            epoch: a.epoch,
-            path: f.path.clone(),
-            mode: f.mode,
-            size: f.size,
-            digest: String::new(),
-            upload_id: upload_id.to_string(),
-            offset: held,
-        };
-        let uploaded = client::upload_artifact(&self.ctx.client, header, &f.source, f.offset)
-            .await
-            .map_err(infra)?;
-        if uploaded.digest != f.digest {
-            return Err(Outcome::failed(
-                FailureClass::Infra,
-                format!(
-                    "artifact {:?}: the coordinator stored content with sha256 {}, the agent read {}",
-                    f.path, uploaded.digest, f.digest
-                ),
-            ));
+                .map_err(infra)?;
+            if uploaded.digest != f.digest {
+                return Err(Outcome::failed(
+                    FailureClass::Infra,
+                    format!(
+                        "artifact {:?}: the coordinator stored content with sha256 {}, the agent read {}",
+                        f.path, uploaded.digest, f.digest
+                    ),
+                ));
+            }
         }
         Ok(())
     }

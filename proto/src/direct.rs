@@ -109,6 +109,14 @@ impl DirectFile {
         }
     }
 
+    /// [`DirectFile::create`] on the blocking pool, for async callers.
+    pub async fn create_off_thread(path: &Path, create_new: bool) -> io::Result<Self> {
+        let path = path.to_path_buf();
+        tokio::task::spawn_blocking(move || Self::create(&path, create_new))
+            .await
+            .map_err(|e| io::Error::other(format!("the open task failed: {e}")))?
+    }
+
     /// The open file (to sync it, or for a second handle).
     pub fn file(&self) -> &File {
         &self.file

@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io;
 use std::path::Path;
 use std::time::Duration;
 
@@ -116,14 +115,9 @@ impl DockerExecutor {
         // engine sends the archive in pieces of a few KiB; they are gathered into batches of a
         // MiB, each written on a blocking thread while the next arrives. The pieces themselves
         // (shared, not copied) go to `pieces` a MiB at a time.
-        let file = {
-            let owned = dest.to_path_buf();
-            tokio::task::spawn_blocking(move || DirectFile::create(&owned, false))
-                .await
-                .map_err(|e| io::Error::other(format!("the open task failed: {e}")))
-                .and_then(|r| r)
-                .map_err(|e| ExecError::io(format!("creating {}", dest.display()), e))?
-        };
+        let file = DirectFile::create_off_thread(dest, false)
+            .await
+            .map_err(|e| ExecError::io(format!("creating {}", dest.display()), e))?;
         let write_err = |e| ExecError::io(format!("writing {}", dest.display()), e);
         let mut pipe = BatchPipe::new(file, ARCHIVE_BUFFER);
         let mut batch = pipe.buffer();

@@ -110,14 +110,9 @@ impl BlobWriter {
         let tmp_path = store
             .tmp_dir()
             .join(format!("{}.part", uuid::Uuid::new_v4().simple()));
-        let file = {
-            let path = tmp_path.clone();
-            tokio::task::spawn_blocking(move || DirectFile::create(&path, true))
-                .await
-                .map_err(|e| io::Error::other(format!("blob open task failed: {e}")))
-                .and_then(|r| r)
-                .map_err(|e| io_context(e, "create blob upload", &tmp_path))?
-        };
+        let file = DirectFile::create_off_thread(&tmp_path, true)
+            .await
+            .map_err(|e| io_context(e, "create blob upload", &tmp_path))?;
         let second = file
             .file()
             .try_clone()
