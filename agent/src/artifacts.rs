@@ -309,12 +309,18 @@ async fn collect_archives<E: Executor>(
     scratch: &Path,
     live: Option<LiveSender>,
 ) -> Result<Vec<CollectedFile>, ArtifactError> {
-    let mut files: BTreeMap<String, CollectedFile> = BTreeMap::new();
-    for (n, raw) in patterns.iter().enumerate() {
+    // Every entry is checked before anything is fetched: files are uploaded while they are scanned,
+    // so an entry that names nothing or leaves the workspace fails the job before any upload.
+    let mut checked = Vec::with_capacity(patterns.len());
+    for raw in patterns {
         let pattern = parse_pattern(raw)?;
         let Some(resolved) = resolve(exec, helper, &pattern).await? else {
             return Err(ArtifactError::NoMatch(raw.clone()));
         };
+        checked.push((raw, pattern, resolved));
+    }
+    let mut files: BTreeMap<String, CollectedFile> = BTreeMap::new();
+    for (n, (raw, pattern, resolved)) in checked.into_iter().enumerate() {
         let fetch = if resolved.is_empty() {
             WORKSPACE_DIR.to_string()
         } else {

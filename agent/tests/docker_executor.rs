@@ -304,6 +304,23 @@ async fn collects_artifacts_from_dirs_and_globs_with_modes() {
         .await
         .unwrap_err();
     assert_eq!(err.to_string(), "artifact \"missing/\" matched no file");
+    // Files are uploaded as they are scanned, so an entry that names nothing fails the collection
+    // before anything is streamed, even after an entry that matches.
+    let (live, mut events) = tokio::sync::mpsc::channel(64);
+    let err = artifacts::collect(
+        &f.exec,
+        &helper,
+        &["out/".into(), "missing/".into()],
+        scratch.path(),
+        Some(artifacts::LiveSender::new(live)),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, ArtifactError::NoMatch(_)), "{err}");
+    assert!(
+        events.try_recv().is_err(),
+        "nothing may be streamed before every entry is checked"
+    );
     let err = artifacts::collect(
         &f.exec,
         &helper,
