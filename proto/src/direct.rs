@@ -179,16 +179,19 @@ enum Slot<S> {
     Gone,
 }
 
-/// Batches written one after the other on the blocking pool while the caller gathers the next:
-/// receiving and writing overlap instead of taking turns. At most one batch is in flight, and its
-/// buffer comes back for the next-but-one batch, so a file of any size takes two buffers and a
-/// parked writer holds no thread.
+/// Bytes gathered into batches and written one after the other on the blocking pool while the
+/// caller gathers the next: receiving and writing overlap instead of taking turns. At most one batch
+/// is in flight, and its buffer comes back for the next-but-one batch, so a file of any size takes
+/// two buffers and a parked writer holds no thread.
 #[derive(Debug)]
 pub struct BatchPipe<S> {
     slot: Slot<S>,
+    /// The batch being gathered.
+    batch: AlignedBuf,
     /// The buffer of the batch written last.
     spare: Option<AlignedBuf>,
-    capacity: usize,
+    /// Bytes taken by [`Self::push`] so far (gathered, in flight or written).
+    accepted: u64,
     /// Bytes of the batches written so far (not counting one in flight).
     written: u64,
 }
@@ -198,31 +201,43 @@ impl<S: BatchSink> BatchPipe<S> {
     pub fn new(sink: S, capacity: usize) -> Self {
         Self {
             slot: Slot::Idle(sink),
+            batch: AlignedBuf::new(capacity),
             spare: None,
-            capacity,
+            accepted: 0,
             written: 0,
         }
     }
 
-    /// An empty buffer to gather a batch in.
-    pub fn buffer(&mut self) -> AlignedBuf {
-        let mut buf = self
-            .spare
-            .take()
-            .unwrap_or_else(|| AlignedBuf::new(self.capacity));
-        buf.clear();
-        buf
+    /// Bytes taken by [`Self::push`] so far. Each byte counts as it enters a batch, so after a
+    /// `push` dropped midway (its caller was cancelled) this says exactly how much of it was taken.
+    pub fn accepted(&self) -> u64 {
+        self.accepted
     }
 
-    /// Bytes of the batches written so far (a batch in flight counts once [`Self::settle`] saw it
-    /// done).
+    /// Bytes of the batches written so far (a batch in flight counts once it is seen done).
     pub fn written(&self) -> u64 {
         self.written
     }
 
-    /// The sink once no batch is in flight, or the error the last batch met. A cancelled wait
-    /// leaves the batch in flight in place.
-    pub async fn settle(&mut self) -> io::Result<&mut S> {
+    /// Appends `data`, handing each full batch to the blocking pool after the one before it. A
+    /// failure to write an earlier batch may be reported here.
+    pub async fn push(&mut self, mut data: &[u8]) -> io::Result<()> {
+        loop {
+            let before = data.len();
+            data = self.batch.fill(data);
+            self.accepted += (before - data.len()) as u64;
+            if self.batch.is_full() {
+                self.submit().await?;
+            }
+            if data.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Waits until no batch is in flight; the error the last batch met. A cancelled wait leaves
+    /// the batch in flight in place.
+    async fn settle(&mut self) -> io::Result<()> {
         if let Slot::Busy(task) = &mut self.slot {
             let joined = task.await;
             let (sink, buf, outcome) = match joined {
@@ -241,19 +256,23 @@ impl<S: BatchSink> BatchPipe<S> {
             self.written += buf.len() as u64;
             self.spare = Some(buf);
         }
-        match &mut self.slot {
-            Slot::Idle(sink) => Ok(sink),
+        match self.slot {
+            Slot::Idle(_) => Ok(()),
             _ => Err(io::Error::other("the file is gone")),
         }
     }
 
-    /// Writes `batch` in the background after the batch before it, leaving an empty buffer in its
-    /// place. Returns the bytes written before it. Cancellation-safe: `batch` is taken only after
-    /// the one await, so a cancelled call leaves it as it was.
-    pub async fn submit(&mut self, batch: &mut AlignedBuf) -> io::Result<u64> {
+    /// Writes the gathered batch in the background after the batch before it, gathering on in an
+    /// empty buffer. Cancellation-safe: the batch is taken only after the one await, so a
+    /// cancelled call leaves it as it was.
+    async fn submit(&mut self) -> io::Result<()> {
         self.settle().await?;
-        let next = self.buffer();
-        let full = std::mem::replace(batch, next);
+        let mut next = self
+            .spare
+            .take()
+            .unwrap_or_else(|| AlignedBuf::new(self.batch.capacity));
+        next.clear();
+        let full = std::mem::replace(&mut self.batch, next);
         let Slot::Idle(mut sink) = std::mem::replace(&mut self.slot, Slot::Gone) else {
             return Err(io::Error::other("the file is gone"));
         };
@@ -261,12 +280,22 @@ impl<S: BatchSink> BatchPipe<S> {
             let outcome = sink.write(&full);
             (sink, full, outcome)
         }));
-        Ok(self.written)
+        Ok(())
     }
 
-    /// Waits for the batch in flight and returns the sink, or the error a batch met.
+    /// Writes what is still gathered (the short last batch), waits for it and returns the sink,
+    /// or the error a batch met; an error too if fewer bytes were written than accepted.
     pub async fn finish(mut self) -> io::Result<S> {
+        if !self.batch.is_empty() {
+            self.submit().await?;
+        }
         self.settle().await?;
+        if self.written != self.accepted {
+            return Err(io::Error::other(format!(
+                "{} bytes written of {} accepted",
+                self.written, self.accepted
+            )));
+        }
         match std::mem::replace(&mut self.slot, Slot::Gone) {
             Slot::Idle(sink) => Ok(sink),
             _ => Err(io::Error::other("the file is gone")),
@@ -337,7 +366,8 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// Batches submitted through the pipe land in order; a failing batch fails the next call.
+    /// Bytes pushed in odd pieces land in order, batch by batch and the short tail at the end; a
+    /// failing batch fails a later call and nothing is written after it.
     #[tokio::test]
     async fn the_pipe_writes_batches_in_order_and_reports_a_failed_one() {
         #[derive(Default)]
@@ -358,21 +388,11 @@ mod tests {
             .map(|i| (i % 253) as u8)
             .collect();
         let mut pipe = BatchPipe::new(Collect::default(), DIRECT_ALIGN);
-        let mut batch = pipe.buffer();
         for piece in content.chunks(1000) {
-            let mut rest = piece;
-            while !rest.is_empty() {
-                rest = batch.fill(rest);
-                if batch.is_full() {
-                    let before = pipe.submit(&mut batch).await.unwrap();
-                    assert!(before <= pipe.written());
-                    assert!(batch.is_empty());
-                }
-            }
+            pipe.push(piece).await.unwrap();
+            assert!(pipe.written() <= pipe.accepted());
         }
-        pipe.submit(&mut batch).await.unwrap();
-        assert_eq!(pipe.settle().await.unwrap().got.len(), content.len());
-        assert_eq!(pipe.written(), content.len() as u64);
+        assert_eq!(pipe.accepted(), content.len() as u64);
         assert_eq!(pipe.finish().await.unwrap().got, content);
 
         let failing = Collect {
@@ -380,18 +400,23 @@ mod tests {
             ..Collect::default()
         };
         let mut pipe = BatchPipe::new(failing, DIRECT_ALIGN);
-        let mut batch = pipe.buffer();
         let mut failed = None;
         for n in 0..5 {
-            batch.fill(&content[n * DIRECT_ALIGN..(n + 1) * DIRECT_ALIGN]);
-            if let Err(e) = pipe.submit(&mut batch).await {
+            if let Err(e) = pipe
+                .push(&content[n * DIRECT_ALIGN..(n + 1) * DIRECT_ALIGN])
+                .await
+            {
                 failed = Some((n, e));
                 break;
             }
         }
         let (n, e) = failed.expect("the third batch's failure must be reported");
-        assert_eq!(n, 3, "reported by the call after the failed batch");
+        assert_eq!(n, 3, "reported by the push after the failed batch's");
         assert!(e.to_string().contains("disk on fire"), "{e}");
         assert_eq!(pipe.written(), 2 * DIRECT_ALIGN as u64);
+        assert!(
+            pipe.finish().await.is_err(),
+            "a pipe with a hole never finishes"
+        );
     }
 }

@@ -120,7 +120,6 @@ impl DockerExecutor {
             .map_err(|e| ExecError::io(format!("creating {}", dest.display()), e))?;
         let write_err = |e| ExecError::io(format!("writing {}", dest.display()), e);
         let mut pipe = BatchPipe::new(file, ARCHIVE_BUFFER);
-        let mut batch = pipe.buffer();
         let mut gathered: Vec<bytes::Bytes> = Vec::new();
         let mut gathered_len = 0;
         let mut pieces = pieces;
@@ -133,13 +132,7 @@ impl DockerExecutor {
                 Some(Err(e)) => return Err(ExecError::Docker(format!("getting {path}: {e}"))),
                 None => break,
             };
-            let mut rest = &chunk[..];
-            while !rest.is_empty() {
-                rest = batch.fill(rest);
-                if batch.is_full() {
-                    pipe.submit(&mut batch).await.map_err(write_err)?;
-                }
-            }
+            pipe.push(&chunk).await.map_err(write_err)?;
             if pieces.is_some() {
                 gathered_len += chunk.len();
                 gathered.push(chunk);
@@ -150,9 +143,6 @@ impl DockerExecutor {
             }
         }
         send_pieces(&mut pieces, gathered).await;
-        if !batch.is_empty() {
-            pipe.submit(&mut batch).await.map_err(write_err)?;
-        }
         pipe.finish().await.map_err(write_err)?;
         Ok(())
     }

@@ -14,8 +14,8 @@ use super::{io_context, validate_digest, BlobError, BlobStore};
 /// A multiple of [`drover_proto::direct::DIRECT_ALIGN`], so every batch but an upload's last can be written with `O_DIRECT`.
 const WRITE_BUFFER: usize = 1 << 20;
 
-/// A batch: [`WRITE_BUFFER`] bytes at most, aligned for a direct write.
-type Batch = AlignedBuf;
+/// What error messages name as the file of an upload that is already finished.
+const FINISHED: &str = "<finished upload>";
 
 /// Bytes written between two background syncs of the temporary file. Without them the kernel keeps
 /// a whole upload in the page cache (a GiB is far below its writeback threshold on a large host) and
@@ -37,15 +37,11 @@ const SYNC_EVERY: u64 = 16 << 20;
 #[derive(Debug)]
 pub struct BlobWriter {
     store: BlobStore,
-    /// The batch being gathered.
-    batch: Batch,
-    /// The temporary file and the running hash, behind the batch in flight; `None` once `finish`
-    /// took them.
+    /// The temporary file and the running hash, behind the batch being gathered and the one in
+    /// flight; `None` once `finish` took them.
     disk: Option<BatchPipe<Sink>>,
     /// Path of the temporary file while it exists.
     tmp_path: Option<PathBuf>,
-    /// Bytes accepted so far (gathered or handed to the disk).
-    size: u64,
     /// Early syncs: started every [`SYNC_EVERY`] bytes, one at a time.
     early: EarlySync,
 }
@@ -59,7 +55,7 @@ struct Sink {
 
 impl BatchSink for Sink {
     /// Hashes and writes `batch` (directly when it is whole, see [`DirectFile::write`]).
-    fn write(&mut self, batch: &Batch) -> io::Result<()> {
+    fn write(&mut self, batch: &AlignedBuf) -> io::Result<()> {
         self.hasher.update(batch.data());
         self.file.write(batch)
     }
@@ -119,7 +115,6 @@ impl BlobWriter {
             .map_err(|e| io_context(e, "open blob upload", &tmp_path))?;
         Ok(Self {
             store,
-            batch: Batch::new(WRITE_BUFFER),
             disk: Some(BatchPipe::new(
                 Sink {
                     file,
@@ -128,7 +123,6 @@ impl BlobWriter {
                 WRITE_BUFFER,
             )),
             tmp_path: Some(tmp_path),
-            size: 0,
             early: EarlySync {
                 file: Arc::new(second),
                 running: None,
@@ -139,20 +133,18 @@ impl BlobWriter {
 
     /// Bytes written so far.
     pub fn size(&self) -> u64 {
-        self.size
+        self.disk.as_ref().map_or(0, BatchPipe::accepted)
     }
 
     fn tmp_path(&self) -> &Path {
-        self.tmp_path
-            .as_deref()
-            .unwrap_or(Path::new("<finished upload>"))
+        self.tmp_path.as_deref().unwrap_or(Path::new(FINISHED))
     }
 
     /// Append `data` to the upload. [`BlobError::TooLarge`] if it would pass the store's size limit (the
     /// upload is then unusable: drop it). A failure to write an earlier batch may be reported here.
     pub async fn write(&mut self, data: &[u8]) -> Result<(), BlobError> {
         if let Some(limit) = self.store.max_size {
-            if self.size + data.len() as u64 > limit {
+            if self.size() + data.len() as u64 > limit {
                 return Err(BlobError::TooLarge { limit });
             }
         }
@@ -161,32 +153,18 @@ impl BlobWriter {
                 "write to a blob upload that is already finished".to_owned(),
             ));
         };
-        // `size` counts each byte as it enters the batch, so an upload whose connection ends
-        // between two awaits here (the call is dropped) holds exactly what `size` says.
-        let mut rest = data;
-        loop {
-            let before = rest.len();
-            rest = self.batch.fill(rest);
-            self.size += (before - rest.len()) as u64;
-            if self.batch.is_full() {
-                let path = self
-                    .tmp_path
-                    .clone()
-                    .unwrap_or_else(|| PathBuf::from("<finished upload>"));
-                let written = disk
-                    .submit(&mut self.batch)
-                    .await
-                    .map_err(|e| io_context(e, "write blob upload", &path))?;
-                self.early
-                    .reap(false)
-                    .await
-                    .map_err(|e| io_context(e, "sync blob upload", &path))?;
-                self.early.maybe_start(written);
-            }
-            if rest.is_empty() {
-                return Ok(());
-            }
-        }
+        // The pipe counts each byte as it enters a batch, so an upload whose connection ends while
+        // a batch waits for the one in flight (the call is dropped) holds exactly what `size` says.
+        let path = self.tmp_path.as_deref().unwrap_or(Path::new(FINISHED));
+        disk.push(data)
+            .await
+            .map_err(|e| io_context(e, "write blob upload", path))?;
+        self.early
+            .reap(false)
+            .await
+            .map_err(|e| io_context(e, "sync blob upload", path))?;
+        self.early.maybe_start(disk.written());
+        Ok(())
     }
 
     /// Sync the upload, verify it against `expected` (if given, 64 lowercase hex), and store it as
@@ -198,27 +176,12 @@ impl BlobWriter {
             validate_digest(expected)?;
         }
         let tmp_path = self.tmp_path().to_owned();
-        let Some(mut disk) = self.disk.take() else {
+        let Some(disk) = self.disk.take() else {
             return Err(BlobError::Invalid(
                 "blob upload is already finished".to_owned(),
             ));
         };
-        if !self.batch.is_empty() {
-            disk.submit(&mut self.batch)
-                .await
-                .map_err(|e| io_context(e, "write blob upload", &tmp_path))?;
-        }
-        disk.settle()
-            .await
-            .map_err(|e| io_context(e, "write blob upload", &tmp_path))?;
-        let written = disk.written();
-        if written != self.size {
-            return Err(BlobError::Io(io::Error::other(format!(
-                "blob upload {}: {written} bytes written of {} received",
-                tmp_path.display(),
-                self.size
-            ))));
-        }
+        let size = disk.accepted();
         let Sink { file, hasher } = disk
             .finish()
             .await
@@ -254,7 +217,7 @@ impl BlobWriter {
             self.tmp_path = None;
         }
         // Otherwise (already stored, or copied to the bucket) Drop removes the upload.
-        Ok((digest, self.size))
+        Ok((digest, size))
     }
 }
 
