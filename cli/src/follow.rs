@@ -15,7 +15,7 @@ use drover_proto::v1::{
 };
 use tokio::io::AsyncWriteExt as _;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 use tonic::Code;
 
 use crate::client::Coordinator;
@@ -193,6 +193,52 @@ async fn stream_job_logs(
     }
 }
 
+/// The tasks a follower starts besides the watch: one log stream per job that ran, and for each
+/// job that ended with its log still streaming, a finisher that prints its status line after the
+/// last log line.
+#[derive(Debug, Default)]
+struct Tasks {
+    /// Every log stream ever started, to stop them all; a finisher owns its job's `JoinHandle`,
+    /// and aborting the finisher only detaches the stream (which holds a sender of the printer).
+    log_streams: Vec<AbortHandle>,
+    finishers: Vec<JoinHandle<()>>,
+}
+
+impl Tasks {
+    /// Waits up to `grace` for the log streams to end and the finishers to print, then stops
+    /// what is left; returns false if something had to be stopped. Once this returns, no task
+    /// holds a sender of the printer.
+    async fn drain(self, trackers: HashMap<String, JobTracker>, grace: Duration) -> bool {
+        let mut pending: Vec<JoinHandle<()>> = trackers
+            .into_values()
+            .filter_map(|t| t.logs)
+            .chain(self.finishers)
+            .collect();
+        let drained = tokio::time::timeout(grace, async {
+            for handle in pending.iter_mut() {
+                let _ = handle.await;
+            }
+        })
+        .await
+        .is_ok();
+        if !drained {
+            for handle in pending
+                .iter()
+                .map(JoinHandle::abort_handle)
+                .chain(self.log_streams)
+            {
+                handle.abort();
+            }
+            // An aborted task drops its future (and its printer sender) when the runtime next
+            // gets to it: wait for that, so the printer's end is the end of all output.
+            for handle in pending.into_iter().filter(|h| !h.is_finished()) {
+                let _ = handle.await;
+            }
+        }
+        drained
+    }
+}
+
 /// What the follower knows about one job.
 #[derive(Debug, Default)]
 struct JobTracker {
@@ -220,7 +266,7 @@ pub(crate) async fn follow_run(
     });
 
     let mut trackers: HashMap<String, JobTracker> = HashMap::new();
-    let mut finishers: Vec<JoinHandle<()>> = Vec::new();
+    let mut tasks = Tasks::default();
     let mut last: Option<Run> = None;
     let mut retries = 0;
     let watched = 'watch: loop {
@@ -253,7 +299,7 @@ pub(crate) async fn follow_run(
                         colour,
                         &printer_tx,
                         &mut trackers,
-                        &mut finishers,
+                        &mut tasks,
                     )
                     .await;
                     let finished = run.state != RunState::Running as i32
@@ -285,22 +331,8 @@ pub(crate) async fn follow_run(
     }
 
     // Let the log streams of finished jobs drain, then stop whatever is left.
-    let mut pending: Vec<JoinHandle<()>> = trackers
-        .into_values()
-        .filter_map(|t| t.logs)
-        .chain(finishers)
-        .collect();
-    let drained = tokio::time::timeout(LOG_DRAIN_GRACE, async {
-        for handle in pending.iter_mut() {
-            let _ = handle.await;
-        }
-    })
-    .await;
-    if drained.is_err() {
+    if !tasks.drain(trackers, LOG_DRAIN_GRACE).await {
         eprintln!("drover: some log streams did not finish in {LOG_DRAIN_GRACE:?}; stopped them");
-        for handle in &pending {
-            handle.abort();
-        }
     }
     drop(printer_tx);
     let _ = printer.await;
@@ -336,7 +368,7 @@ async fn observe(
     colour: bool,
     printer: &mpsc::Sender<Vec<u8>>,
     trackers: &mut HashMap<String, JobTracker>,
-    finishers: &mut Vec<JoinHandle<()>>,
+    tasks: &mut Tasks,
 ) {
     for (index, job) in run.jobs.iter().enumerate() {
         let job_colour = colour.then(|| PALETTE[index % PALETTE.len()]);
@@ -344,15 +376,17 @@ async fn observe(
         let changed = tracker.state != Some(job.state);
         let previous = tracker.state.replace(job.state);
         let ran = job.attempts > 0 || !job.agent_id.is_empty() || job.started_ms > 0;
-        let start_logs = |tracker: &mut JobTracker| {
+        let start_logs = |tracker: &mut JobTracker, tasks: &mut Tasks| {
             if tracker.logs.is_none() {
-                tracker.logs = Some(tokio::spawn(stream_job_logs(
+                let handle = tokio::spawn(stream_job_logs(
                     coordinator.clone(),
                     run.id.clone(),
                     job.name.clone(),
                     job_colour,
                     printer.clone(),
-                )));
+                ));
+                tasks.log_streams.push(handle.abort_handle());
+                tracker.logs = Some(handle);
             }
         };
         if job.state == JobState::Running as i32 {
@@ -369,7 +403,7 @@ async fn observe(
                     .send(status_line(&job.name, &text, job_colour))
                     .await;
             }
-            start_logs(tracker);
+            start_logs(tracker, tasks);
         } else if job.state == JobState::Queued as i32 {
             // Only a job going back to the queue is news (an attempt was lost and is retried).
             if changed && previous == Some(JobState::Running as i32) {
@@ -385,14 +419,14 @@ async fn observe(
             tracker.announced_done = true;
             // A job that ran between two snapshots still gets its log printed.
             if ran {
-                start_logs(tracker);
+                start_logs(tracker, tasks);
             }
             let line = status_line(&job.name, &terminal_text(job), job_colour);
             match tracker.logs.take() {
                 // The status line follows the job's last log line.
                 Some(logs) => {
                     let printer = printer.clone();
-                    finishers.push(tokio::spawn(async move {
+                    tasks.finishers.push(tokio::spawn(async move {
                         let _ = logs.await;
                         let _ = printer.send(line).await;
                     }));
@@ -408,6 +442,46 @@ async fn observe(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A job's log stream that never ends (its job's finisher waiting on it) is stopped after the
+    /// grace, and with it every sender of the printer, so the printer ends: `drover run --follow`
+    /// once stayed parked after its run had finished because only the finisher was aborted.
+    #[tokio::test]
+    async fn a_log_stream_that_never_ends_is_stopped_after_the_grace() {
+        let (printer_tx, mut printer_rx) = mpsc::channel::<Vec<u8>>(4);
+        let mut tasks = Tasks::default();
+        let stuck_printer = printer_tx.clone();
+        let stream = tokio::spawn(async move {
+            let _printer = stuck_printer;
+            std::future::pending::<()>().await;
+        });
+        tasks.log_streams.push(stream.abort_handle());
+        let finisher_printer = printer_tx.clone();
+        tasks.finishers.push(tokio::spawn(async move {
+            let _ = stream.await;
+            let _ = finisher_printer.send(b"==> job j: failed\n".to_vec()).await;
+        }));
+        let ended = tokio::spawn(async {});
+
+        let drained = tasks
+            .drain(
+                HashMap::from([(
+                    "done".to_string(),
+                    JobTracker {
+                        logs: Some(ended),
+                        ..Default::default()
+                    },
+                )]),
+                Duration::from_millis(100),
+            )
+            .await;
+        assert!(!drained);
+        drop(printer_tx);
+        let end = tokio::time::timeout(Duration::from_secs(10), printer_rx.recv())
+            .await
+            .expect("a stopped log stream still holds a sender of the printer");
+        assert_eq!(end, None);
+    }
 
     #[test]
     fn complete_lines_are_prefixed_partial_lines_held() {

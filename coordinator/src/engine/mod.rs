@@ -285,7 +285,7 @@ struct Tx {
     attempts: BTreeMap<String, AttemptRec>,
     agents: BTreeMap<String, AgentRec>,
     messages: Vec<(String, pb::CoordinatorMessage)>,
-    abandon: Vec<(String, u32, String)>,
+    abandon: Vec<Abandoned>,
 }
 
 impl Tx {
@@ -310,12 +310,20 @@ impl Tx {
     }
 }
 
+/// An attempt that ended before its logs were complete: which of its steps had started, and why.
+#[derive(Debug)]
+struct Abandoned {
+    attempt: String,
+    started: Vec<bool>,
+    reason: String,
+}
+
 /// What applied changes publish once durable: their rows, logs to mark abandoned, and the runs whose
 /// watchers to wake. (Messages to agents go out at apply time: see the module comment.)
 #[derive(Debug, Default)]
 struct Effects {
     writes: Vec<Write>,
-    abandon: Vec<(String, u32, String)>,
+    abandon: Vec<Abandoned>,
     changed: Vec<String>,
 }
 
@@ -350,7 +358,7 @@ fn push_to_agent(st: &mut State, agent: &str, msg: pb::CoordinatorMessage) {
 fn publish(
     inner: &Arc<Inner>,
     rt: &tokio::runtime::Handle,
-    abandon: Vec<(String, u32, String)>,
+    abandon: Vec<Abandoned>,
     changed: Vec<String>,
 ) {
     for id in &changed {
@@ -359,8 +367,13 @@ fn publish(
     if !abandon.is_empty() {
         let inner = inner.clone();
         rt.spawn(async move {
-            for (attempt, steps, reason) in abandon {
-                if let Err(e) = inner.logs.abandon(&attempt, steps, &reason).await {
+            for Abandoned {
+                attempt,
+                started,
+                reason,
+            } in abandon
+            {
+                if let Err(e) = inner.logs.abandon(&attempt, &started, &reason).await {
                     tracing::warn!(attempt = %attempt, "cannot mark logs incomplete: {e}");
                 }
             }
@@ -834,10 +847,10 @@ impl Engine {
         let job_cancel = st.job_canceled(&a.run_id, &a.job);
         let run = tx.run_mut(st, &a.run_id)?;
         let cancel = run.cancel_requested || job_cancel;
-        let mut steps = 0;
+        let mut started = Vec::new();
         if let Some(idx) = run.job_index(&a.job) {
             let job = &mut run.jobs[idx];
-            steps = job.spec.steps.len() as u32;
+            started = job.steps_started(attempt_id);
             if job.attempt_id.as_deref() == Some(attempt_id) && job.state == Status::Running {
                 let o = machine::decide(
                     JobState::Failed,
@@ -853,8 +866,11 @@ impl Engine {
             }
             machine::settle(run, now);
         }
-        tx.abandon
-            .push((attempt_id.to_string(), steps, reason.to_string()));
+        tx.abandon.push(Abandoned {
+            attempt: attempt_id.to_string(),
+            started,
+            reason: reason.to_string(),
+        });
         tx.attempts.insert(a.id.clone(), a);
         Ok(())
     }
@@ -1320,13 +1336,17 @@ impl Engine {
                 machine::Outcome::Retry { .. } => Status::Failed,
             };
             tracing::debug!(run = %run_id, job = %job.name, attempt = %r.attempt_id, ?outcome, "job result");
-            let steps = job.spec.steps.len() as u32;
+            let started = job.steps_started(&r.attempt_id);
             machine::apply_outcome(job, outcome, now);
             machine::settle(run, now);
             if attempt_state != Status::Succeeded {
                 // Followers of a log the agent never finished must end too.
                 let reason = format!("attempt ended {} before its log was complete", attempt_state.as_str());
-                tx.abandon.push((r.attempt_id.clone(), steps, reason));
+                tx.abandon.push(Abandoned {
+                    attempt: r.attempt_id.clone(),
+                    started,
+                    reason,
+                });
             }
             let mut a = tx.attempt(st, &r.attempt_id).ok_or_else(|| CoordError::Internal("attempt vanished".into()))?;
             a.state = attempt_state;

@@ -199,6 +199,17 @@ pub struct JobRec {
     pub artifacts: Vec<ArtifactRec>,
 }
 
+impl JobRec {
+    /// For each step, whether `attempt` started it, as far as this record knows: the step states
+    /// are those of the current attempt, so for any other attempt every step reads not started.
+    pub fn steps_started(&self, attempt: &str) -> Vec<bool> {
+        let current = self.attempt_id.as_deref() == Some(attempt);
+        (0..self.spec.steps.len())
+            .map(|i| current && self.steps.get(i).is_some_and(|s| s.state != Status::Queued))
+            .collect()
+    }
+}
+
 /// A step of the current attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StepRec {

@@ -78,8 +78,6 @@ struct LogIo {
     marker_durable: bool,
     /// The directory entries leading to the file are on disk.
     dirs_synced: bool,
-    /// Completed in memory only: a step that never started, ended by `abandon` so its followers stop.
-    ended_absent: bool,
     /// The line-time file, once a batch brought times.
     times: Option<TimesFile>,
 }
@@ -93,7 +91,7 @@ impl LogIo {
     }
 
     fn is_clean(&self) -> bool {
-        self.len == self.synced_len && (!self.complete || self.marker_durable || self.ended_absent)
+        self.len == self.synced_len && (!self.complete || self.marker_durable)
     }
 }
 
@@ -385,7 +383,7 @@ impl LogEntry {
             self.ensure_loaded(&mut io).await?;
             let data_pending = io.len > io.synced_len;
             let dirs_pending = io.file.is_some() && !io.dirs_synced;
-            let marker_pending = io.complete && !io.marker_durable && !io.ended_absent;
+            let marker_pending = io.complete && !io.marker_durable;
             if !(data_pending || dirs_pending || marker_pending) {
                 return Ok(LogStatus {
                     len: io.synced_len,
@@ -435,25 +433,24 @@ impl LogEntry {
         })
     }
 
-    /// Append `marker` and complete the log if it is not complete. Returns whether the log has a file (and
-    /// so needs a sync). A step that never started gets no file; it is completed in memory only, which ends
-    /// whoever follows it now.
-    pub(super) async fn abandon(&self, marker: &[u8]) -> Result<bool, LogError> {
+    /// Complete the log if it is not complete yet, for an attempt that ended without finishing it.
+    /// A step that ran (`started`, or bytes of it arrived) gets `marker` appended: its output may
+    /// have been cut short, and the log says so. A step that never started is completed empty,
+    /// without a file. Either way the completion is made durable by the next [`LogEntry::sync`],
+    /// like any other: a follower that comes later, after this entry has left memory, or after a
+    /// restart, finds the log complete instead of waiting for bytes that will never come.
+    pub(super) async fn abandon(&self, started: bool, marker: &[u8]) -> Result<(), LogError> {
         let mut io = self.io.lock().await;
         self.ensure_loaded(&mut io).await?;
         if io.complete {
-            return Ok(io.file.is_some());
+            return Ok(());
         }
-        if io.file.is_none() {
-            io.complete = true;
-            io.ended_absent = true;
-            self.publish(&io);
-            return Ok(false);
+        if started || io.file.is_some() {
+            self.write_at(&mut io, vec![bytes::Bytes::copy_from_slice(marker)])
+                .await?;
         }
-        self.write_at(&mut io, vec![bytes::Bytes::copy_from_slice(marker)])
-            .await?;
         io.complete = true;
         self.publish(&io);
-        Ok(true)
+        Ok(())
     }
 }

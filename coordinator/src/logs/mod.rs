@@ -335,22 +335,38 @@ impl LogStore {
         handle.entry.status().await
     }
 
-    /// The attempt ended without finishing its logs (agent lost, canceled...): append a visible marker line
-    /// `\n[drover] log incomplete: {reason}\n` to each of its step logs (`0..steps`) that is not complete, mark
-    /// them complete and sync. Steps that never started are left absent on disk; anyone following one of them
-    /// right now is ended with an empty eof piece.
-    pub async fn abandon(&self, attempt: &str, steps: u32, reason: &str) -> Result<(), LogError> {
+    /// The attempt ended without finishing its logs (agent lost, canceled...): complete each of its
+    /// step logs that is not complete. `started[i]` says whether step `i` ran: a step that ran (or
+    /// whose bytes arrived) gets a visible marker line `\n[drover] log incomplete: {reason}\n`
+    /// appended; one that never started is completed empty (no file, its row in the index). Every
+    /// completion is durable before this returns, and anyone following one of these logs is ended.
+    pub async fn abandon(
+        &self,
+        attempt: &str,
+        started: &[bool],
+        reason: &str,
+    ) -> Result<(), LogError> {
         validate_attempt(attempt)?;
         let marker = format!("\n[drover] log incomplete: {reason}\n");
-        for step in 0..steps {
-            let handle = self.handle(attempt, step)?;
-            if handle.entry.abandon(marker.as_bytes()).await? {
+        // All steps at once: their completions share the index's grouped flushes.
+        let steps = started.iter().enumerate().map(|(step, &started)| {
+            let marker = marker.as_bytes();
+            async move {
+                let handle = self.handle(attempt, step as u32)?;
+                handle.entry.abandon(started, marker).await?;
                 let status = handle.entry.sync().await?;
                 if status.complete {
-                    self.compress_in_background(attempt, step, &handle.entry.paths, status.len);
+                    self.compress_in_background(
+                        attempt,
+                        step as u32,
+                        &handle.entry.paths,
+                        status.len,
+                    );
                 }
+                Ok::<(), LogError>(())
             }
-        }
+        });
+        futures::future::try_join_all(steps).await?;
         Ok(())
     }
 

@@ -370,38 +370,43 @@ async fn abandon_marks_incomplete_logs_and_ends_followers() {
     // Steps 0 and 1 hold unsynced bytes; step 2 is live only through its follower.
     wait_for_live(&store, 3).await;
 
-    store.abandon(A, 4, "agent lost").await.unwrap();
+    // Step 3 started but nothing of it arrived; step 4 never started.
+    store
+        .abandon(A, &[true, true, false, true, false], "agent lost")
+        .await
+        .unwrap();
 
+    let marker = b"\n[drover] log incomplete: agent lost\n";
     let partial = follow_partial.await.unwrap();
-    let expected = b"half a li\n[drover] log incomplete: agent lost\n";
+    let expected = [&b"half a li"[..], marker].concat();
     assert_eq!(concat(&partial), expected);
     assert!(partial.last().unwrap().eof);
     let absent = follow_absent.await.unwrap();
     assert_eq!(absent.len(), 1);
     assert!(absent[0].eof && absent[0].data.is_empty());
 
-    // Durable: after a restart, the finished step is untouched, the partial one is complete with its marker,
-    // and steps that never started have no log.
+    // Durable: after a restart, the finished step is untouched, the partial one and the silent
+    // one that ran are complete with the marker, and steps that never started are complete and
+    // empty, without a file.
     drop(store);
     let store = LogStore::open(dir.path().join("logs")).unwrap();
-    assert_eq!(
-        store.status(A, 0).await.unwrap(),
-        LogStatus {
-            len: 5,
-            complete: true
-        }
-    );
-    assert_eq!(
-        store.status(A, 1).await.unwrap(),
-        LogStatus {
-            len: expected.len() as u64,
-            complete: true
-        }
-    );
+    let status = |len: usize| LogStatus {
+        len: len as u64,
+        complete: true,
+    };
+    assert_eq!(store.status(A, 0).await.unwrap(), status(5));
+    assert_eq!(store.status(A, 1).await.unwrap(), status(expected.len()));
     assert_eq!(stored(&store.dir().join(A).join("1.log")), expected);
-    assert_eq!(store.status(A, 2).await.unwrap(), LogStatus::default());
-    assert!(!store.dir().join(A).join("2.log").exists());
-    assert!(!store.dir().join(A).join("3.log").exists());
+    assert_eq!(store.status(A, 3).await.unwrap(), status(marker.len()));
+    assert_eq!(stored(&store.dir().join(A).join("3.log")), marker);
+    for never_started in [2, 4] {
+        assert_eq!(store.status(A, never_started).await.unwrap(), status(0));
+        assert!(!store
+            .dir()
+            .join(A)
+            .join(format!("{never_started}.log"))
+            .exists());
+    }
     // A late chunk from the lost agent cannot extend the abandoned log.
     let late = vec![b'x'; 100];
     let err = store.append(A, 1, 9, &late, false).await.unwrap_err();
@@ -409,6 +414,34 @@ async fn abandon_marks_incomplete_logs_and_ends_followers() {
     // One that falls inside the stored bytes counts as a resend and changes nothing.
     store.append(A, 1, 9, b"ne\n", false).await.unwrap();
     assert_eq!(stored(&store.dir().join(A).join("1.log")), expected);
+}
+
+/// A follower that arrives after an abandoned step's entry has left memory still finds the log
+/// complete (the completion of a step that never started used to live in that entry only, and a
+/// `drover run --follow` that looked at the log just then waited for it for good).
+#[tokio::test]
+async fn a_never_started_step_stays_complete_after_its_entry_leaves_memory() {
+    let (_dir, store) = store();
+    store.attempt_started(A, 2);
+    store.abandon(A, &[false, false], "canceled").await.unwrap();
+    wait_for_live(&store, 0).await;
+    for step in 0..2 {
+        assert_eq!(
+            store.status(A, step).await.unwrap(),
+            LogStatus {
+                len: 0,
+                complete: true
+            }
+        );
+        let pieces = tokio::time::timeout(
+            Duration::from_secs(10),
+            collect(store.read(A, step, 0, true)),
+        )
+        .await
+        .expect("a follower of an abandoned step that never started must end");
+        assert_eq!(pieces.len(), 1);
+        assert!(pieces[0].eof && pieces[0].data.is_empty());
+    }
 }
 
 #[tokio::test]
@@ -431,7 +464,7 @@ async fn bad_attempt_ids_are_rejected() {
             Err(LogError::Invalid(_))
         ));
         assert!(matches!(
-            store.abandon(bad, 1, "r").await,
+            store.abandon(bad, &[true], "r").await,
             Err(LogError::Invalid(_))
         ));
         let mut stream = Box::pin(store.read(bad, 0, 0, true));
