@@ -6,7 +6,8 @@
 //! the buffer to the device instead. Direct writes need the memory, the file offset and the length
 //! aligned, so data is gathered into [`AlignedBuf`]s of a multiple of [`DIRECT_ALIGN`] bytes, and a
 //! [`DirectFile`] writes each whole one directly and falls back to the page cache for a short last
-//! buffer or a file system that refuses direct writes.
+//! buffer or a file system that refuses direct writes. A [`DirectAppend`] does the same for a
+//! file that grows by pieces of any length and is read while it grows (step logs, log spools).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -74,6 +75,44 @@ impl AlignedBuf {
     /// Empties the buffer (keeping its memory).
     pub fn clear(&mut self) {
         self.buf.truncate(self.start);
+    }
+
+    /// Reads up to `capacity` bytes of `file` at `offset` in place of what the buffer held;
+    /// returns how many (fewer only at the end of the file).
+    pub fn read_at(&mut self, file: &File, offset: u64) -> io::Result<usize> {
+        // Zeroes only what the last read did not fill: a buffer read full stays full length.
+        self.buf.resize(self.start + self.capacity, 0);
+        let mut got = 0;
+        let outcome = loop {
+            let area = &mut self.buf[self.start + got..];
+            if area.is_empty() {
+                break Ok(());
+            }
+            match std::os::unix::fs::FileExt::read_at(file, area, offset + got as u64) {
+                Ok(0) => break Ok(()),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+            // A direct read continues only from an aligned offset; an unaligned count is the end.
+            if !got.is_multiple_of(DIRECT_ALIGN) {
+                break Ok(());
+            }
+        };
+        self.buf.truncate(self.start + got);
+        outcome.map(|()| got)
+    }
+
+    /// Keeps only the first `len` bytes.
+    pub fn truncate(&mut self, len: usize) {
+        self.buf.truncate(self.start + len);
+    }
+
+    /// Drops the first `n` bytes, moving the rest to the front.
+    pub fn consume(&mut self, n: usize) {
+        let from = self.start + n.min(self.len());
+        self.buf.copy_within(from.., self.start);
+        self.buf.truncate(self.buf.len() - (from - self.start));
     }
 }
 
@@ -155,6 +194,208 @@ impl DirectFile {
     /// The file, closed for writing through this handle.
     pub fn into_file(self) -> File {
         self.file
+    }
+}
+
+/// How much of a whole-block run an append must bring before it is written directly: a direct
+/// write costs a trip to the device, so a slow log's small appends go through the page cache and
+/// are written again directly once enough of them make up a large run.
+pub const DIRECT_APPEND_MIN: usize = 64 * 1024;
+
+/// Most bytes a [`DirectAppend`] holds before writing them directly.
+const DIRECT_APPEND_BUF: usize = 1 << 20;
+
+/// A file appended to in pieces of any length, and read by others while it grows, whose whole
+/// blocks are written past the page cache.
+///
+/// Every appended byte is in the file (readable, its size right) when [`DirectAppend::append`]
+/// returns: the bytes since the last block boundary are kept in an aligned buffer as well, and
+/// go to the file through the page cache until they make up a run of whole blocks of at least
+/// [`DIRECT_APPEND_MIN`] bytes; that run is then written again, directly (the kernel writes back
+/// and drops the few cached pages it covers first), and only the short rest is kept. On the
+/// machines Drover runs on, a fast log written this way costs a tenth of the CPU of one copied
+/// into fresh page-cache pages. Readers see the same bytes either way.
+#[derive(Debug)]
+pub struct DirectAppend {
+    /// The file opened again with `O_DIRECT`; `None` where the file system refuses it.
+    direct: Option<File>,
+    /// The file's bytes from `start` to its end.
+    tail: AlignedBuf,
+    /// Offset of the first byte of `tail`, a multiple of [`DIRECT_ALIGN`].
+    start: u64,
+    /// Bytes of the file written so far (its length).
+    in_file: u64,
+}
+
+impl DirectAppend {
+    /// Appends to `file` (at `path`, `len` bytes long, open for reading and writing).
+    pub fn open(path: &Path, file: &File, len: u64) -> io::Result<Self> {
+        let direct = match OpenOptions::new()
+            .write(true)
+            .custom_flags(OFlags::DIRECT.bits() as i32)
+            .open(path)
+        {
+            Ok(f) => Some(f),
+            Err(e) if is_einval(&e) => None,
+            Err(e) => return Err(e),
+        };
+        let start = len - len % DIRECT_ALIGN as u64;
+        let mut tail = AlignedBuf::new(DIRECT_APPEND_BUF);
+        let mut partial = vec![0u8; (len - start) as usize];
+        std::os::unix::fs::FileExt::read_exact_at(file, &mut partial, start)?;
+        tail.fill(&partial);
+        Ok(Self {
+            direct,
+            tail,
+            start,
+            in_file: len,
+        })
+    }
+
+    /// Bytes appended (the file's length).
+    pub fn len(&self) -> u64 {
+        self.start + self.tail.len() as u64
+    }
+
+    /// True when the file is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends `pieces` to `file` (the file given to [`DirectAppend::open`]), one after the other.
+    /// On an error, [`DirectAppend::len`] is back at the bytes the file is known to hold.
+    pub fn append<P: AsRef<[u8]>>(&mut self, file: &File, pieces: &[P]) -> io::Result<()> {
+        let appended = self.append_all(file, pieces);
+        if appended.is_err() {
+            self.tail
+                .truncate((self.in_file.max(self.start) - self.start) as usize);
+        }
+        appended
+    }
+
+    fn append_all<P: AsRef<[u8]>>(&mut self, file: &File, pieces: &[P]) -> io::Result<()> {
+        for piece in pieces {
+            let mut rest = piece.as_ref();
+            while !rest.is_empty() {
+                rest = self.tail.fill(rest);
+                if self.tail.is_full() {
+                    self.write_whole(file, true)?;
+                }
+            }
+        }
+        self.write_whole(file, false)?;
+        // The rest through the page cache, so readers see it and the size is right.
+        self.write_buffered(file, self.len())
+    }
+
+    /// Writes the bytes of `tail` the file does not hold yet, up to offset `end`, through the
+    /// page cache.
+    fn write_buffered(&mut self, file: &File, end: u64) -> io::Result<()> {
+        let from = self.in_file.max(self.start);
+        if from < end {
+            let data = &self.tail.data()[(from - self.start) as usize..(end - self.start) as usize];
+            std::os::unix::fs::FileExt::write_all_at(file, data, from)?;
+            self.in_file = end;
+        }
+        Ok(())
+    }
+
+    /// Writes the whole blocks gathered directly when they make a long enough run (or `force`,
+    /// with a full buffer), keeping only the partial block after them.
+    fn write_whole(&mut self, file: &File, force: bool) -> io::Result<()> {
+        let whole = self.tail.len() - self.tail.len() % DIRECT_ALIGN;
+        if whole == 0 || (!force && whole < DIRECT_APPEND_MIN) {
+            return Ok(());
+        }
+        let end = self.start + whole as u64;
+        let direct = match &self.direct {
+            Some(direct) => {
+                let data = &self.tail.data()[..whole];
+                match std::os::unix::fs::FileExt::write_all_at(direct, data, self.start) {
+                    Ok(()) => true,
+                    // Some file systems refuse direct writes only at the first write.
+                    Err(e) if is_einval(&e) => {
+                        self.direct = None;
+                        false
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            None => false,
+        };
+        if !direct {
+            self.write_buffered(file, end)?;
+        }
+        self.in_file = self.in_file.max(end);
+        self.start = end;
+        self.tail.consume(whole);
+        Ok(())
+    }
+}
+
+/// A file read from start to end past the page cache (`O_DIRECT` where the file system takes it):
+/// a log read once to be compressed would otherwise be copied into fresh page-cache pages first.
+#[derive(Debug)]
+pub struct DirectReader {
+    file: File,
+    buf: AlignedBuf,
+    /// Bytes of `buf` handed out.
+    pos: usize,
+    /// File offset of the next read.
+    offset: u64,
+    at_end: bool,
+}
+
+impl DirectReader {
+    /// Opens `path` for reading.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(OFlags::DIRECT.bits() as i32)
+            .open(path)
+        {
+            Err(e) if is_einval(&e) => File::open(path)?,
+            other => other?,
+        };
+        Ok(Self {
+            file,
+            buf: AlignedBuf::new(DIRECT_APPEND_BUF),
+            pos: 0,
+            offset: 0,
+            at_end: false,
+        })
+    }
+
+    fn refill(&mut self) -> io::Result<()> {
+        let got = match self.buf.read_at(&self.file, self.offset) {
+            // Refused at the first read by some file systems: read through the page cache.
+            Err(e) if is_einval(&e) => {
+                let flags = rustix::fs::fcntl_getfl(&self.file)?;
+                rustix::fs::fcntl_setfl(&self.file, flags - OFlags::DIRECT)?;
+                self.buf.read_at(&self.file, self.offset)?
+            }
+            other => other?,
+        };
+        self.pos = 0;
+        self.offset += got as u64;
+        self.at_end = got == 0 || !got.is_multiple_of(DIRECT_ALIGN);
+        Ok(())
+    }
+}
+
+impl io::Read for DirectReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.pos == self.buf.len() {
+            if self.at_end {
+                return Ok(0);
+            }
+            self.refill()?;
+        }
+        let data = &self.buf.data()[self.pos..];
+        let n = data.len().min(out.len());
+        out[..n].copy_from_slice(&data[..n]);
+        self.pos += n;
+        Ok(n)
     }
 }
 
@@ -363,6 +604,90 @@ mod tests {
         // Truncated when reopened without create_new.
         drop(DirectFile::create(&path, false).unwrap());
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Appends of every size (single bytes, runs under and over the direct threshold, more than
+    /// the buffer at once), read back through a second handle after each one, and an appender
+    /// reopened at an odd length carrying on: the file always holds exactly what was appended.
+    #[test]
+    fn appends_of_any_length_are_readable_at_once_and_in_order() {
+        use std::os::unix::fs::FileExt as _;
+        let dir = std::env::temp_dir().join(format!("drover-append-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("log");
+        let _ = std::fs::remove_file(&path);
+        let open = || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .unwrap()
+        };
+        let file = open();
+        let reader = File::open(&path).unwrap();
+        let mut appender = DirectAppend::open(&path, &file, 0).unwrap();
+        assert!(appender.is_empty());
+        let mut expected: Vec<u8> = Vec::new();
+        let mut seed = 0u32;
+        let mut piece = |len: usize| -> Vec<u8> {
+            (0..len)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                    (seed >> 16) as u8
+                })
+                .collect()
+        };
+        let sizes: &[&[usize]] = &[
+            &[1],
+            &[100, 3000],
+            &[DIRECT_ALIGN - 1],
+            &[DIRECT_APPEND_MIN + 17],
+            &[5; 40],
+            &[DIRECT_APPEND_BUF + 3 * DIRECT_ALIGN + 1, 9],
+            &[DIRECT_APPEND_MIN, DIRECT_APPEND_MIN, DIRECT_ALIGN],
+            &[2 * DIRECT_APPEND_BUF],
+            &[7],
+        ];
+        let check = |expected: &[u8], appender: &DirectAppend| {
+            assert_eq!(appender.len(), expected.len() as u64);
+            assert_eq!(reader.metadata().unwrap().len(), expected.len() as u64);
+            let mut got = vec![0u8; expected.len()];
+            reader.read_exact_at(&mut got, 0).unwrap();
+            assert!(got == expected, "the file differs from what was appended");
+        };
+        for (i, round) in sizes.iter().enumerate() {
+            let pieces: Vec<Vec<u8>> = round.iter().map(|&n| piece(n)).collect();
+            for p in &pieces {
+                expected.extend_from_slice(p);
+            }
+            appender.append(&file, &pieces).unwrap();
+            check(&expected, &appender);
+            if i == 4 {
+                // A restart: the appender comes back at the file's (unaligned) length.
+                assert_ne!(expected.len() % DIRECT_ALIGN, 0);
+                appender = DirectAppend::open(&path, &open(), expected.len() as u64).unwrap();
+                check(&expected, &appender);
+            }
+        }
+        assert!(
+            appender.direct.is_some(),
+            "the test directory takes direct writes, so the direct path must have been used"
+        );
+        // Read back past the page cache, in odd-sized reads.
+        let mut back = Vec::new();
+        let mut reader = DirectReader::open(&path).unwrap();
+        let mut piece = vec![0u8; 3 * DIRECT_ALIGN + 5];
+        loop {
+            let n = io::Read::read(&mut reader, &mut piece).unwrap();
+            if n == 0 {
+                break;
+            }
+            back.extend_from_slice(&piece[..n]);
+        }
+        assert!(back == expected, "read back differs from what was appended");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -13,10 +13,6 @@ use super::entry::io_context;
 /// zstd level: fast enough to keep up with a busy coordinator, still several times smaller for logs.
 const LEVEL: i32 = 3;
 
-/// Bytes of the plain log read (and handed to the encoder) at once: a MiB rather than `io::copy`'s
-/// 8 KiB, so a 256 MiB log is 256 reads, not 32,768.
-const READ_BUFFER: usize = 1 << 20;
-
 /// `<step>.log.zst` beside `<step>.log`.
 pub(super) fn zst_path(log: &Path) -> PathBuf {
     let mut name = log.as_os_str().to_owned();
@@ -46,7 +42,8 @@ pub(super) fn compress(log: &Path, len: u64) -> io::Result<Compressed> {
         return Ok(Compressed::default());
     }
     let mut done = Compressed::default();
-    let input = match File::open(log) {
+    // Read past the page cache: the log's bytes were written past it too, and are read once here.
+    let input = match drover_proto::direct::DirectReader::open(log) {
         Ok(f) => Some(f),
         Err(e) if e.kind() == io::ErrorKind::NotFound && len == 0 => None,
         Err(e) => return Err(io_context(e, "open log", log)),
@@ -69,8 +66,7 @@ pub(super) fn compress(log: &Path, len: u64) -> io::Result<Compressed> {
         enc.include_contentsize(true)?;
         enc.set_pledged_src_size(Some(len))?;
         if let Some(input) = input {
-            let mut input = io::BufReader::with_capacity(READ_BUFFER, input.take(len));
-            let copied = io::copy(&mut input, &mut enc)?;
+            let copied = io::copy(&mut input.take(len), &mut enc)?;
             if copied != len {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
