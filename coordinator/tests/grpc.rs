@@ -810,3 +810,68 @@ async fn restart_keeps_running_attempts_for_a_reconnecting_agent() {
     );
     server.stop().await.unwrap();
 }
+
+/// A coordinator stopped after the commit that ended an attempt but before it completed the
+/// attempt's logs leaves logs that nothing will ever complete. A follower that comes after the
+/// restart completes them (the marker on the step that ran, an empty log for the one that never
+/// started) and ends, instead of waiting for good.
+#[tokio::test]
+async fn logs_an_ended_attempt_left_incomplete_are_completed_for_their_follower() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), Duration::from_secs(5)).await;
+    let mut c = control(&server).await;
+    let mut a = FakeAgent::enroll(&server).await;
+    a.attach(vec![]).await;
+    let p = "jobs:\n  one:\n    steps:\n      - image: i\n        commands: [x]\n      - image: i\n        commands: [y]\n";
+    let run_id = c
+        .submit_run(pb::SubmitRunRequest {
+            pipeline: p.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .run_id;
+    let one = a.assignment().await;
+    a.step(&one, 0, false).await;
+    a.send(pb::agent_message::Msg::Result(pb::JobResult {
+        state: pb::JobState::Failed as i32,
+        failure: pb::FailureClass::Script as i32,
+        reason: "step exited 2".into(),
+        exit_code: 2,
+        ..result(&one, one.epoch)
+    }))
+    .await;
+    assert_eq!(
+        wait_run(&mut c, &run_id).await.state,
+        pb::RunState::Failed as i32
+    );
+    // Followed now, the logs end (completed by the commit's aftermath).
+    let marker = b"\n[drover] log incomplete: attempt ended failed before its log was complete\n";
+    assert_eq!(logs(&mut c, &run_id, "one", true).await, marker);
+    a.detach();
+    server.stop().await.unwrap();
+
+    // Put the store in the state of a stop before the completion: the step that ran holds a
+    // partial line, and neither log is recorded complete.
+    let attempt_dir = dir.path().join("logs").join(&one.attempt_id);
+    for f in ["0.log", "0.log.zst", "1.log", "1.log.zst"] {
+        let _ = std::fs::remove_file(attempt_dir.join(f));
+    }
+    std::fs::create_dir_all(&attempt_dir).unwrap();
+    std::fs::write(attempt_dir.join("0.log"), b"half a li").unwrap();
+    let index = rusqlite::Connection::open(dir.path().join("logs").join("complete.db")).unwrap();
+    let removed = index
+        .execute("DELETE FROM complete WHERE attempt = ?1", [&one.attempt_id])
+        .unwrap();
+    assert_eq!(removed, 2, "both steps' completions were recorded");
+    drop(index);
+
+    let server = start(dir.path(), Duration::from_secs(5)).await;
+    let mut c = control(&server).await;
+    let followed = logs(&mut c, &run_id, "one", true).await;
+    assert_eq!(followed, [&b"half a li"[..], marker].concat());
+    // Durably: a reader that does not follow gets the same, with the end of each log.
+    assert_eq!(logs(&mut c, &run_id, "one", false).await, followed);
+    server.stop().await.unwrap();
+}

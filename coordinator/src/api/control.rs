@@ -433,6 +433,25 @@ async fn watch_run(
     }
 }
 
+/// How long a follower of a finished job gives an incomplete log to be completed by the commit
+/// that ended its attempt (milliseconds, normally) before completing it itself.
+const ENDED_LOG_GRACE: Duration = Duration::from_secs(2);
+
+/// Whether the log of `step` of an ended attempt is complete, or becomes so within
+/// [`ENDED_LOG_GRACE`].
+async fn log_completes_soon(engine: &Engine, attempt: &str, step: u32) -> CoordResult<bool> {
+    let deadline = tokio::time::Instant::now() + ENDED_LOG_GRACE;
+    loop {
+        if engine.logs().status(attempt, step).await?.complete {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Stream the logs of `steps` of a job in order. A step not started yet is waited for (with follow) until
 /// the job ends; if the job moves to a new attempt meanwhile, the new attempt's logs follow from its first
 /// step.
@@ -450,7 +469,7 @@ async fn follow_logs(
     while pos < steps.len() {
         let step = steps[pos];
         // Wait until this step of the current attempt has output or has started, or the job is over.
-        let (att, name) = loop {
+        let (att, name, job_over) = loop {
             let view = engine.job_view(&r.run_id, &r.job).await?;
             let name = view
                 .steps
@@ -468,7 +487,7 @@ async fn follow_logs(
                     .await
                     .map(|s| s.len > 0 || s.complete)?;
                 if started || has_log {
-                    break (att.clone(), name);
+                    break (att.clone(), name, view.state.is_terminal());
                 }
             }
             if !r.follow || view.state.is_terminal() {
@@ -486,6 +505,14 @@ async fn follow_logs(
             continue;
         }
         attempt = Some(att.clone());
+        if r.follow && job_over && !log_completes_soon(engine, &att, step).await? {
+            // The job is over but this log is not complete, nor about to be: the coordinator
+            // stopped between ending the attempt and completing its logs. Complete them now, or
+            // this follower (and every later one) would wait for bytes that never come.
+            engine
+                .complete_ended_attempt_logs(&r.run_id, &r.job, &att)
+                .await?;
+        }
         let mut pieces = std::pin::pin!(engine.logs().read(&att, step, offset, r.follow));
         loop {
             let piece = tokio::select! {

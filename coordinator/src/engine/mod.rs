@@ -1715,6 +1715,35 @@ impl Engine {
         })
     }
 
+    /// Completes the logs of `attempt` of a job that has ended, if any is still incomplete. The
+    /// commit that ends an attempt is followed by the completion of its logs (`publish`); a
+    /// coordinator stopped between the two leaves logs that nothing would ever complete, and a
+    /// follower of one would wait for good. Called by followers that find such a log; a no-op for
+    /// an attempt still running, and idempotent.
+    pub async fn complete_ended_attempt_logs(
+        &self,
+        run_id: &str,
+        job: &str,
+        attempt: &str,
+    ) -> CoordResult<()> {
+        let r = self.run_rec(run_id).await?;
+        let j = r
+            .job(job)
+            .ok_or_else(|| CoordError::NotFound(format!("run {run_id} has no job {job:?}")))?;
+        if j.attempt_id.as_deref() == Some(attempt) && !j.state.is_terminal() {
+            return Ok(());
+        }
+        let reason = format!(
+            "attempt ended {} before its log was complete",
+            j.state.as_str()
+        );
+        self.inner
+            .logs
+            .abandon(attempt, &j.steps_started(attempt), &reason)
+            .await?;
+        Ok(())
+    }
+
     /// Artifacts of a run (one job, or all when `job` is empty), as (job, file).
     pub async fn list_artifacts(
         &self,
