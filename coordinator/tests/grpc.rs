@@ -849,12 +849,21 @@ async fn logs_an_ended_attempt_left_incomplete_are_completed_for_their_follower(
     // Followed now, the logs end (completed by the commit's aftermath).
     let marker = b"\n[drover] log incomplete: attempt ended failed before its log was complete\n";
     assert_eq!(logs(&mut c, &run_id, "one", true).await, marker);
+    // The completed log is compressed in the background (a task that outlives `stop`): let it
+    // finish, so it cannot undo the state built below.
+    let attempt_dir = dir.path().join("logs").join(&one.attempt_id);
+    tokio::time::timeout(T, async {
+        while !attempt_dir.join("0.log.zst").exists() || attempt_dir.join("0.log").exists() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the finished log is compressed");
     a.detach();
     server.stop().await.unwrap();
 
     // Put the store in the state of a stop before the completion: the step that ran holds a
     // partial line, and neither log is recorded complete.
-    let attempt_dir = dir.path().join("logs").join(&one.attempt_id);
     for f in ["0.log", "0.log.zst", "1.log", "1.log.zst"] {
         let _ = std::fs::remove_file(attempt_dir.join(f));
     }
