@@ -612,8 +612,19 @@ mod tests {
     /// reopened at an odd length carrying on: the file always holds exactly what was appended.
     #[test]
     fn appends_of_any_length_are_readable_at_once_and_in_order() {
+        appends_read_back(false);
+    }
+
+    /// The same where the file system refuses direct writes: everything through the page cache.
+    #[test]
+    fn without_direct_writes_appends_are_the_same() {
+        appends_read_back(true);
+    }
+
+    fn appends_read_back(refused: bool) {
         use std::os::unix::fs::FileExt as _;
-        let dir = std::env::temp_dir().join(format!("drover-append-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("drover-append-{}-{refused}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("log");
         let _ = std::fs::remove_file(&path);
@@ -628,7 +639,14 @@ mod tests {
         };
         let file = open();
         let reader = File::open(&path).unwrap();
-        let mut appender = DirectAppend::open(&path, &file, 0).unwrap();
+        let open_appender = |file: &File, len: u64| {
+            let mut appender = DirectAppend::open(&path, file, len).unwrap();
+            if refused {
+                appender.direct = None;
+            }
+            appender
+        };
+        let mut appender = open_appender(&file, 0);
         assert!(appender.is_empty());
         let mut expected: Vec<u8> = Vec::new();
         let mut seed = 0u32;
@@ -668,12 +686,13 @@ mod tests {
             if i == 4 {
                 // A restart: the appender comes back at the file's (unaligned) length.
                 assert_ne!(expected.len() % DIRECT_ALIGN, 0);
-                appender = DirectAppend::open(&path, &open(), expected.len() as u64).unwrap();
+                appender = open_appender(&open(), expected.len() as u64);
                 check(&expected, &appender);
             }
         }
-        assert!(
+        assert_eq!(
             appender.direct.is_some(),
+            !refused,
             "the test directory takes direct writes, so the direct path must have been used"
         );
         // Read back past the page cache, in odd-sized reads.
