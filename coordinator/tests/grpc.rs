@@ -287,6 +287,18 @@ fn result(a: &pb::Assignment, epoch: u64) -> pb::JobResult {
     }
 }
 
+/// Submits `pipeline`; returns the run id.
+async fn submit(c: &mut drover_coordinator::access::ControlClient, pipeline: &str) -> String {
+    c.submit_run(pb::SubmitRunRequest {
+        pipeline: pipeline.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .run_id
+}
+
 async fn wait_run(c: &mut drover_coordinator::access::ControlClient, run_id: &str) -> pb::Run {
     let mut s = c
         .watch_run(pb::GetRunRequest {
@@ -599,15 +611,7 @@ async fn lease_expiry_requeues_to_another_agent_and_fences_the_old_one() {
     let mut a = FakeAgent::enroll(&server).await;
     let mut b = FakeAgent::enroll(&server).await;
     a.attach(vec![]).await;
-    let run_id = c
-        .submit_run(pb::SubmitRunRequest {
-            pipeline: ONE_JOB.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .run_id;
+    let run_id = submit(&mut c, ONE_JOB).await;
     let first = a.assignment().await;
     assert_eq!(first.epoch, 1);
     a.step(&first, 0, false).await;
@@ -689,15 +693,7 @@ async fn retries_exhausted_end_lost_and_cancel_stops_running_jobs() {
 
     // No retry budget: a lost agent ends the job lost with AGENT_LOST, its dependents skipped.
     let p = "jobs:\n  a:\n    steps:\n      - image: i\n        commands: [x]\n  b:\n    needs: [a]\n    steps:\n      - image: i\n        commands: [x]\n";
-    let run_id = c
-        .submit_run(pb::SubmitRunRequest {
-            pipeline: p.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .run_id;
+    let run_id = submit(&mut c, p).await;
     let _ = a.assignment().await;
     a.detach();
     let run = wait_run(&mut c, &run_id).await;
@@ -709,15 +705,7 @@ async fn retries_exhausted_end_lost_and_cancel_stops_running_jobs() {
     // Cancel: the running job gets a Cancel pushed, the queued one is canceled at once.
     a.attach(vec![]).await;
     let p = "jobs:\n  a:\n    steps:\n      - image: i\n        commands: [x]\n  c:\n    agents: { queue: none }\n    steps:\n      - image: i\n        commands: [x]\n";
-    let run_id = c
-        .submit_run(pb::SubmitRunRequest {
-            pipeline: p.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .run_id;
+    let run_id = submit(&mut c, p).await;
     let job = a.assignment().await;
     let n = c
         .cancel_run(pb::CancelRunRequest {
@@ -758,15 +746,7 @@ async fn restart_keeps_running_attempts_for_a_reconnecting_agent() {
     let mut a = FakeAgent::enroll(&server).await;
     a.attach(vec![]).await;
     let p = "jobs:\n  one:\n    steps:\n      - image: i\n        commands: [x]\n  two:\n    steps:\n      - image: i\n        commands: [x]\n";
-    let run_id = c
-        .submit_run(pb::SubmitRunRequest {
-            pipeline: p.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .run_id;
+    let run_id = submit(&mut c, p).await;
     let one = a.assignment().await;
     assert_eq!(one.job, "one");
     a.step(&one, 0, false).await;
@@ -823,15 +803,7 @@ async fn logs_an_ended_attempt_left_incomplete_are_completed_for_their_follower(
     let mut a = FakeAgent::enroll(&server).await;
     a.attach(vec![]).await;
     let p = "jobs:\n  one:\n    steps:\n      - image: i\n        commands: [x]\n      - image: i\n        commands: [y]\n";
-    let run_id = c
-        .submit_run(pb::SubmitRunRequest {
-            pipeline: p.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .run_id;
+    let run_id = submit(&mut c, p).await;
     let one = a.assignment().await;
     a.step(&one, 0, false).await;
     a.send(pb::agent_message::Msg::Result(pb::JobResult {

@@ -128,24 +128,20 @@ impl DirectFile {
     /// Creates `path` for writing (it must not exist when `create_new`, else it is truncated), with
     /// `O_DIRECT` where the file system takes it.
     pub fn create(path: &Path, create_new: bool) -> io::Result<Self> {
-        let open = |flags: OFlags| {
-            let mut options = OpenOptions::new();
-            options.write(true).custom_flags(flags.bits() as i32);
-            if create_new {
-                options.create_new(true);
-            } else {
-                options.create(true).truncate(true);
-            }
-            options.open(path)
-        };
-        match open(OFlags::DIRECT) {
-            // Refused by the file system (tmpfs before Linux 6.6, some FUSE mounts): the page cache.
-            Err(e) if is_einval(&e) => Ok(Self {
-                file: open(OFlags::empty())?,
-                direct: false,
-            }),
-            other => other.map(|file| Self { file, direct: true }),
+        let mut options = OpenOptions::new();
+        options.write(true);
+        if create_new {
+            options.create_new(true);
+        } else {
+            options.create(true).truncate(true);
         }
+        Ok(match open_direct(&mut options, path)? {
+            Some(file) => Self { file, direct: true },
+            None => Self {
+                file: options.custom_flags(0).open(path)?,
+                direct: false,
+            },
+        })
     }
 
     /// [`DirectFile::create`] on the blocking pool, for async callers.
@@ -185,8 +181,7 @@ impl DirectFile {
 
     /// Clears `O_DIRECT`: later writes go through the page cache.
     fn buffered(&mut self) -> io::Result<()> {
-        let flags = rustix::fs::fcntl_getfl(&self.file)?;
-        rustix::fs::fcntl_setfl(&self.file, flags - OFlags::DIRECT)?;
+        clear_direct(&self.file)?;
         self.direct = false;
         Ok(())
     }
@@ -230,15 +225,7 @@ pub struct DirectAppend {
 impl DirectAppend {
     /// Appends to `file` (at `path`, `len` bytes long, open for reading and writing).
     pub fn open(path: &Path, file: &File, len: u64) -> io::Result<Self> {
-        let direct = match OpenOptions::new()
-            .write(true)
-            .custom_flags(OFlags::DIRECT.bits() as i32)
-            .open(path)
-        {
-            Ok(f) => Some(f),
-            Err(e) if is_einval(&e) => None,
-            Err(e) => return Err(e),
-        };
+        let direct = open_direct(OpenOptions::new().write(true), path)?;
         let start = len - len % DIRECT_ALIGN as u64;
         let mut tail = AlignedBuf::new(DIRECT_APPEND_BUF);
         let mut partial = vec![0u8; (len - start) as usize];
@@ -349,13 +336,9 @@ pub struct DirectReader {
 impl DirectReader {
     /// Opens `path` for reading.
     pub fn open(path: &Path) -> io::Result<Self> {
-        let file = match OpenOptions::new()
-            .read(true)
-            .custom_flags(OFlags::DIRECT.bits() as i32)
-            .open(path)
-        {
-            Err(e) if is_einval(&e) => File::open(path)?,
-            other => other?,
+        let file = match open_direct(OpenOptions::new().read(true), path)? {
+            Some(file) => file,
+            None => File::open(path)?,
         };
         Ok(Self {
             file,
@@ -370,8 +353,7 @@ impl DirectReader {
         let got = match self.buf.read_at(&self.file, self.offset) {
             // Refused at the first read by some file systems: read through the page cache.
             Err(e) if is_einval(&e) => {
-                let flags = rustix::fs::fcntl_getfl(&self.file)?;
-                rustix::fs::fcntl_setfl(&self.file, flags - OFlags::DIRECT)?;
+                clear_direct(&self.file)?;
                 self.buf.read_at(&self.file, self.offset)?
             }
             other => other?,
@@ -542,6 +524,26 @@ impl<S: BatchSink> BatchPipe<S> {
             _ => Err(io::Error::other("the file is gone")),
         }
     }
+}
+
+/// Opens `path` with `options` and `O_DIRECT`; `None` where the file system refuses it (tmpfs
+/// before Linux 6.6, some FUSE mounts). Leaves `O_DIRECT` in `options`' custom flags.
+fn open_direct(options: &mut OpenOptions, path: &Path) -> io::Result<Option<File>> {
+    match options
+        .custom_flags(OFlags::DIRECT.bits() as i32)
+        .open(path)
+    {
+        Ok(file) => Ok(Some(file)),
+        Err(e) if is_einval(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Clears `O_DIRECT` on an open file: later reads and writes go through the page cache.
+fn clear_direct(file: &File) -> io::Result<()> {
+    let flags = rustix::fs::fcntl_getfl(file)?;
+    rustix::fs::fcntl_setfl(file, flags - OFlags::DIRECT)?;
+    Ok(())
 }
 
 fn is_einval(e: &io::Error) -> bool {

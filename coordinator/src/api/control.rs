@@ -438,18 +438,23 @@ async fn watch_run(
 const ENDED_LOG_GRACE: Duration = Duration::from_secs(2);
 
 /// Whether the log of `step` of an ended attempt is complete, or becomes so within
-/// [`ENDED_LOG_GRACE`].
+/// [`ENDED_LOG_GRACE`] (woken by the log itself, like any follower).
 async fn log_completes_soon(engine: &Engine, attempt: &str, step: u32) -> CoordResult<bool> {
-    let deadline = tokio::time::Instant::now() + ENDED_LOG_GRACE;
-    loop {
-        if engine.logs().status(attempt, step).await?.complete {
-            return Ok(true);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Ok(false);
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    let status = engine.logs().status(attempt, step).await?;
+    if status.complete {
+        return Ok(true);
     }
+    let mut rest = std::pin::pin!(engine.logs().read(attempt, step, status.len, true));
+    let ended = tokio::time::timeout(ENDED_LOG_GRACE, async {
+        while let Some(piece) = rest.next().await {
+            if piece?.eof {
+                return Ok(true);
+            }
+        }
+        Ok::<_, CoordError>(false)
+    })
+    .await;
+    ended.unwrap_or(Ok(false))
 }
 
 /// Stream the logs of `steps` of a job in order. A step not started yet is waited for (with follow) until

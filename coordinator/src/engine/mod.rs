@@ -310,6 +310,14 @@ impl Tx {
     }
 }
 
+/// The reason written into the logs of an attempt that ended (in `state`) before they were complete.
+fn ended_before_log_complete(state: Status) -> String {
+    format!(
+        "attempt ended {} before its log was complete",
+        state.as_str()
+    )
+}
+
 /// An attempt that ended before its logs were complete: which of its steps had started, and why.
 #[derive(Debug)]
 struct Abandoned {
@@ -1341,7 +1349,7 @@ impl Engine {
             machine::settle(run, now);
             if attempt_state != Status::Succeeded {
                 // Followers of a log the agent never finished must end too.
-                let reason = format!("attempt ended {} before its log was complete", attempt_state.as_str());
+                let reason = ended_before_log_complete(attempt_state);
                 tx.abandon.push(Abandoned {
                     attempt: r.attempt_id.clone(),
                     started,
@@ -1733,10 +1741,7 @@ impl Engine {
         if j.attempt_id.as_deref() == Some(attempt) && !j.state.is_terminal() {
             return Ok(());
         }
-        let reason = format!(
-            "attempt ended {} before its log was complete",
-            j.state.as_str()
-        );
+        let reason = ended_before_log_complete(j.state);
         self.inner
             .logs
             .abandon(attempt, &j.steps_started(attempt), &reason)

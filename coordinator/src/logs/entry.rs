@@ -254,28 +254,47 @@ impl LogEntry {
         Ok(())
     }
 
-    /// The log file, created (with its directory) if it does not exist yet.
-    async fn file(&self, io: &mut LogIo) -> Result<Arc<File>, LogError> {
-        if let Some(file) = &io.file {
-            return Ok(file.clone());
+    /// The log file and its appender, the file created (with its directory) if it does not exist
+    /// yet: one trip to a blocking thread, at the first write.
+    async fn writer<'a>(
+        &self,
+        io: &'a mut LogIo,
+    ) -> Result<(Arc<File>, &'a mut DirectAppend), LogError> {
+        if io.appender.is_none() {
+            let (paths, existing, len) = (self.paths.clone(), io.file.clone(), io.len);
+            let created = existing.is_none();
+            let (file, appender) = blocking(move || {
+                let file = match existing {
+                    Some(file) => file,
+                    None => {
+                        std::fs::create_dir_all(&paths.attempt_dir).map_err(|e| {
+                            io_context(e, "create log directory", &paths.attempt_dir)
+                        })?;
+                        let file = OpenOptions::new()
+                            .read(true)
+                            .write(true)
+                            .create(true)
+                            .truncate(false)
+                            .open(&paths.log)
+                            .map_err(|e| io_context(e, "create log", &paths.log))?;
+                        Arc::new(file)
+                    }
+                };
+                let appender = DirectAppend::open(&paths.log, &file, len)
+                    .map_err(|e| io_context(e, "open log for appending", &paths.log))?;
+                Ok((file, appender))
+            })
+            .await?;
+            if created {
+                io.dirs_synced = false;
+            }
+            io.file = Some(file);
+            io.appender = Some(appender);
         }
-        let paths = self.paths.clone();
-        let file = blocking(move || {
-            std::fs::create_dir_all(&paths.attempt_dir)
-                .map_err(|e| io_context(e, "create log directory", &paths.attempt_dir))?;
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&paths.log)
-                .map_err(|e| io_context(e, "create log", &paths.log))
-        })
-        .await?;
-        let file = Arc::new(file);
-        io.file = Some(file.clone());
-        io.dirs_synced = false;
-        Ok(file)
+        match (&io.file, io.appender.as_mut()) {
+            (Some(file), Some(appender)) => Ok((file.clone(), appender)),
+            _ => Err(LogError::Io(io::Error::other("log file missing"))),
+        }
     }
 
     /// Writes `pieces` one after the other at the end of the log, on the calling task: a batch is
@@ -285,19 +304,7 @@ impl LogEntry {
     /// pages was the largest part of the coordinator's CPU per MiB of log. The `fdatasync` that
     /// makes the bytes durable stays off the workers.
     async fn write_at(&self, io: &mut LogIo, pieces: Vec<bytes::Bytes>) -> Result<(), LogError> {
-        let file = self.file(io).await?;
-        if io.appender.is_none() {
-            let (path, file, len) = (self.paths.log.clone(), file.clone(), io.len);
-            let appender = blocking(move || {
-                DirectAppend::open(&path, &file, len)
-                    .map_err(|e| io_context(e, "open log for appending", &path))
-            })
-            .await?;
-            io.appender = Some(appender);
-        }
-        let Some(appender) = io.appender.as_mut() else {
-            return Err(LogError::Io(io::Error::other("log appender missing")));
-        };
+        let (file, appender) = self.writer(io).await?;
         let written = appender.append(&file, &pieces);
         // Visible to readers as far as it was written: a failed write leaves `len` at the bytes
         // the file holds.
