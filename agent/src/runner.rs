@@ -845,16 +845,20 @@ impl<E: Executor> Attempt<'_, E> {
                 .steps_and_artifacts(&ws, spool, first, first_step)
                 .await;
         }
+        // The image check (or pull) and the workspace's creation are independent engine calls: side
+        // by side. A workspace created beside a failed pull is still handed to the caller to remove.
         let prepared = interruptible(
             async {
-                exec.ensure_image(&first.image, pull_policy(first.pull))
-                    .await
-                    .map_err(exec_failure)?;
-                let ws = exec
-                    .create_workspace(&self.ctx.agent_id, &a.attempt_id)
-                    .await
-                    .map_err(exec_failure)?;
-                Ok::<Workspace, Outcome>(ws)
+                let (image, ws) = tokio::join!(
+                    exec.ensure_image(&first.image, pull_policy(first.pull)),
+                    exec.create_workspace(&self.ctx.agent_id, &a.attempt_id),
+                );
+                let ws = ws.map_err(exec_failure);
+                if let Ok(ws) = &ws {
+                    *ws_out = Some(ws.clone());
+                }
+                image.map_err(exec_failure)?;
+                ws
             },
             &self.stop,
             self.job_deadline,
@@ -865,7 +869,6 @@ impl<E: Executor> Attempt<'_, E> {
             Ok(Err(o)) => return o,
             Err(i) => return self.interrupted(i),
         };
-        *ws_out = Some(ws.clone());
         match interruptible(self.seed(&ws, &first.image), &self.stop, self.job_deadline).await {
             Ok(Ok(())) => {}
             Ok(Err(o)) => return o,

@@ -444,6 +444,18 @@ async fn reaper_removes_every_leftover_of_the_agent() {
     assert!(f.exec.leftovers(&f.agent_id).await.unwrap().is_empty());
 }
 
+#[tokio::test]
+async fn removing_a_workspace_also_removes_containers_still_holding_it() {
+    let f = fixture().await;
+    // A container of the attempt that mounts the workspace and was never removed (as after a
+    // failed removal): the engine refuses to remove the volume until it is gone.
+    let helper = f.exec.archive_helper(&f.ws, IMAGE).await.unwrap();
+    let _ = helper;
+    let left = f.exec.leftovers(&f.agent_id).await.unwrap();
+    assert_eq!(left.len(), 2, "the helper and the volume: {left:?}");
+    f.finish().await;
+}
+
 /// Runs `docker` with `args` and returns its trimmed standard output.
 fn docker_cli(args: &[&str]) -> String {
     let out = std::process::Command::new("docker")

@@ -719,6 +719,18 @@ impl Executor for DockerExecutor {
     }
 
     async fn remove_workspace(&self, ws: &Workspace) -> Result<(), ExecError> {
+        // Every container of the attempt mounts its workspace, and the engine refuses to remove a
+        // volume a container still refers to: when the volume goes at once, nothing of the attempt
+        // is left, and the listing below (a round trip to the engine per job) is not needed.
+        let options = RemoveVolumeOptionsBuilder::default().force(true).build();
+        match self.docker.remove_volume(&ws.volume, Some(options)).await {
+            Ok(()) => return Ok(()),
+            Err(e) if is_not_found(&e) => return Ok(()),
+            Err(e) => {
+                tracing::debug!(volume = %ws.volume, error = %e,
+                    "workspace still in use; removing the attempt's containers first");
+            }
+        }
         let filters = HashMap::from([(
             "label".to_string(),
             vec![
