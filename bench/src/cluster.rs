@@ -336,6 +336,24 @@ impl Drop for Agent {
 }
 
 /// Removes every container and volume carrying `label` (`k=v`), by the docker CLI: this runs in `Drop`.
+/// Runs `cmd` (described as `what` in errors) to its end with no input; fails with its standard error
+/// unless it exited 0. The floors that run the Docker CLI as a user would.
+pub(crate) async fn run_ok(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 pub(crate) fn remove_labelled(label: &str) {
     let filter = format!("label={label}");
     let list = |args: &[&str]| -> Vec<String> {

@@ -12,7 +12,7 @@ use bollard::Docker;
 use drover_proto::v1::{RunState, SubmitRunRequest};
 use futures::StreamExt;
 
-use crate::cluster::{remove_labelled, Coordinator};
+use crate::cluster::{remove_labelled, run_ok, Coordinator};
 use crate::dispatch::watch_until_finished;
 use crate::report::{Figure, Line, Samples};
 use crate::Opts;
@@ -134,25 +134,18 @@ async fn bollard_true(docker: &Docker) -> Result<()> {
 
 /// `docker run --rm IMAGE true`, as a user would type it.
 async fn docker_run_true() -> Result<()> {
-    let out = tokio::process::Command::new("docker")
-        .args([
+    run_ok(
+        tokio::process::Command::new("docker").args([
             "run",
             "--rm",
             "--label",
             &format!("{LABEL}=1"),
             IMAGE,
             "true",
-        ])
-        .output()
-        .await
-        .context("running `docker run`")?;
-    if !out.status.success() {
-        bail!(
-            "`docker run --rm {IMAGE} true` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+        ]),
+        &format!("`docker run --rm {IMAGE} true`"),
+    )
+    .await
 }
 
 /// One-step `true` jobs through a real coordinator and agent: SubmitRun -> WatchRun shows succeeded.

@@ -20,7 +20,7 @@ use bollard::Docker;
 use drover_proto::v1::FollowLogsRequest;
 use futures::StreamExt;
 
-use crate::cluster::{remove_labelled, Control, Coordinator};
+use crate::cluster::{remove_labelled, run_ok, Control, Coordinator};
 use crate::container_step::IMAGE;
 use crate::fleet::{clock_ticks_per_second, cpu_ticks};
 use crate::jobs;
@@ -146,26 +146,17 @@ pub(crate) async fn run(opts: &Opts) -> Result<Vec<Line>> {
 /// to `/dev/null`, as a user would type it; timed from the CLI's start to its exit.
 async fn docker_run_floor(bytes: u64) -> Result<Duration> {
     let t0 = Instant::now();
-    let out = tokio::process::Command::new("docker")
-        .args(["run", "--rm", "--log-driver", "none", "--label"])
-        .arg(format!("{LABEL}=1"))
-        .args([IMAGE, "sh", "-e", "-c"])
-        .arg(command(bytes))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .output()
-        .await
-        .context("running `docker run`")?;
-    let took = t0.elapsed();
-    if !out.status.success() {
-        bail!(
-            "`docker run --rm --log-driver none {IMAGE} ...` failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(took)
+    run_ok(
+        tokio::process::Command::new("docker")
+            .args(["run", "--rm", "--log-driver", "none", "--label"])
+            .arg(format!("{LABEL}=1"))
+            .args([IMAGE, "sh", "-e", "-c"])
+            .arg(command(bytes))
+            .stdout(std::process::Stdio::null()),
+        &format!("`docker run --rm --log-driver none {IMAGE} ...`"),
+    )
+    .await?;
+    Ok(t0.elapsed())
 }
 
 /// The two spans of one run through Drover.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::cluster::Coordinator;
+use crate::cluster::{run_ok, Coordinator};
 use crate::container_step::IMAGE;
 use crate::jobs;
 use crate::report::{Figure, Line};
@@ -56,20 +56,12 @@ async fn xargs_floor(n: usize, steps: usize) -> Result<f64> {
     let script =
         format!("seq {steps} | xargs -P {n} -I{{}} docker run --rm --label {LABEL}=1 {IMAGE} true");
     let t0 = Instant::now();
-    let out = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(&script)
-        .output()
-        .await
-        .context("running xargs")?;
-    let took = t0.elapsed();
-    if !out.status.success() {
-        bail!(
-            "`{script}` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(steps as f64 / took.as_secs_f64())
+    run_ok(
+        tokio::process::Command::new("sh").arg("-c").arg(&script),
+        &format!("`{script}`"),
+    )
+    .await?;
+    Ok(steps as f64 / t0.elapsed().as_secs_f64())
 }
 
 /// `steps` one-step jobs submitted at once to a fresh agent of capacity `n`: steps per second from the
