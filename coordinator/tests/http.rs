@@ -151,6 +151,9 @@ async fn metrics_follow_the_queue_dispatch_and_results() {
     );
     assert_eq!(sample(&m, "drover_jobs{state=\"queued\"}"), Some(1.0));
     assert_eq!(sample(&m, "drover_agents{state=\"connected\"}"), Some(0.0));
+    // The pace agents are told: `start` configures 100 ms and 5 s, which a small fleet keeps.
+    assert_eq!(sample(&m, "drover_heartbeat_interval_seconds"), Some(0.1));
+    assert_eq!(sample(&m, "drover_lease_ttl_seconds"), Some(5.0));
     assert_eq!(
         sample(&m, "drover_dispatch_latency_seconds_count"),
         Some(0.0)

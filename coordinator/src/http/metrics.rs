@@ -19,6 +19,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::engine::model::{RunRec, Status};
+use crate::engine::pacing::Pace;
 use crate::engine::why::{failure_name, selector_string, FleetView};
 
 /// Label set of a family: `(name, value)` pairs.
@@ -45,6 +46,8 @@ pub struct Metrics {
     queue_oldest: Family<Labels, Gauge<f64, AtomicU64>>,
     jobs: Family<Labels, Gauge>,
     agents: Family<Labels, Gauge>,
+    heartbeat_interval: Gauge<f64, AtomicU64>,
+    lease_ttl: Gauge<f64, AtomicU64>,
     tracking: Mutex<Tracking>,
     /// Serialises scrapes: each one clears and refills the scrape-time gauges.
     scrape: Mutex<()>,
@@ -99,6 +102,8 @@ impl Metrics {
             queue_oldest: Family::default(),
             jobs: Family::default(),
             agents: Family::default(),
+            heartbeat_interval: Gauge::default(),
+            lease_ttl: Gauge::default(),
             tracking: Mutex::new(Tracking::default()),
             scrape: Mutex::new(()),
             registry: Registry::default(),
@@ -132,6 +137,16 @@ impl Metrics {
             "drover_agents",
             "Enrolled agents by state (connected, disconnected, revoked)",
             m.agents.clone(),
+        );
+        registry.register(
+            "drover_heartbeat_interval_seconds",
+            "Heartbeat interval the coordinator tells its agents now (stretched as the fleet grows)",
+            m.heartbeat_interval.clone(),
+        );
+        registry.register(
+            "drover_lease_ttl_seconds",
+            "Silence after which an agent is declared lost and its jobs placed again, at that interval",
+            m.lease_ttl.clone(),
         );
         registry.register(
             "drover_step_duration_seconds",
@@ -282,9 +297,12 @@ impl Metrics {
         queues.into_values().collect()
     }
 
-    /// Fill the scrape-time gauges from `fleet` and encode every family in the OpenMetrics text format.
-    pub fn render(&self, fleet: &FleetView, now_ms: i64) -> String {
+    /// Fill the scrape-time gauges from `fleet` and the heartbeat `pace` in force, and encode every
+    /// family in the OpenMetrics text format.
+    pub fn render(&self, fleet: &FleetView, pace: Pace, now_ms: i64) -> String {
         let _one_scrape = lock(&self.scrape);
+        self.heartbeat_interval.set(pace.interval.as_secs_f64());
+        self.lease_ttl.set(pace.lease_ttl.as_secs_f64());
         let queues = self.queues(fleet, now_ms);
         let (mut waiting, mut queued, mut running) = (0i64, 0i64, 0i64);
         for j in fleet.runs.iter().flat_map(|r| &r.jobs) {
@@ -388,6 +406,34 @@ mod tests {
         }
     }
 
+    /// The pace most tests render with.
+    const PACE: Pace = Pace {
+        interval: Duration::from_secs(2),
+        lease_ttl: Duration::from_secs(10),
+    };
+
+    #[test]
+    fn the_heartbeat_pace_in_force_is_shown() {
+        let m = Metrics::new();
+        let text = m.render(&FleetView::default(), PACE, 0);
+        assert!(
+            text.contains("drover_heartbeat_interval_seconds 2.0"),
+            "{text}"
+        );
+        assert!(text.contains("drover_lease_ttl_seconds 10.0"), "{text}");
+        // A stretched pace (a grown fleet) replaces it at the next scrape.
+        let stretched = Pace {
+            interval: Duration::from_millis(7_500),
+            lease_ttl: Duration::from_millis(37_500),
+        };
+        let text = m.render(&FleetView::default(), stretched, 0);
+        assert!(
+            text.contains("drover_heartbeat_interval_seconds 7.5"),
+            "{text}"
+        );
+        assert!(text.contains("drover_lease_ttl_seconds 37.5"), "{text}");
+    }
+
     fn run(jobs: Vec<JobRec>) -> RunRec {
         RunRec {
             seq: 1,
@@ -428,7 +474,7 @@ mod tests {
                 policy: Default::default(),
             }],
         };
-        let text = m.render(&fleet, 12_500);
+        let text = m.render(&fleet, PACE, 12_500);
         assert_eq!(
             line(&text, "drover_queue_depth{"),
             "drover_queue_depth{selector=\"queue=gpu\"} 1"
@@ -457,7 +503,7 @@ mod tests {
         m.run_changed(Some(&started), &done, 11_000);
         // A repeated publication of the same terminal state is not counted twice.
         m.run_changed(Some(&done), &done, 11_001);
-        let text = m.render(&FleetView::default(), 12_500);
+        let text = m.render(&FleetView::default(), PACE, 12_500);
         assert_eq!(
             line(&text, "drover_queue_depth{"),
             "drover_queue_depth{selector=\"queue=gpu\"} 0"
@@ -487,7 +533,7 @@ mod tests {
         let mut c = b.clone();
         c.jobs[0].steps[0].state = Status::Succeeded;
         m.run_changed(Some(&b), &c, 0);
-        let text = m.render(&FleetView::default(), 0);
+        let text = m.render(&FleetView::default(), PACE, 0);
         assert!(
             text.contains("drover_step_duration_seconds_count 1"),
             "{text}"
@@ -495,7 +541,7 @@ mod tests {
         m.log_bytes(10);
         m.artifact_bytes(7);
         m.store_commit(Duration::from_millis(2));
-        let text = m.render(&FleetView::default(), 0);
+        let text = m.render(&FleetView::default(), PACE, 0);
         assert!(text.contains("drover_log_bytes_total 10"), "{text}");
         assert!(text.contains("drover_artifact_bytes_total 7"), "{text}");
         assert!(

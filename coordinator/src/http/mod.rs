@@ -158,7 +158,7 @@ async fn metrics_text(State(engine): State<Engine>) -> Response {
     let fleet = engine.fleet_view();
     // Shown only once durable (a failed store shows up on /readyz; the figures are still worth showing).
     let _ = engine.settled().await;
-    let body = engine.metrics().render(&fleet, now_ms());
+    let body = engine.metrics().render(&fleet, engine.pace(), now_ms());
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response()
 }
 
