@@ -56,6 +56,7 @@ use crate::logs::LogStore;
 use crate::recent::Recent;
 use crate::scheduler::{self, AgentSlots};
 pub use crate::store::commit::Commit;
+use crate::store::commit::HeldWake;
 use crate::store::{EnrollRefusal, Store, Write};
 use model::{
     AgentRec, ArtifactRec, AttemptRec, JobRec, RunRec, RunStatus, Status, StepRec, TokenRec,
@@ -326,6 +327,10 @@ struct Abandoned {
     reason: String,
 }
 
+/// A change's rows in the committer's queue (none if it changed nothing), with the committer's
+/// wake-up when it was held back ([`crate::store::Store::enqueue_held`]).
+type Queued = Option<(Commit, Option<HeldWake>)>;
+
 /// What applied changes publish once durable: their rows, logs to mark abandoned, and the runs whose
 /// watchers to wake. (Messages to agents go out at apply time: see the module comment.)
 #[derive(Debug, Default)]
@@ -333,9 +338,12 @@ struct Effects {
     writes: Vec<Write>,
     abandon: Vec<Abandoned>,
     changed: Vec<String>,
+    /// Messages were pushed to agents (before the rows are durable, see docs/dispatch.md).
+    pushed: bool,
 }
 
 impl Effects {
+    /// Nothing to commit or publish (pushed messages are already gone).
     fn is_empty(&self) -> bool {
         self.writes.is_empty() && self.abandon.is_empty() && self.changed.is_empty()
     }
@@ -626,8 +634,16 @@ impl Engine {
         dispatch: bool,
         f: impl FnOnce(&mut State, &mut Tx, i64) -> CoordResult<R>,
     ) -> CoordResult<R> {
-        let (r, commit) = self.change_queued(dispatch, f)?;
-        if let Some(commit) = commit {
+        let (r, queued) = self.apply_change(dispatch, f, true)?;
+        if let Some((commit, held)) = queued {
+            if let Some(held) = held {
+                // This change pushed messages to agents (an assignment, usually): their stream tasks
+                // were woken on this worker and run as soon as this task yields. Waking the idle
+                // committer first (a futex wake of a thread on the other CPU) would only delay them,
+                // and the commit waits for a disk sync anyway; `held` wakes it when dropped.
+                tokio::task::yield_now().await;
+                drop(held);
+            }
             commit.durable().await?;
         }
         Ok(r)
@@ -641,6 +657,18 @@ impl Engine {
         dispatch: bool,
         f: impl FnOnce(&mut State, &mut Tx, i64) -> CoordResult<R>,
     ) -> CoordResult<(R, Option<Commit>)> {
+        let (r, queued) = self.apply_change(dispatch, f, false)?;
+        Ok((r, queued.map(|(commit, _)| commit)))
+    }
+
+    /// Apply a change under the state lock and queue its rows. With `hold_wake`, when the change pushed
+    /// messages to agents and the committer is quiet, its wake-up is handed back instead of done here.
+    fn apply_change<R>(
+        &self,
+        dispatch: bool,
+        f: impl FnOnce(&mut State, &mut Tx, i64) -> CoordResult<R>,
+        hold_wake: bool,
+    ) -> CoordResult<(R, Queued)> {
         let mut st = self.lock();
         let now = now_ms();
         let mut tx = Tx::default();
@@ -655,7 +683,7 @@ impl Engine {
             }
         }
         // Queued under the state lock: the commit order is the order changes were applied.
-        Ok((r, self.enqueue(fx)))
+        Ok((r, self.enqueue(fx, hold_wake)))
     }
 
     /// Move what `tx` staged into the state; collect the rows that changed and what to publish.
@@ -709,12 +737,14 @@ impl Engine {
         }
         for (agent, msg) in tx.messages {
             push_to_agent(st, &agent, msg);
+            fx.pushed = true;
         }
         fx.abandon.extend(tx.abandon);
     }
 
-    /// Queue the effects' rows; the rest is published by the committer once they are durable.
-    fn enqueue(&self, fx: Effects) -> Option<Commit> {
+    /// Queue the effects' rows; the rest is published by the committer once they are durable. With
+    /// `hold_wake`, an idle committer's wake-up is returned if the effects pushed messages to agents.
+    fn enqueue(&self, fx: Effects, hold_wake: bool) -> Queued {
         if fx.is_empty() {
             return None;
         }
@@ -722,12 +752,17 @@ impl Engine {
             writes,
             abandon,
             changed,
+            pushed,
         } = fx;
         let inner = self.inner.clone();
         let rt = tokio::runtime::Handle::current();
         let after: crate::store::commit::After =
             Box::new(move || publish(&inner, &rt, abandon, changed));
-        Some(self.inner.store.enqueue(writes, Some(after)))
+        if hold_wake && pushed {
+            Some(self.inner.store.enqueue_held(writes, Some(after)))
+        } else {
+            Some((self.inner.store.enqueue(writes, Some(after)), None))
+        }
     }
 
     /// Wait until every change applied so far is durable (before answering from memory).

@@ -48,7 +48,15 @@ struct Queue {
     /// writing or syncing a group it looks at the queue again before it waits, so enqueues then skip the
     /// wake-up (a futex syscall each, about three per job under load).
     idle: bool,
+    /// When the committer last became idle.
+    idle_since: Option<std::time::Instant>,
 }
+
+/// How long the committer must have been idle for [`Committer::enqueue_held`] to hold its wake-up
+/// back: only a quiet coordinator trades a moment of its next commit for the latency of the messages
+/// the change pushed. Under load the committer is rarely idle that long, and a held wake-up could
+/// wait behind every task queued on the caller's worker.
+const QUIET: std::time::Duration = std::time::Duration::from_micros(250);
 
 /// State shared by the store handles and the committer thread.
 pub(super) struct Shared {
@@ -86,6 +94,19 @@ impl Drop for Committer {
     fn drop(&mut self) {
         queue(&self.shared).closed = true;
         self.shared.wake.notify_all();
+    }
+}
+
+/// The wake-up of an idle committer, held back by [`Committer::enqueue_held`]'s caller: it happens
+/// when this is dropped (so also if the caller's future is dropped first).
+#[derive(Debug)]
+pub struct HeldWake {
+    shared: Arc<Shared>,
+}
+
+impl Drop for HeldWake {
+    fn drop(&mut self) {
+        self.shared.wake.notify_one();
     }
 }
 
@@ -134,11 +155,33 @@ impl Committer {
         op: Option<Op>,
         after: Option<After>,
     ) -> Commit {
+        self.push(writes, op, after, false).0
+    }
+
+    /// [`Committer::enqueue`], but if the committer has been idle for [`QUIET`] its wake-up is handed
+    /// to the caller, to happen when the [`HeldWake`] is dropped (nobody else wakes it meanwhile). For
+    /// a caller with something more urgent to finish first on its thread; it must not hold the wake-up
+    /// long.
+    pub(super) fn enqueue_held(
+        &self,
+        writes: Vec<Write>,
+        after: Option<After>,
+    ) -> (Commit, Option<HeldWake>) {
+        self.push(writes, None, after, true)
+    }
+
+    fn push(
+        &self,
+        writes: Vec<Write>,
+        op: Option<Op>,
+        after: Option<After>,
+        hold: bool,
+    ) -> (Commit, Option<HeldWake>) {
         let (done, rx) = oneshot::channel();
         let mut q = queue(&self.shared);
         if let Some(why) = &q.poisoned {
             let _ = done.send(Err(StoreError::Poisoned(why.clone())));
-            return Commit { rx };
+            return (Commit { rx }, None);
         }
         q.enqueued += 1;
         q.pending.push(Pending {
@@ -148,11 +191,20 @@ impl Committer {
             done,
         });
         let wake = std::mem::take(&mut q.idle);
+        let quiet = q.idle_since.is_some_and(|t| t.elapsed() >= QUIET);
         drop(q);
-        if wake {
-            self.shared.wake.notify_one();
+        if !wake {
+            return (Commit { rx }, None);
         }
-        Commit { rx }
+        let held = HeldWake {
+            shared: self.shared.clone(),
+        };
+        if hold && quiet {
+            (Commit { rx }, Some(held))
+        } else {
+            drop(held);
+            (Commit { rx }, None)
+        }
     }
 
     /// Sequence number of the last enqueued batch.
@@ -234,7 +286,10 @@ fn run(shared: &Shared, conn: &Mutex<Connection>) {
         let group = {
             let mut q = queue(shared);
             while q.pending.is_empty() && !q.closed {
-                q.idle = true;
+                if !q.idle {
+                    q.idle = true;
+                    q.idle_since = Some(std::time::Instant::now());
+                }
                 q = shared.wake.wait(q).unwrap_or_else(|p| p.into_inner());
             }
             q.idle = false;

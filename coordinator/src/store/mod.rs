@@ -325,6 +325,16 @@ impl Store {
         self.commits.enqueue(writes, after)
     }
 
+    /// [`Store::enqueue`], handing the caller the wake-up of an idle committer (see
+    /// [`commit::HeldWake`]).
+    pub fn enqueue_held(
+        &self,
+        writes: Vec<Write>,
+        after: Option<commit::After>,
+    ) -> (commit::Commit, Option<commit::HeldWake>) {
+        self.commits.enqueue_held(writes, after)
+    }
+
     /// Sequence number of the last queued batch (see [`Store::wait_durable`]).
     pub fn enqueued(&self) -> u64 {
         self.commits.enqueued()
@@ -901,6 +911,7 @@ fn read_run(c: &Connection, id: &str) -> Result<Option<RunRec>, StoreError> {
 mod tests {
     use super::*;
     use crate::pipeline::{JobSpec, PullPolicy, StepSpec};
+    use std::time::Duration;
 
     fn run() -> RunRec {
         let spec = JobSpec {
@@ -1062,6 +1073,50 @@ mod tests {
         let store = Store::open(&path).unwrap();
         assert_eq!(store.get_run("r1000").await.unwrap().unwrap(), r);
         assert_eq!(store.load().await.unwrap().runs.len(), 1_000);
+    }
+
+    #[tokio::test]
+    async fn a_held_wake_up_holds_only_a_quiet_committer_and_only_until_it_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
+        let mut r = run();
+        store.commit(vec![Write::Run(r.clone())]).await.unwrap();
+        // Quiet: the committer has been idle longer than `QUIET`; the caller holds its wake-up.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        (r.seq, r.id) = (2, "r2".into());
+        let (commit, held) = store.enqueue_held(vec![Write::Run(r.clone())], None);
+        let held = held.expect("a quiet committer's wake-up is handed to the caller");
+        let mut durable = tokio::spawn(commit.durable());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut durable)
+                .await
+                .is_err(),
+            "the committer started while its wake-up was held"
+        );
+        // A plain enqueue meanwhile does not wake it either (the wake-up is taken): it rides along.
+        (r.seq, r.id) = (3, "r3".into());
+        let along = store.enqueue(vec![Write::Run(r.clone())], None);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), &mut durable)
+                .await
+                .is_err()
+        );
+        drop(held);
+        durable.await.unwrap().unwrap();
+        along.durable().await.unwrap();
+        assert!(store.get_run("r2").await.unwrap().is_some());
+        assert!(store.get_run("r3").await.unwrap().is_some());
+        // A committer already woken (here by a plain enqueue) is never held back.
+        (r.seq, r.id) = (4, "r4".into());
+        let woke = store.enqueue(vec![Write::Run(r.clone())], None);
+        (r.seq, r.id) = (5, "r5".into());
+        let (commit, held) = store.enqueue_held(vec![Write::Run(r.clone())], None);
+        assert!(held.is_none(), "a woken committer's wake-up was held");
+        woke.durable().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), commit.durable())
+            .await
+            .expect("committed without anyone waking it by hand")
+            .unwrap();
     }
 
     #[tokio::test]
