@@ -206,15 +206,23 @@ impl DockerExecutor {
         }
     }
 
+    /// One removal of a volume; one that is gone already counts as removed. The engine refuses
+    /// (409) while a container still refers to it.
+    async fn try_remove_volume(&self, name: &str) -> Result<(), BollardError> {
+        let options = RemoveVolumeOptionsBuilder::default().force(true).build();
+        match self.docker.remove_volume(name, Some(options)).await {
+            Err(e) if is_not_found(&e) => Ok(()),
+            r => r,
+        }
+    }
+
     async fn remove_volume(&self, name: &str) -> Result<(), ExecError> {
         // A container being removed concurrently can hold the volume a moment longer.
         let mut last = None;
         for delay_ms in [0u64, 50, 200, 500, 1000] {
             tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-            let options = RemoveVolumeOptionsBuilder::default().force(true).build();
-            match self.docker.remove_volume(name, Some(options)).await {
+            match self.try_remove_volume(name).await {
                 Ok(()) => return Ok(()),
-                Err(e) if is_not_found(&e) => return Ok(()),
                 Err(e) => last = Some(e),
             }
         }
@@ -722,14 +730,10 @@ impl Executor for DockerExecutor {
         // Every container of the attempt mounts its workspace, and the engine refuses to remove a
         // volume a container still refers to: when the volume goes at once, nothing of the attempt
         // is left, and the listing below (a round trip to the engine per job) is not needed.
-        let options = RemoveVolumeOptionsBuilder::default().force(true).build();
-        match self.docker.remove_volume(&ws.volume, Some(options)).await {
+        match self.try_remove_volume(&ws.volume).await {
             Ok(()) => return Ok(()),
-            Err(e) if is_not_found(&e) => return Ok(()),
-            Err(e) => {
-                tracing::debug!(volume = %ws.volume, error = %e,
-                    "workspace still in use; removing the attempt's containers first");
-            }
+            Err(e) => tracing::debug!(volume = %ws.volume, error = %e,
+                "workspace still in use; removing the attempt's containers first"),
         }
         let filters = HashMap::from([(
             "label".to_string(),

@@ -191,7 +191,8 @@ impl Committer {
             done,
         });
         let wake = std::mem::take(&mut q.idle);
-        let quiet = q.idle_since.is_some_and(|t| t.elapsed() >= QUIET);
+        // The clock is read only for a caller that may hold the wake-up of an idle committer.
+        let held_back = wake && hold && q.idle_since.is_some_and(|t| t.elapsed() >= QUIET);
         drop(q);
         if !wake {
             return (Commit { rx }, None);
@@ -199,7 +200,7 @@ impl Committer {
         let held = HeldWake {
             shared: self.shared.clone(),
         };
-        if hold && quiet {
+        if held_back {
             (Commit { rx }, Some(held))
         } else {
             drop(held);
