@@ -158,6 +158,24 @@ pub(crate) fn cpu_ticks(pid: u32) -> Result<u64> {
     parse_cpu_ticks(&stat).context("malformed /proc/PID/stat")
 }
 
+/// The whole machine's CPU time so far, in clock ticks: (busy, idle), from the first line of
+/// `/proc/stat` (busy: user, nice, system, irq, softirq, steal; idle: idle, iowait).
+pub(crate) fn machine_ticks() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    parse_machine_ticks(&stat).context("malformed /proc/stat")
+}
+
+fn parse_machine_ticks(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let at = |i: usize| v.get(i).copied();
+    let busy = at(0)? + at(1)? + at(2)? + at(5)? + at(6)? + at(7).unwrap_or(0);
+    Some((busy, at(3)? + at(4)?))
+}
+
 fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     // The command name (field 2) may hold spaces and parentheses: count fields after the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
@@ -198,6 +216,9 @@ mod tests {
         let stat = "1234 (drover (co)rd) S 1 1234 1234 0 -1 4194560 500 0 0 0 250 75 0 0 20 0 12 0 100 0 0";
         assert_eq!(parse_cpu_ticks(stat), Some(325));
         assert_eq!(parse_cpu_ticks("garbage"), None);
+        let machine = "cpu  100 5 50 800 20 3 2 1 0 0\ncpu0 50 2 25 400 10 1 1 0 0 0\n";
+        assert_eq!(parse_machine_ticks(machine), Some((161, 820)));
+        assert_eq!(parse_machine_ticks("intr 1 2 3"), None);
         let status = "Name:\tdrover\nVmPeak:\t  9000 kB\nVmRSS:\t  20480 kB\n";
         assert_eq!(parse_vmrss_kib(status), Some(20480));
         let limits = "Limit                     Soft Limit           Hard Limit           Units\n\
