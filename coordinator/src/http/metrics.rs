@@ -240,14 +240,27 @@ impl Metrics {
                 }
             }
             // An attempt that ended (lost, canceled...) forgets its steps that never reported an end.
+            // By key, not by a scan of every tracked step: that scan made each ended attempt cost as
+            // much as the whole fleet's running steps.
             if before == Some(Status::Running) && j.state != Status::Running {
                 if let Some(old) = p.and_then(|p| p.attempt_id.as_ref()) {
-                    t.step_started.retain(|(a, _), _| a != old);
+                    let mut key = (old.clone(), 0);
+                    for i in 0..j.spec.steps.len().max(j.steps.len()) {
+                        key.1 = i as u32;
+                        t.step_started.remove(&key);
+                    }
                 }
             }
         }
+        // A finished run forgets whatever of its jobs still waited, by key: a scan of the whole map
+        // here made every run's end cost as much as the queue was long, so a backlog of submitted
+        // runs slowed down the very completions that drain it.
         if next.state != crate::engine::model::RunStatus::Running {
-            t.queued_since.retain(|(run, _), _| *run != next.id);
+            let mut key = (next.id.clone(), String::new());
+            for j in &next.jobs {
+                key.1.clone_from(&j.name);
+                t.queued_since.remove(&key);
+            }
         }
     }
 
@@ -547,6 +560,61 @@ mod tests {
         assert!(
             text.contains("drover_store_commit_seconds_count 1"),
             "{text}"
+        );
+    }
+
+    /// A run's end forgets its own waiting jobs and an attempt's end its own unfinished steps, by key;
+    /// what other runs and attempts left is kept.
+    #[test]
+    fn what_ends_is_forgotten_and_nothing_else() {
+        let m = Metrics::new();
+        let with_id = |id: &str, j: JobRec| RunRec {
+            id: id.into(),
+            ..run(vec![j])
+        };
+        let (a, b) = (
+            with_id("a", job("j", Status::Queued, &[])),
+            with_id("b", job("j", Status::Queued, &[])),
+        );
+        m.run_changed(None, &a, 0);
+        m.run_changed(None, &b, 0);
+        let mut a_ended = a.clone();
+        a_ended.state = RunStatus::Canceled;
+        m.run_changed(Some(&a), &a_ended, 0);
+        let queued: Vec<_> = lock(&m.tracking).queued_since.keys().cloned().collect();
+        assert_eq!(queued, vec![("b".to_string(), "j".to_string())]);
+
+        let running = |id: &str, att: &str| {
+            let mut r = with_id(id, job("j", Status::Running, &[]));
+            r.jobs[0].attempt_id = Some(att.into());
+            r.jobs[0].steps.push(StepRec {
+                state: Status::Queued,
+                exit_code: 0,
+            });
+            r
+        };
+        let (c, d) = (running("c", "att-c"), running("d", "att-d"));
+        for r in [&c, &d] {
+            let mut started = r.clone();
+            for s in &mut started.jobs[0].steps {
+                s.state = Status::Running;
+            }
+            m.run_changed(Some(r), &started, 0);
+        }
+        assert_eq!(lock(&m.tracking).step_started.len(), 4);
+        // c's attempt is lost with both its steps still running.
+        let mut c_started = c.clone();
+        for s in &mut c_started.jobs[0].steps {
+            s.state = Status::Running;
+        }
+        let mut c_lost = c_started.clone();
+        c_lost.jobs[0].state = Status::Queued;
+        m.run_changed(Some(&c_started), &c_lost, 0);
+        let mut left: Vec<_> = lock(&m.tracking).step_started.keys().cloned().collect();
+        left.sort();
+        assert_eq!(
+            left,
+            vec![("att-d".to_string(), 0), ("att-d".to_string(), 1)]
         );
     }
 }
