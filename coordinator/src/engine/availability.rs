@@ -57,6 +57,7 @@ impl Engine {
             if availability == ACTIVE {
                 st.availability.remove(agent_id);
                 st.self_draining.remove(agent_id);
+                st.attempts.reopen(agent_id);
             } else {
                 st.availability
                     .insert(agent_id.to_string(), availability.to_string());
@@ -109,6 +110,7 @@ impl Engine {
     /// A new session of the agent: its own earlier drain is over (operators' decisions stay).
     pub(super) fn clear_self_draining(st: &mut State, agent_id: &str) {
         st.self_draining.remove(agent_id);
+        st.attempts.reopen(agent_id);
     }
 
     /// Cancel one job: a waiting or queued job ends `canceled` at once (jobs needing it are

@@ -690,6 +690,8 @@ impl Engine {
     fn apply(&self, st: &mut State, tx: Tx, now: i64, fx: &mut Effects) {
         for (id, a) in tx.agents {
             fx.writes.push(Write::Agent(a.clone()));
+            // Attached, enrolled or its capacity changed: it may have room.
+            st.attempts.reopen(&id);
             match st.agents.get_mut(&id) {
                 Some(live) => live.rec = a,
                 None => {
@@ -779,27 +781,34 @@ impl Engine {
             return Ok(());
         }
         // Only agents that can take a job now: with none, there is nothing to do (and no queue to scan).
-        // Under load that is one agent or none of the whole fleet, so only those are copied.
-        let mut agents: Vec<AgentSlots> = st
-            .agents
-            .values()
-            .filter(|a| a.session.is_some() && !a.rec.revoked)
-            .filter_map(|a| {
-                let busy = st.attempts.on_agent(&a.rec.id);
-                let free = a.rec.capacity.saturating_sub(busy);
-                (free > 0 && st.accepts_work(&a.rec.id)).then(|| AgentSlots {
+        // Only those that may have room are looked at (`Running::open`, by id): under load that is the
+        // one agent that just freed a slot, not the whole fleet. Those found without room leave the set.
+        let mut closed = Vec::new();
+        let mut agents: Vec<AgentSlots> = Vec::new();
+        for id in st.attempts.open() {
+            let slots = st.agents.get(id).and_then(|a| {
+                let usable = a.session.is_some() && !a.rec.revoked && st.accepts_work(&a.rec.id);
+                let free = a
+                    .rec
+                    .capacity
+                    .saturating_sub(st.attempts.on_agent(&a.rec.id));
+                (usable && free > 0).then(|| AgentSlots {
                     id: Cow::Borrowed(&a.rec.id),
                     labels: Cow::Borrowed(&a.rec.labels),
                     free,
                     accepting: true,
                     policy: Cow::Borrowed(&a.host_policy),
                 })
-            })
-            .collect();
+            });
+            match slots {
+                Some(s) => agents.push(s),
+                None => closed.push(id.clone()),
+            }
+        }
         if agents.is_empty() {
+            st.attempts.close(&closed);
             return Ok(());
         }
-        agents.sort_by(|a, b| a.id.cmp(&b.id));
         let runs = &st.runs;
         let queued = st.queued.iter().filter_map(|((_, idx), run_id)| {
             let job = runs.get(run_id)?.jobs.get(*idx as usize)?;
@@ -810,6 +819,7 @@ impl Engine {
             ))
         });
         let placements = scheduler::schedule_by(queued, &agents);
+        st.attempts.close(&closed);
         for p in placements {
             let (run_id, idx) = p.job;
             let attempt_id = new_record_id();

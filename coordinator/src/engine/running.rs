@@ -1,8 +1,14 @@
 //! The attempts running now, with how many each agent holds kept beside them: the scheduler asks every
 //! attached agent's count on each pass (it counted the whole map into a fresh hash map per pass, several
 //! times per job under load), and the lease check asks it of every agent.
+//!
+//! Beside them, the agents that may have room ([`Running::open`]): the scheduler looks only at those, not
+//! at the whole fleet. With a backlog every agent is busy, and scanning a thousand agents for the one that
+//! just freed a slot was a quarter of the coordinator's CPU at a thousand agents (it grows with the fleet).
+//! An agent enters the set whenever it may have gained room (an attempt of it ended, it attached, its
+//! record or availability changed: [`Running::reopen`]) and leaves it when the scheduler finds it without.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use super::model::AttemptRec;
 
@@ -11,6 +17,8 @@ use super::model::AttemptRec;
 pub(super) struct Running {
     by_id: HashMap<String, AttemptRec>,
     per_agent: HashMap<String, u32>,
+    /// Agents that may have room, by id (the scheduler's order).
+    open: BTreeSet<String>,
 }
 
 impl Running {
@@ -36,6 +44,27 @@ impl Running {
             if *n == 0 {
                 self.per_agent.remove(agent_id);
             }
+        }
+        self.reopen(agent_id);
+    }
+
+    /// Agent `agent_id` may have room now: the scheduler looks at it on its next pass.
+    pub(super) fn reopen(&mut self, agent_id: &str) {
+        if !self.open.contains(agent_id) {
+            self.open.insert(agent_id.to_string());
+        }
+    }
+
+    /// The agents that may have room, by id.
+    pub(super) fn open(&self) -> impl Iterator<Item = &String> {
+        self.open.iter()
+    }
+
+    /// The scheduler found these agents without room (or not taking work): they wait for a
+    /// [`Running::reopen`].
+    pub(super) fn close(&mut self, agents: &[String]) {
+        for a in agents {
+            self.open.remove(a);
         }
     }
 
@@ -100,5 +129,28 @@ mod tests {
         r.remove("a3");
         assert_eq!(r.values().count(), 0);
         assert!(r.per_agent.is_empty());
+    }
+
+    #[test]
+    fn an_agent_closed_without_room_reopens_when_an_attempt_of_it_ends() {
+        let mut r = Running::default();
+        let open = |r: &Running| r.open().cloned().collect::<Vec<_>>();
+        r.reopen("y");
+        r.reopen("x");
+        r.reopen("x");
+        assert_eq!(open(&r), ["x", "y"], "by id, once each");
+        r.insert(attempt("a1", "x"));
+        r.insert(attempt("a2", "y"));
+        r.close(&["x".to_string(), "y".to_string()]);
+        assert!(open(&r).is_empty());
+        // Starting an attempt gives no room; ending one does, for its agent only.
+        r.insert(attempt("a3", "x"));
+        assert!(open(&r).is_empty());
+        r.remove("a1");
+        assert_eq!(open(&r), ["x"]);
+        // An attempt moved to another agent frees a slot on the first.
+        r.close(&["x".to_string()]);
+        r.insert(attempt("a2", "x"));
+        assert_eq!(open(&r), ["y"]);
     }
 }
