@@ -1,5 +1,6 @@
 //! `throughput`: completed jobs per second with 1, 8 and 64 simulated agents (capacity 1, one connection
-//! each), runs submitted by concurrent clients; beside bare SQLite group commits on the same disk.
+//! each), runs submitted by [`SUBMITTERS`] concurrent clients; beside bare SQLite group commits on the
+//! same disk.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -17,8 +18,16 @@ use crate::report::{Figure, Line};
 use crate::sim_agent::{start_many, SimReport};
 use crate::Opts;
 
-/// Concurrent submitting clients, each on its own connection.
+/// Connections of the open-loop load's submits (and of the final check of every run).
 const CLIENTS: usize = 16;
+
+/// Submitting clients of a closed load, each on its own connection, each sending its next run once the
+/// last one was accepted. Enough that a backlog forms and the agents never wait for work: with 16, each
+/// waiting out its SubmitRun's durable commit, the submits were the bottleneck (6,800 jobs/s with 64
+/// agents and a fifth of the machine idle) and the figure measured the submit round trip, not the
+/// scheduler; 32-128 all gave 8,400-9,500. A backlog is also what exposed a queue-length cost in every
+/// run's end (`Metrics::run_changed`), invisible with 16.
+const SUBMITTERS: usize = 64;
 
 /// Jobs per transaction of the SQLite floor.
 const SQLITE_BATCH: usize = 64;
@@ -34,7 +43,7 @@ const OFFERED_AGENTS: usize = 64;
 
 /// The benchmark.
 pub(crate) async fn run(opts: &Opts) -> Result<Vec<Line>> {
-    let jobs = opts.jobs.unwrap_or(if opts.quick { 600 } else { 3_000 });
+    let jobs = opts.jobs.unwrap_or(if opts.quick { 2_000 } else { 20_000 });
     let fleets = match opts.agents {
         Some(n) => vec![n.max(1)],
         None => vec![1, 8, 64],
@@ -246,7 +255,7 @@ async fn offered(coord: &Coordinator, rate: f64, duration: Duration) -> Result<O
     })
 }
 
-/// Attaches `agents` simulated agents, submits `jobs` one-job runs from [`CLIENTS`] clients at once and
+/// Attaches `agents` simulated agents, submits `jobs` one-job runs from [`SUBMITTERS`] clients at once and
 /// returns completed jobs per second (first submit -> last JobResult sent), after checking every run
 /// succeeded.
 async fn load(coord: &Coordinator, agents: usize, jobs: usize) -> Result<Load> {
@@ -263,7 +272,7 @@ async fn load(coord: &Coordinator, agents: usize, jobs: usize) -> Result<Load> {
     let cpu0 = (cpu_ticks(pid)?, cpu_ticks(std::process::id())?);
     let t0 = Instant::now();
     let mut submitters = Vec::new();
-    for _ in 0..CLIENTS {
+    for _ in 0..SUBMITTERS {
         let mut client = coord.control().await?;
         let next = next.clone();
         submitters.push(tokio::spawn(async move {
