@@ -243,9 +243,11 @@ impl Metrics {
             // By key, not by a scan of every tracked step: that scan made each ended attempt cost as
             // much as the whole fleet's running steps.
             if before == Some(Status::Running) && j.state != Status::Running {
-                if let Some(old) = p.and_then(|p| p.attempt_id.as_ref()) {
+                if let Some((old, old_steps)) =
+                    p.and_then(|p| Some((p.attempt_id.as_ref()?, p.steps.len())))
+                {
                     let mut key = (old.clone(), 0);
-                    for i in 0..j.spec.steps.len().max(j.steps.len()) {
+                    for i in 0..j.spec.steps.len().max(old_steps) {
                         key.1 = i as u32;
                         t.step_started.remove(&key);
                     }
