@@ -147,7 +147,7 @@ async fn fill(path: &Path, runs: usize) -> Result<()> {
                 jobs: vec![JobRec {
                     name: spec.name.clone(),
                     idx: 0,
-                    spec: spec.clone(),
+                    spec: std::sync::Arc::new(spec.clone()),
                     state: Status::Succeeded,
                     failure: 0,
                     reason: String::new(),

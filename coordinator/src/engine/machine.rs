@@ -207,7 +207,7 @@ mod tests {
         JobRec {
             name: name.into(),
             idx: 0,
-            spec: JobSpec {
+            spec: std::sync::Arc::new(JobSpec {
                 name: name.into(),
                 needs: needs.iter().map(|s| s.to_string()).collect(),
                 agents: BTreeMap::new(),
@@ -227,7 +227,7 @@ mod tests {
                 timeout_secs: None,
                 secrets: Vec::new(),
                 cache: None,
-            },
+            }),
             state: if needs.is_empty() {
                 Status::Queued
             } else {
@@ -260,7 +260,7 @@ mod tests {
             created_ms: 0,
             finished_ms: None,
             context_digest: String::new(),
-            pipeline: String::new(),
+            pipeline: "".into(),
             jobs,
         }
     }

@@ -1548,7 +1548,7 @@ impl Engine {
                         spec.steps.len()
                     ],
                     artifacts: Vec::new(),
-                    spec,
+                    spec: Arc::new(spec),
                 })
                 .collect();
             let mut run = RunRec {
@@ -1560,7 +1560,7 @@ impl Engine {
                 created_ms: now,
                 finished_ms: None,
                 context_digest: context_digest.to_string(),
-                pipeline: yaml.to_string(),
+                pipeline: yaml.into(),
                 jobs,
             };
             machine::settle(&mut run, now);

@@ -147,7 +147,7 @@ pub struct RunRec {
     /// Source context blob, empty when none.
     pub context_digest: String,
     /// The pipeline text as submitted.
-    pub pipeline: String,
+    pub pipeline: std::sync::Arc<str>,
     /// Jobs in pipeline order.
     pub jobs: Vec<JobRec>,
 }
@@ -172,7 +172,7 @@ pub struct JobRec {
     /// Position in the pipeline.
     pub idx: u32,
     /// The validated spec.
-    pub spec: JobSpec,
+    pub spec: std::sync::Arc<JobSpec>,
     /// State.
     pub state: Status,
     /// Failure class (`pb::FailureClass` as i32).

@@ -401,7 +401,7 @@ mod tests {
         JobRec {
             name: name.into(),
             idx: 0,
-            spec,
+            spec: std::sync::Arc::new(spec),
             state,
             failure: 0,
             reason: String::new(),
@@ -430,7 +430,7 @@ mod tests {
             created_ms: 0,
             finished_ms: None,
             context_digest: String::new(),
-            pipeline: String::new(),
+            pipeline: "".into(),
             jobs,
         }
     }
@@ -595,7 +595,7 @@ mod tests {
     #[test]
     fn a_privileged_job_names_the_flag_no_agent_has() {
         let mut j = job("x", Status::Queued, &[], &[("os", "linux")]);
-        j.spec.steps = vec![crate::pipeline::StepSpec {
+        std::sync::Arc::make_mut(&mut j.spec).steps = vec![crate::pipeline::StepSpec {
             name: "s".into(),
             image: "i".into(),
             commands: vec!["true".into()],

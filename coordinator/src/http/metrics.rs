@@ -389,7 +389,7 @@ mod tests {
         JobRec {
             name: name.into(),
             idx: 0,
-            spec: JobSpec {
+            spec: std::sync::Arc::new(JobSpec {
                 name: name.into(),
                 needs: Vec::new(),
                 agents: sel
@@ -402,7 +402,7 @@ mod tests {
                 timeout_secs: None,
                 secrets: Vec::new(),
                 cache: None,
-            },
+            }),
             state,
             failure: 0,
             reason: String::new(),
@@ -459,7 +459,7 @@ mod tests {
             created_ms: 1_000,
             finished_ms: None,
             context_digest: String::new(),
-            pipeline: String::new(),
+            pipeline: "".into(),
             jobs,
         }
     }

@@ -688,7 +688,7 @@ fn write_run(tx: &Transaction<'_>, r: &RunRec) -> Result<(), StoreError> {
     )?;
     for j in &r.jobs {
         let spec =
-            serde_json::to_string(&j.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            serde_json::to_string(&*j.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         job_row.execute(params![
             r.id,
             j.name,
@@ -841,8 +841,10 @@ fn read_run(c: &Connection, id: &str) -> Result<Option<RunRec>, StoreError> {
             jobs.push(JobRec {
                 name: r.get(0)?,
                 idx: r.get(1)?,
-                spec: serde_json::from_str(&spec)
-                    .map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))?,
+                spec: std::sync::Arc::new(
+                    serde_json::from_str(&spec)
+                        .map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))?,
+                ),
                 state: status(&state)?,
                 failure: r.get(4)?,
                 reason: r.get(5)?,
@@ -902,7 +904,7 @@ fn read_run(c: &Connection, id: &str) -> Result<Option<RunRec>, StoreError> {
         created_ms,
         finished_ms,
         context_digest,
-        pipeline,
+        pipeline: pipeline.into(),
         jobs,
     }))
 }
@@ -948,7 +950,7 @@ mod tests {
             jobs: vec![JobRec {
                 name: "build".into(),
                 idx: 0,
-                spec,
+                spec: std::sync::Arc::new(spec),
                 state: Status::Queued,
                 failure: 0,
                 reason: String::new(),
@@ -1062,7 +1064,7 @@ mod tests {
         // back to back are over 64 MiB of WAL frames, four times the size past which it must start over.
         let text = "x".repeat(64 * 1024);
         for i in 1..=1_000 {
-            (r.seq, r.id, r.pipeline) = (i, format!("r{i}"), format!("{i}{text}"));
+            (r.seq, r.id, r.pipeline) = (i, format!("r{i}"), format!("{i}{text}").into());
             store.commit(vec![Write::Run(r.clone())]).await.unwrap();
         }
         let wal = std::fs::metadata(dir.path().join("db.sqlite-wal"))
