@@ -432,8 +432,7 @@ async fn reaper_removes_every_leftover_of_the_agent() {
         .create_workspace(&f.agent_id, "kept-attempt")
         .await
         .unwrap();
-    let helper = f.exec.archive_helper(&f.ws, IMAGE).await.unwrap();
-    let _ = helper; // Left behind on purpose, like after a crash.
+    let _helper = f.exec.archive_helper(&f.ws, IMAGE).await.unwrap(); // Left behind on purpose, like after a crash.
     let keep = std::collections::HashSet::from(["kept-attempt".to_string()]);
     let removed = reaper::reap(&f.exec, &f.agent_id, &keep).await.unwrap();
     assert_eq!(removed, 2, "the helper container and the volume");
@@ -449,8 +448,7 @@ async fn removing_a_workspace_also_removes_containers_still_holding_it() {
     let f = fixture().await;
     // A container of the attempt that mounts the workspace and was never removed (as after a
     // failed removal): the engine refuses to remove the volume until it is gone.
-    let helper = f.exec.archive_helper(&f.ws, IMAGE).await.unwrap();
-    let _ = helper;
+    let _helper = f.exec.archive_helper(&f.ws, IMAGE).await.unwrap();
     let left = f.exec.leftovers(&f.agent_id).await.unwrap();
     assert_eq!(left.len(), 2, "the helper and the volume: {left:?}");
     f.finish().await;

@@ -335,10 +335,10 @@ impl Drop for Agent {
     }
 }
 
-/// Removes every container and volume carrying `label` (`k=v`), by the docker CLI: this runs in `Drop`.
-/// Runs `cmd` (described as `what` in errors) to its end with no input; fails with its standard error
-/// unless it exited 0. The floors that run the Docker CLI as a user would.
-pub(crate) async fn run_ok(cmd: &mut Command, what: &str) -> Result<()> {
+/// Runs `cmd` (described as `what` in errors) to its end with no input and returns its standard output
+/// (empty when the caller sent it elsewhere); fails with its standard error unless it exited 0. The
+/// floors that run the Docker CLI as a user would, and the benchmarks' `docker` queries.
+pub(crate) async fn run_ok(cmd: &mut Command, what: &str) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -351,9 +351,10 @@ pub(crate) async fn run_ok(cmd: &mut Command, what: &str) -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Removes every container and volume carrying `label` (`k=v`), by the docker CLI: this runs in `Drop`.
 pub(crate) fn remove_labelled(label: &str) {
     let filter = format!("label={label}");
     let list = |args: &[&str]| -> Vec<String> {

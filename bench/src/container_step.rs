@@ -146,6 +146,7 @@ async fn docker_run_true() -> Result<()> {
         &format!("`docker run --rm {IMAGE} true`"),
     )
     .await
+    .map(drop)
 }
 
 /// One-step `true` jobs through a real coordinator and agent: SubmitRun -> WatchRun shows succeeded.

@@ -186,20 +186,10 @@ async fn leftovers(filter: &str) -> Result<Vec<String>> {
 }
 
 async fn docker_lines(args: &[&str]) -> Result<Vec<String>> {
-    let out = tokio::process::Command::new("docker")
-        .args(args)
-        .output()
-        .await
-        .with_context(|| format!("running docker {}", args.join(" ")))?;
-    if !out.status.success() {
-        bail!(
-            "docker {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .map(str::to_string)
-        .collect())
+    let out = run_ok(
+        tokio::process::Command::new("docker").args(args),
+        &format!("docker {}", args.join(" ")),
+    )
+    .await?;
+    Ok(out.split_whitespace().map(str::to_string).collect())
 }
